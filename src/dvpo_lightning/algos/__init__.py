@@ -6,6 +6,18 @@ explicit `mask` of real tokens; padding never changes a number. `values[:, t]` i
 of the state before token t. See docs/design.md and the shared algorithms reference.
 """
 
+from dvpo_lightning.algos.advantages import (
+    ADVANTAGE_ESTIMATORS,
+    discounted_returns,
+    gae,
+    gae_advantages,
+    get_advantage,
+    gvm_advantages,
+    register_advantage,
+    reinforce_advantages,
+    rloo_advantages,
+    td_lambda_returns,
+)
 from dvpo_lightning.algos.aggregation import (
     AGGREGATION_MODES,
     LossNormalizers,
@@ -21,6 +33,15 @@ from dvpo_lightning.algos.kl import (
     kl_penalty,
 )
 from dvpo_lightning.algos.logprobs import entropy_from_logits, token_logprobs
+from dvpo_lightning.algos.losses import (
+    LOSSES,
+    bradley_terry_loss,
+    dpo_loss,
+    get_loss,
+    ppo_policy_loss,
+    register_loss,
+    value_loss,
+)
 from dvpo_lightning.algos.masked import (
     add_at_last_token,
     last_token_mask,
@@ -32,10 +53,20 @@ from dvpo_lightning.algos.masked import (
     masked_whiten,
 )
 from dvpo_lightning.algos.registry import Registry
+from dvpo_lightning.algos.rewards import (
+    assemble_token_rewards,
+    clamp_scores,
+    dpo_token_reward,
+    kl_reward,
+    penalize_unfinished,
+    rs_ppo_shaping,
+)
 
 __all__ = [
+    "ADVANTAGE_ESTIMATORS",
     "AGGREGATION_MODES",
     "KL_ESTIMATORS",
+    "LOSSES",
     "AdaptiveKLController",
     "FixedKLController",
     "KLController",
@@ -43,9 +74,21 @@ __all__ = [
     "Registry",
     "add_at_last_token",
     "aggregate_loss",
+    "assemble_token_rewards",
+    "bradley_terry_loss",
     "build_kl_controller",
+    "clamp_scores",
+    "discounted_returns",
+    "dpo_loss",
+    "dpo_token_reward",
     "entropy_from_logits",
+    "gae",
+    "gae_advantages",
+    "get_advantage",
+    "get_loss",
+    "gvm_advantages",
     "kl_penalty",
+    "kl_reward",
     "last_token_mask",
     "last_token_values",
     "loss_normalizers",
@@ -54,5 +97,14 @@ __all__ = [
     "masked_sum",
     "masked_var",
     "masked_whiten",
+    "penalize_unfinished",
+    "ppo_policy_loss",
+    "register_advantage",
+    "register_loss",
+    "reinforce_advantages",
+    "rloo_advantages",
+    "rs_ppo_shaping",
+    "td_lambda_returns",
     "token_logprobs",
+    "value_loss",
 ]

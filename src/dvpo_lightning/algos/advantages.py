@@ -1,0 +1,197 @@
+"""Advantage estimators, and the TD(lambda) targets that train the Global Value Model.
+
+Alignment: `values[:, t]` is V(s_t), the value of the state *before* token t, and
+`token_rewards[:, t]` is the reward for emitting token t. The value after the last real token is 0:
+a reward for the whole response (a score, a terminal value) is placed on the last real token.
+
+Every estimator is registered under a name and called the same way, with keyword arguments only:
+
+    advantages, returns = get_advantage(name)(
+        token_rewards=..., values=..., mask=..., gamma=..., lam=..., **estimator_specific)
+
+- `token_rewards [B, T]`, `mask [B, T]`: the per-token rewards and the real response tokens;
+- `values [B, T] | None`: the critic's V(s_t); estimators with a critic require it, the critic-free
+  ones (`reinforce`, `rloo`) require `None`, so a misconfiguration is an error, not a silent no-op;
+- `gamma`, `lam`: discount and GAE lambda (the critic-free estimators take `lam` for the uniform
+  call but have no use for it: lambda interpolates between critic values they do not have);
+- estimator-specific keywords: `gvm` needs `final_values [B]` (and takes `terminal`), `rloo` needs
+  `group_size`.
+
+Each returns `(advantages [B, T], returns [B, T])`, detached (nothing here is differentiated), 0 on
+padding. The recursions skip padded positions without breaking the chain, so left, right, interior
+or no padding give the same numbers on the real tokens. A new estimator is one function decorated
+with `@register_advantage("name")` following this convention.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from dvpo_lightning.algos.masked import add_at_last_token, checked_mask, masked_sum
+from dvpo_lightning.algos.registry import Registry
+
+ADVANTAGE_ESTIMATORS = Registry("advantage estimator")
+register_advantage = ADVANTAGE_ESTIMATORS.register
+get_advantage = ADVANTAGE_ESTIMATORS.get
+
+GVM_TERMINALS = ("gvm", "zero")
+
+
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016) over the real tokens of each row.
+
+    Backwards over the real tokens t of a row, with t' the next real token (none after the last):
+
+        delta_t = r_t + gamma * V(s_t') - V(s_t)      (V after the last real token = 0)
+        A_t     = delta_t + gamma * lam * A_t'        (A after the last real token = 0)
+
+    and `returns = A + V` on real tokens: the lambda-returns, the critic's regression targets.
+    rewards, values, mask `[B, T]` -> (advantages, returns) `[B, T]`, detached, 0 on padding,
+    computed in float32 at least (a bf16 critic's values are upcast before the long sums).
+    """
+    _check_discounts(gamma, lam)
+    real = checked_mask(mask, rewards=rewards, values=values)
+    dtype = torch.promote_types(torch.promote_types(rewards.dtype, values.dtype), torch.float32)
+    rewards = torch.where(real, rewards.detach().to(dtype), 0)
+    values = torch.where(real, values.detach().to(dtype), 0)
+
+    next_value = torch.zeros_like(values[:, 0])  # [B], V of the next real state
+    next_advantage = torch.zeros_like(values[:, 0])  # [B], A of the next real token
+    advantages = torch.zeros_like(values)
+    for t in reversed(range(rewards.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        advantage = delta + gamma * lam * next_advantage
+        is_real = real[:, t]
+        advantages[:, t] = torch.where(is_real, advantage, 0)
+        next_value = torch.where(is_real, values[:, t], next_value)  # padding: carry over
+        next_advantage = torch.where(is_real, advantage, next_advantage)
+    returns = torch.where(real, advantages + values, 0)
+    return advantages, returns
+
+
+def discounted_returns(rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:
+    """Return-to-go `G_t = sum_{k >= t} gamma^(k - t) r_k` over real tokens, `[B, T]`, 0 on padding."""
+    advantages, _ = gae(rewards, torch.zeros_like(rewards), mask, gamma, lam=1.0)
+    return advantages  # with V = 0 and lambda = 1, A_t is the return-to-go
+
+
+def td_lambda_returns(
+    terminal_rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float
+) -> Tensor:
+    """TD(lambda) targets on a chain of states whose only reward comes after the last real one.
+
+    terminal_rewards `[B]`, values `[B, S]` (detached here: no gradient through targets),
+    mask `[B, S]` -> returns `[B, S]`, 0 on padding. The last real state's target is exactly its
+    terminal reward; an earlier state s gets `gamma * ((1 - lam) * V(s') + lam * R(s'))` from the
+    next real state s'. `lam = 1` (and `gamma = 1`) gives the terminal reward at every state.
+
+    The GVM module calls it on the `T + 1` states s_1..s_T and the complete response (the value
+    model's `[B, R + 1]` output, see docs/design.md "Value alignment"), so the complete response is
+    trained towards the terminal reward itself and earlier prefixes towards lambda-returns.
+    """
+    if terminal_rewards.shape != values.shape[:1]:
+        raise ValueError(
+            f"terminal_rewards must have shape [B] = {tuple(values.shape[:1])}, "
+            f"got {tuple(terminal_rewards.shape)}"
+        )
+    rewards = add_at_last_token(torch.zeros_like(values), terminal_rewards.detach(), mask)
+    _, returns = gae(rewards, values, mask, gamma, lam)
+    return returns
+
+
+@register_advantage("gae")
+def gae_advantages(
+    *, token_rewards: Tensor, values: Tensor | None, mask: Tensor, gamma: float, lam: float
+) -> tuple[Tensor, Tensor]:
+    """GAE with a critic's values (PPO, RTO); see `gae`."""
+    _require_values("gae", values)
+    return gae(token_rewards, values, mask, gamma, lam)
+
+
+@register_advantage("gvm")
+def gvm_advantages(
+    *,
+    token_rewards: Tensor,
+    values: Tensor | None,
+    mask: Tensor,
+    gamma: float,
+    lam: float,
+    final_values: Tensor,
+    terminal: str = "gvm",
+) -> tuple[Tensor, Tensor]:
+    """DVPO: GAE on the frozen Global Value Model's values.
+
+    `final_values [B]` is the GVM's value of the complete response, V(x, y_<=T). It estimates the
+    return of the finished response, so with `terminal="gvm"` (default) it is the terminal reward:
+    the last real token's TD error is `delta_T = r_T + V_final - V(s_T)`. With `terminal="zero"`
+    (the reference code) the value after the last token is 0: `delta_T = r_T - V(s_T)`, which
+    penalises every good ending by its own value. The two differ by exactly
+    `V_final * (gamma * lam)^(number of real tokens after t)` at real token t. With gamma = lam = 1,
+    "gvm" gives `A_t = V_final - V(s_t) + sum_{k >= t} r_k`.
+    """
+    _require_values("gvm", values)
+    if terminal not in GVM_TERMINALS:
+        raise ValueError(f"unknown terminal {terminal!r}; known: {', '.join(GVM_TERMINALS)}")
+    if terminal == "gvm":
+        token_rewards = add_at_last_token(token_rewards, final_values.detach(), mask)
+    elif final_values.shape != token_rewards.shape[:1]:  # "gvm" checks the shape in add_at_last_token
+        raise ValueError(f"final_values must have shape [B], got {tuple(final_values.shape)}")
+    return gae(token_rewards, values, mask, gamma, lam)
+
+
+@register_advantage("reinforce")
+def reinforce_advantages(
+    *, token_rewards: Tensor, values: Tensor | None, mask: Tensor, gamma: float, lam: float
+) -> tuple[Tensor, Tensor]:
+    """No critic: the advantage is the discounted return-to-go `G_t` (returns are `G_t` too)."""
+    _require_no_values("reinforce", values)
+    _check_discounts(gamma, lam)
+    returns = discounted_returns(token_rewards, mask, gamma)
+    return returns, returns
+
+
+@register_advantage("rloo")
+def rloo_advantages(
+    *, token_rewards: Tensor, values: Tensor | None, mask: Tensor, gamma: float, lam: float, group_size: int
+) -> tuple[Tensor, Tensor]:
+    """REINFORCE with a leave-one-out baseline (Ahmadian et al. 2024); no critic.
+
+    The batch is made of groups of `group_size` consecutive samples of the same prompt. A sample's
+    sequence reward is its discounted return from its first token (with gamma = 1, the sum of its
+    token rewards); its baseline `b_i` is the mean sequence reward of the *other* samples of its
+    group, which does not depend on its own actions, so `A_t = G_t - b_i` stays unbiased.
+    Returns are `G_t`.
+    """
+    _require_no_values("rloo", values)
+    _check_discounts(gamma, lam)
+    real = checked_mask(mask, token_rewards=token_rewards)
+    batch = token_rewards.shape[0]
+    if group_size < 2 or batch % group_size != 0:
+        raise ValueError(f"rloo needs group_size >= 2 dividing the batch size {batch}, got {group_size}")
+    returns = discounted_returns(token_rewards, real, gamma)  # [B, T]
+    steps_from_start = real.long().cumsum(dim=-1) - 1  # [B, T], real tokens before t
+    discounts = torch.pow(torch.as_tensor(gamma, dtype=returns.dtype), steps_from_start.to(returns.dtype))
+    sequence_rewards = masked_sum(token_rewards.detach() * discounts, real, dim=-1)  # [B]
+    groups = sequence_rewards.view(-1, group_size)  # [B / k, k]
+    baselines = ((groups.sum(dim=-1, keepdim=True) - groups) / (group_size - 1)).reshape(batch)  # [B]
+    advantages = torch.where(real, returns - baselines.unsqueeze(-1), 0)
+    return advantages, returns
+
+
+def _check_discounts(gamma: float, lam: float) -> None:
+    if not (0.0 <= gamma <= 1.0 and 0.0 <= lam <= 1.0):
+        raise ValueError(f"gamma and lam must lie in [0, 1], got gamma={gamma}, lam={lam}")
+
+
+def _require_values(name: str, values: Tensor | None) -> None:
+    if values is None:
+        raise ValueError(f"advantage estimator {name!r} needs values (a critic's V(s_t)); got values=None")
+
+
+def _require_no_values(name: str, values: Tensor | None) -> None:
+    if values is not None:
+        raise ValueError(
+            f"advantage estimator {name!r} uses no critic: pass values=None "
+            f"(or choose an estimator that uses values, e.g. 'gae')"
+        )
