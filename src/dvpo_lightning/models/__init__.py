@@ -1,1 +1,36 @@
+"""Building, loading, adapting and exporting HF models: policies and token-level value models."""
 
+from dvpo_lightning.models.export import export_model
+from dvpo_lightning.models.factory import (
+    build_policy,
+    build_value_model,
+    freeze,
+    is_value_model_config,
+    value_head,
+)
+from dvpo_lightning.models.forward import response_logits, response_values
+from dvpo_lightning.models.lora import apply_lora, is_lora
+from dvpo_lightning.models.spec import LoraSpec, ModelSpec
+from dvpo_lightning.models.tokenizers import (
+    TokenizerMismatchError,
+    check_tokenizer_matches,
+    tokenizer_difference,
+)
+
+__all__ = [
+    "LoraSpec",
+    "ModelSpec",
+    "TokenizerMismatchError",
+    "apply_lora",
+    "build_policy",
+    "build_value_model",
+    "check_tokenizer_matches",
+    "export_model",
+    "freeze",
+    "is_lora",
+    "is_value_model_config",
+    "response_logits",
+    "response_values",
+    "tokenizer_difference",
+    "value_head",
+]

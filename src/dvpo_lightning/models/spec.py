@@ -1,0 +1,84 @@
+"""What a config says about a model: where its weights come from and how to adapt it.
+
+A `ModelSpec` is the YAML-facing description of one model of a stage (policy, reference, value model,
+reward model). Either `name_or_path` (an HF directory or hub name, e.g. the export of an earlier stage) or
+`arch` (an inline architecture for a random-initialised model, e.g. a tiny Llama for CPU runs) is given.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoraSpec:
+    """LoRA adapter settings, passed to `peft.LoraConfig`.
+
+    Args:
+        r: adapter rank.
+        alpha: scaling numerator (`lora_alpha`); the update is scaled by `alpha / r`.
+        dropout: dropout on the adapter input.
+        target_modules: module names to adapt, or "all-linear".
+    """
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: str | list[str] = "all-linear"
+
+
+@dataclass
+class ModelSpec:
+    """Where a model comes from and how it is adapted.
+
+    Args:
+        name_or_path: HF model directory or hub name. An exported stage directory holds its tokenizer too.
+        arch: inline architecture for a randomly initialised model, e.g.
+            `{model_type: llama, hidden_size: 64, num_hidden_layers: 2, ...}`. Vocabulary size and special
+            token ids are taken from the tokenizer, so one config serves any tokenizer.
+        dtype: parameter dtype at load time: float32, bfloat16 or float16. Lightning's `--trainer.precision`
+            decides the compute dtype; load in bfloat16 only with a bf16 precision.
+        lora: LoRA adapter settings; None trains all parameters.
+        gradient_checkpointing: recompute activations in the backward pass to save memory.
+        attn_implementation: "sdpa", "eager", "flash_attention_2", or None for the transformers default.
+        init_seed: seed for the random initialisation of `arch` models (independent of the run seed, so the
+            same architecture always starts from the same weights).
+        revision: hub revision.
+        trust_remote_code: allow custom modelling code from the hub.
+        disable_dropout: set every dropout probability to 0 (RLHF standard: log-probs must be deterministic).
+    """
+
+    name_or_path: str | None = None
+    arch: dict[str, Any] | None = None
+    dtype: str = "float32"
+    lora: LoraSpec | None = None
+    gradient_checkpointing: bool = False
+    attn_implementation: str | None = None
+    init_seed: int = 0
+    revision: str | None = None
+    trust_remote_code: bool = False
+    disable_dropout: bool = True
+    extra_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if (self.name_or_path is None) == (self.arch is None):
+            raise ValueError(
+                "a model spec needs exactly one of `name_or_path` (pretrained weights) or `arch` "
+                f"(an inline architecture); got name_or_path={self.name_or_path!r}, arch={self.arch!r}"
+            )
+        if self.arch is not None and "model_type" not in self.arch:
+            raise ValueError(f"`arch` must name its `model_type` (e.g. llama, qwen2, gpt2); got {self.arch}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"`dtype` must be one of {sorted(DTYPES)}; got {self.dtype!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def describe(self) -> str:
+        return self.name_or_path if self.name_or_path is not None else f"inline {self.arch['model_type']}"
