@@ -1,0 +1,64 @@
+"""Tokenising canonical rows (see `RLHFDataModule` for the policy this implements).
+
+- Prompt: the tokenizer's ids with its default special tokens (a BOS where it adds one; a BOS that a
+  chat template already wrote into the text is not doubled). A prompt longer than
+  `max_prompt_length` marks the row `prompt_too_long`: cutting it would change what is asked.
+- Response: the text's ids without special tokens, then EOS (a stored response is complete). One
+  longer than `max_response_length` is cut to it, which cuts its EOS: the row is kept as an
+  unfinished response and counted in `truncated`.
+"""
+
+from __future__ import annotations
+
+import datasets
+from transformers import PreTrainedTokenizerBase
+
+TOKEN_IDS = datasets.Sequence(datasets.Value("int32"))
+
+
+def token_features(rows: datasets.Features, responses: tuple[str, ...]) -> datasets.Features:
+    """The features of `rows` after `tokenize_batch`: ids of the prompt and of each response column."""
+    return datasets.Features(
+        {
+            **rows,
+            "prompt_ids": TOKEN_IDS,
+            **{f"{key}_ids": TOKEN_IDS for key in responses},
+            "truncated": datasets.Value("int8"),  # how many of the row's responses were cut
+        }
+    )
+
+
+def tokenize_batch(
+    batch: dict[str, list],
+    tokenizer: PreTrainedTokenizerBase,
+    responses: tuple[str, ...],
+    max_prompt_length: int,
+    max_response_length: int,
+) -> dict[str, list]:
+    """`Dataset.map(batched=True)` function over canonical rows; `responses` names the text columns
+    to tokenise as responses (`("chosen",)`, `("chosen", "rejected")` or `()`)."""
+    out = {
+        "reason": list(batch["reason"]),
+        "detail": list(batch["detail"]),
+        "truncated": [0] * len(batch["row"]),
+    }
+    out["prompt_ids"] = [
+        _drop_doubled_bos(ids, tokenizer.bos_token_id) for ids in tokenizer(batch["prompt"])["input_ids"]
+    ]
+    for index, ids in enumerate(out["prompt_ids"]):
+        if len(ids) > max_prompt_length and not out["reason"][index]:
+            out["reason"][index] = "prompt_too_long"
+            out["detail"][index] = f"{len(ids)} prompt tokens > max_prompt_length={max_prompt_length}"
+    for key in responses:
+        column = out[f"{key}_ids"] = []
+        for index, ids in enumerate(tokenizer(batch[key], add_special_tokens=False)["input_ids"]):
+            ids = [*ids, tokenizer.eos_token_id]
+            if len(ids) > max_response_length:
+                ids = ids[:max_response_length]
+                out["truncated"][index] += 1
+            column.append(ids)
+    return out
+
+
+def _drop_doubled_bos(ids: list[int], bos_id: int | None) -> list[int]:
+    return ids[1:] if bos_id is not None and ids[:2] == [bos_id, bos_id] else ids
