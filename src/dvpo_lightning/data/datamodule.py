@@ -1,0 +1,396 @@
+"""`RLHFDataModule`: the one LightningDataModule of every stage (SFT, RM, GVM, DPO, PPO, DVPO, RTO)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, replace
+
+import datasets
+import torch
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
+
+from dvpo_lightning.data.bad_rows import BadRows
+from dvpo_lightning.data.builtin import BuiltinTask, get_task
+from dvpo_lightning.data.collate import MODES, Collator
+from dvpo_lightning.data.formats import (
+    CANONICAL_FEATURES,
+    FORMATS,
+    PAIR_FORMATS,
+    SCORE_COLUMNS,
+    ChatRenderer,
+    detect_format,
+    has_scores,
+    normalize_batch,
+    sample_records,
+)
+from dvpo_lightning.data.sources import RawSource, builtin_task_name, has_splits, is_local, load_source
+from dvpo_lightning.data.splits import split_rows, unique_prompts, validation_count
+from dvpo_lightning.data.tokenization import token_features, tokenize_batch
+from dvpo_lightning.data.tokenizers import (
+    bpe_vocab_size,
+    ensure_pad_token,
+    load_tokenizer,
+    train_bpe_tokenizer,
+)
+
+DEFAULT_MAX_LENGTH = 256
+# The text columns each mode tokenises as responses (sft data keeps its response in `chosen`).
+RESPONSES = {"sft": ("chosen",), "pairs": ("chosen", "rejected"), "prompts": ()}
+
+
+@dataclass
+class _Rows:
+    """Canonical rows of a source (or of one split of it), bad ones dropped and logged in `bad`."""
+
+    rows: datasets.Dataset
+    bad: BadRows
+    format: str
+    scores: bool  # the rows carry chosen_score / rejected_score
+
+    def split(self, val_size: int | float, seed: int) -> tuple[_Rows, _Rows]:
+        train, val = split_rows(self.rows, val_size, seed)
+        return replace(self, rows=train), replace(self, rows=val)
+
+
+class RLHFDataModule(LightningDataModule):
+    """Preference, SFT and prompt data for every algorithm, in the split layout of docs/design.md.
+
+    Sources: `builtin:<task>` (generated offline), a local `.jsonl` / `.jsonl.gz` / `.json` /
+    `.parquet` file, a `save_to_disk` directory, or a hub dataset name. Formats (`hh`, `pairs`,
+    `messages`, `prompts`, `sft`; see `dvpo_lightning.data.formats`) are detected from the columns.
+
+    Modes: `sft` batches a prompt and one response (the chosen one of pair data); `pairs` a prompt,
+    chosen and rejected (plus `chosen_score` / `rejected_score` when the data has them); `prompts`
+    only prompts, for rollouts: those of `prompt_dataset`, else of the main data, de-duplicated.
+    Batch keys and padding: see `dvpo_lightning.data.collate`.
+
+    Bad rows (unparsable JSON line, missing field, wrong type, empty prompt or response, identical
+    chosen and rejected, prompt mismatch, chat-template mismatch, prompt too long) are skipped, with
+    one warning that counts them per reason and names the first rows of each (line numbers in JSON
+    lines files, else 0-based row indices); `strict` turns the first into an error. `skipped` holds
+    the counts per reason. A split left empty is an error that lists the counts.
+
+    Tokenisation policy:
+
+    - A prompt is tokenised as the tokenizer does by default (with a BOS where it adds one). Rows
+      whose prompt is longer than `max_prompt_length` tokens are dropped (`prompt_too_long`).
+    - A response is its text's tokens followed by EOS: stored responses are complete. One longer
+      than `max_response_length` is truncated, EOS included, and kept as an unfinished response;
+      `truncated` counts them (the warning reports it).
+    - Tokenisation runs through `Dataset.map`, so file sources are tokenised once and then cached.
+    - The tokenizer always has a pad token distinct from EOS: when it has none (or pad == EOS), a
+      `<pad>` special token is added, which grows the vocabulary by one, so a model built for it
+      must resize its embeddings (the model factory sizes them from the tokenizer).
+    - `bpe:<vocab_size>` trains a byte-level BPE tokenizer on the prompts and responses of the train
+      split (deterministic; cached under `cache_dir`), with `<pad>` and `<eos>` special tokens.
+
+    Validation: `val_split` when given, else `val_size` rows of the data held out at random from
+    `seed` (the same on every run). Prompts mode splits `prompt_dataset` the same way. The training
+    loader shuffles with a generator seeded from `seed`; in prompts mode it drops the last partial
+    batch, so every rollout has `batch_size` prompts.
+
+    Args:
+        dataset: `builtin:<task>`, a local file or `save_to_disk` directory, or a hub dataset name.
+        tokenizer: a tokenizer directory or hub name, or `bpe:<vocab_size>` to train one on the data;
+            None uses the built-in task's tokenizer (other datasets need one).
+        format: `hh`, `pairs`, `messages`, `prompts` or `sft`; None detects it from the columns.
+        mode: `sft`, `pairs` or `prompts`; None takes the `data_mode` of the Trainer's LightningModule.
+        dataset_config: the hub dataset's configuration name.
+        split: the split to train on (hub datasets and DatasetDict directories).
+        val_split: the evaluation data: a split name of `dataset`, or a path to another file or
+            directory; None holds out `val_size` rows of the training data.
+        val_size: rows held out for validation when `val_split` is None: an int is a count, a float a
+            fraction; 0 disables validation.
+        prompt_dataset: a source of prompts for prompts mode (any format; its prompts are used);
+            None uses the prompts of `dataset`.
+        max_prompt_length: longest prompt in tokens (longer rows are dropped); None is the built-in
+            task's recommendation, else 256.
+        max_response_length: longest response in tokens, EOS included (longer ones are truncated);
+            None is the built-in task's recommendation, else 256.
+        max_samples: read at most this many rows of each source (quick runs).
+        builtin_size: how many rows a built-in task generates.
+        batch_size: training batch size (in prompts mode: prompts per rollout).
+        eval_batch_size: validation and test batch size; None is `batch_size`.
+        num_workers: DataLoader worker processes.
+        seed: seed of the built-in task, the validation split and the training shuffle.
+        strict: fail on the first bad row instead of skipping it.
+        cache_dir: where datasets and trained tokenizers are cached; None uses the `datasets`
+            cache and `$DVPO_CACHE` (default `~/.cache/dvpo_lightning`).
+    """
+
+    def __init__(
+        self,
+        dataset: str = "builtin:topics",
+        tokenizer: str | None = None,
+        format: str | None = None,
+        mode: str | None = None,
+        dataset_config: str | None = None,
+        split: str = "train",
+        val_split: str | None = None,
+        val_size: int | float = 0.05,
+        prompt_dataset: str | None = None,
+        max_prompt_length: int | None = None,
+        max_response_length: int | None = None,
+        max_samples: int | None = None,
+        builtin_size: int = 4000,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+        strict: bool = False,
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        task_name = builtin_task_name(dataset)
+        self.task: BuiltinTask | None = get_task(task_name, seed) if task_name is not None else None
+        _check_choice("format", format, FORMATS)
+        _check_choice("mode", mode, MODES)
+        if tokenizer is None and self.task is None:
+            raise ValueError(
+                f"dataset {dataset!r} is not a built-in task, so it needs a tokenizer: pass --data.tokenizer "
+                "<directory or hub name> or bpe:<vocab size>"
+            )
+        bpe_vocab_size(tokenizer)  # a malformed bpe: spec fails here, not at first use
+        validation_count(0, val_size)
+        if val_split is not None and not (is_local(val_split) or has_splits(dataset)):
+            raise ValueError(
+                f"val_split {val_split!r} is not a file or directory, and {dataset!r} has no named splits; "
+                "pass a path, or leave val_split unset to hold out val_size rows"
+            )
+        for name, value in (("batch_size", batch_size), ("builtin_size", builtin_size)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        self.dataset = dataset
+        self.tokenizer_name = tokenizer
+        self.format = format
+        self.mode = mode
+        self.dataset_config = dataset_config
+        self.split = split
+        self.val_split = val_split
+        self.val_size = val_size
+        self.prompt_dataset = prompt_dataset
+        self.max_prompt_length = _length(max_prompt_length, self.task, "recommended_max_prompt_length")
+        self.max_response_length = _length(max_response_length, self.task, "recommended_max_response_length")
+        self.max_samples = max_samples
+        self.builtin_size = builtin_size
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.strict = strict
+        self.cache_dir = cache_dir
+        self.skipped: dict[str, int] = {}
+        self.truncated = 0
+        self.train_dataset: datasets.Dataset | None = None
+        self.val_dataset: datasets.Dataset | None = None
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+        self._main_splits: tuple[_Rows, _Rows] | None = None
+        self._scores = False
+
+    # --- the tokenizer ---------------------------------------------------------------------------
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The tokenizer of this data, loaded (or trained) on first access; pad != EOS always."""
+        if self._tokenizer is None:
+            vocab_size = bpe_vocab_size(self.tokenizer_name)
+            if vocab_size is not None:
+                train, _ = self._splits()
+                texts = [text for key in ("prompt", "chosen", "rejected") for text in train.rows[key] if text]
+                tokenizer = train_bpe_tokenizer(texts, vocab_size, self.cache_dir)
+            elif self.tokenizer_name is not None:
+                tokenizer = load_tokenizer(self.tokenizer_name)
+            else:
+                tokenizer = self.task.tokenizer(cache_dir=self.cache_dir)
+            self._tokenizer = ensure_pad_token(tokenizer)
+        return self._tokenizer
+
+    # --- Lightning hooks -------------------------------------------------------------------------
+
+    def setup(self, stage: str | None = None) -> None:
+        """Resolve the mode, then load, parse, split and tokenise the data (once)."""
+        if self.mode is None:
+            self.mode = self._trainer_mode()
+        if self.train_dataset is not None:
+            return
+        if self.mode == "prompts":
+            train, val = self._prompt_splits()
+        else:
+            train, val = self._splits()
+            self._check_format_fits_mode(train.format)
+            self._scores = self.mode == "pairs" and train.scores
+        self.train_dataset = self._tokenize(train, "train")
+        self.val_dataset = self._tokenize(val, "validation")
+        if self.mode == "prompts" and len(self.train_dataset) < self.batch_size:
+            raise ValueError(
+                f"prompts mode drops the last partial batch, and there are only {len(self.train_dataset)} "
+                f"training prompts for batch_size={self.batch_size}"
+            )
+        self._report([train.bad, val.bad])
+
+    def train_dataloader(self) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed)
+        return self._loader(
+            self.train_dataset,
+            self.batch_size,
+            shuffle=True,
+            generator=generator,
+            drop_last=self.mode == "prompts",
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Validation batches; an empty list (Lightning then skips validation) when `val_size` is 0."""
+        if self.val_dataset is not None and len(self.val_dataset) == 0:
+            return []
+        return self._loader(self.val_dataset, self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader | list:
+        """The validation data."""
+        return self.val_dataloader()
+
+    # --- loading and parsing ---------------------------------------------------------------------
+
+    def _load(self, spec: str, split: str, prompts_only: bool = False) -> RawSource:
+        source = load_source(
+            spec,
+            split=split,
+            config=self.dataset_config,
+            cache_dir=self.cache_dir,
+            builtin_size=self.builtin_size,
+            seed=self.seed,
+            prompts_only=prompts_only,
+        )
+        if self.max_samples is not None and len(source.dataset) > self.max_samples:
+            source.dataset = source.dataset.select(range(self.max_samples))
+        return source
+
+    def _parse(self, source: RawSource, fmt: str | None) -> _Rows:
+        """Raw records -> canonical rows; bad rows are logged in a new `BadRows` of the source."""
+        sample = sample_records(source.dataset)
+        fmt = fmt or detect_format(sample, source.name)
+        scores = has_scores(sample, fmt)
+        # A freshly trained BPE tokenizer has no chat template: messages use the default one.
+        renderer = ChatRenderer(None if bpe_vocab_size(self.tokenizer_name) else self.tokenizer)
+        rows = source.dataset.map(
+            normalize_batch,
+            batched=True,
+            with_indices=True,
+            remove_columns=source.dataset.column_names,
+            features=CANONICAL_FEATURES,
+            fn_kwargs={"fmt": fmt, "renderer": renderer, "scores": scores},
+            desc=f"Parsing {source.name} ({fmt})",
+        )
+        bad = BadRows(source.name, source.json_lines, self.strict)
+        rows = bad.drop(rows)
+        bad.require_rows(len(rows), "the data")
+        return _Rows(rows, bad, fmt, scores)
+
+    def _splits(self) -> tuple[_Rows, _Rows]:
+        """Train and validation rows of `dataset` (canonical, untokenised)."""
+        if self._main_splits is None:
+            main = self._parse(self._load(self.dataset, self.split), self.format)
+            if self.val_split is None:
+                self._main_splits = main.split(self.val_size, self.seed)
+            else:
+                # A path is a source of its own; anything else names a split of `dataset`.
+                if is_local(self.val_split):
+                    spec, split = self.val_split, self.split
+                else:
+                    spec, split = self.dataset, self.val_split
+                self._main_splits = (main, self._parse(self._load(spec, split), main.format))
+        return self._main_splits
+
+    def _prompt_splits(self) -> tuple[_Rows, _Rows]:
+        """Train and validation prompts: of `prompt_dataset` when given, else of `dataset`; de-duplicated."""
+        if self.prompt_dataset is None:
+            parts = self._splits()
+        else:
+            prompts = self._parse(self._load(self.prompt_dataset, self.split, prompts_only=True), None)
+            parts = prompts.split(self.val_size, self.seed)
+        return tuple(replace(part, rows=unique_prompts(part.rows)) for part in parts)
+
+    # --- tokenisation and reporting --------------------------------------------------------------
+
+    def _tokenize(self, part: _Rows, split: str) -> datasets.Dataset:
+        """Token ids of one split for the current mode; prompt-too-long rows are logged and dropped."""
+        responses = RESPONSES[self.mode]
+        features = token_features(part.rows.features, responses)
+        if len(part.rows) == 0:  # `map` would leave an empty dataset's columns as they are
+            kept = datasets.Dataset.from_dict({name: [] for name in features}, features=features)
+        else:
+            rows = part.rows.map(
+                tokenize_batch,
+                batched=True,
+                features=features,
+                fn_kwargs={
+                    "tokenizer": self.tokenizer,
+                    "responses": responses,
+                    "max_prompt_length": self.max_prompt_length,
+                    "max_response_length": self.max_response_length,
+                },
+                desc=f"Tokenising the {split} split",
+            )
+            kept = part.bad.drop(rows)
+            part.bad.require_rows(len(kept), f"the {split} split")
+        self.truncated += sum(kept["truncated"])
+        columns = ["row", "prompt_ids", *(f"{key}_ids" for key in responses)]
+        return kept.select_columns(columns + (list(SCORE_COLUMNS) if self._scores else []))
+
+    def _check_format_fits_mode(self, fmt: str) -> None:
+        if fmt == "prompts" or (self.mode == "pairs" and fmt not in PAIR_FORMATS):
+            raise ValueError(
+                f"mode {self.mode!r} needs {'preference pairs' if self.mode == 'pairs' else 'responses'}, but "
+                f"{self.dataset} is {fmt!r} data"
+            )
+
+    def _report(self, logs: list[BadRows]) -> None:
+        """Sum the bad rows of the sources behind the batches: one warning for them, one note on truncation."""
+        logs = list({id(log): log for log in logs}.values())  # train and validation may share a source
+        self.skipped = dict(sum((log.counts for log in logs), Counter()))
+        if self.skipped:
+            rank_zero_warn(
+                f"RLHFDataModule skipped {sum(self.skipped.values())} bad rows (strict=True fails on the first "
+                "instead). " + "; ".join(log.summary() for log in logs if log.counts)
+            )
+        if self.truncated:
+            rank_zero_info(
+                f"RLHFDataModule: {self.truncated} responses longer than max_response_length="
+                f"{self.max_response_length} were truncated (kept as unfinished responses, without their EOS)"
+            )
+
+    def _loader(self, dataset: datasets.Dataset | None, batch_size: int, **options) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError("RLHFDataModule: call setup() before asking for a dataloader")
+        collator = Collator(self.mode, self.tokenizer.pad_token_id, scores=self._scores)
+        return DataLoader(
+            dataset, batch_size=batch_size, collate_fn=collator, num_workers=self.num_workers, **options
+        )
+
+    def _trainer_mode(self) -> str:
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        mode = getattr(module, "data_mode", None)
+        if mode is None:
+            raise ValueError(
+                "RLHFDataModule needs a mode: pass --data.mode sft|pairs|prompts, or attach it to a Trainer "
+                "whose LightningModule defines `data_mode`"
+            )
+        if mode not in MODES:
+            raise ValueError(f"{type(module).__name__}.data_mode is {mode!r}; expected one of {MODES}")
+        return mode
+
+
+def _check_choice(argument: str, value: str | None, choices: tuple[str, ...]) -> None:
+    if value is not None and value not in choices:
+        raise ValueError(f"{argument} must be one of {', '.join(choices)} (or None), got {value!r}")
+
+
+def _length(value: int | None, task: BuiltinTask | None, recommendation: str) -> int:
+    """An explicit length, else the built-in task's recommendation, else `DEFAULT_MAX_LENGTH`."""
+    length = value if value is not None else getattr(task, recommendation, DEFAULT_MAX_LENGTH)
+    if length < 1:
+        raise ValueError(f"{recommendation.removeprefix('recommended_')} must be >= 1, got {length}")
+    return length
