@@ -214,3 +214,15 @@ def test_default_template_is_hh_style():
         ChatRenderer().render(messages, generation_prompt=True)
         == "\n\nSystem: Be brief.\n\nHuman: Hi\n\nAssistant:"
     )
+
+
+def test_template_that_refuses_a_conversation_is_a_bad_row(tokenizer_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer.chat_template = (
+        "{% if messages[0]['role'] != 'user' %}{{ raise_exception('start with the user') }}{% endif %}"
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    )
+    record = {"prompt": [{"role": "system", "content": "Hi"}]}
+    with pytest.raises(BadRow, match="refused the conversation: start with the user") as caught:
+        parse_record(record, "prompts", ChatRenderer(tokenizer), scores=False)
+    assert caught.value.reason == "template_mismatch"

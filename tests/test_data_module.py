@@ -92,7 +92,10 @@ def test_builtin_pairs_batches(tmp_path):
 
 
 def test_sft_and_prompts_batches(tmp_path):
-    sft = next(iter(builtin(tmp_path, mode="sft").train_dataloader()))
+    sft_module = builtin(tmp_path, mode="sft", eval_batch_size=3)
+    assert len(next(iter(sft_module.val_dataloader()))["index"]) == 3
+    assert next(iter(sft_module.test_dataloader()))["index"].tolist() == sft_module.val_dataset["row"][:3]
+    sft = next(iter(sft_module.train_dataloader()))
     assert set(sft) == {
         "index",
         "prompt_input_ids",

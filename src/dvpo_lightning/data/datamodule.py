@@ -104,8 +104,8 @@ class RLHFDataModule(LightningDataModule):
             directory; None holds out `val_size` rows of the training data.
         val_size: rows held out for validation when `val_split` is None: an int is a count, a float a
             fraction; 0 disables validation.
-        prompt_dataset: a source of prompts for prompts mode (any format; its prompts are used);
-            None uses the prompts of `dataset`.
+        prompt_dataset: a source of prompts for prompts mode (any format, detected; its prompts are used,
+            a built-in task gives its prompt set, a hub dataset its `split`); None uses those of `dataset`.
         max_prompt_length: longest prompt in tokens (longer rows are dropped); None is the built-in
             task's recommendation, else 256.
         max_response_length: longest response in tokens, EOS included (longer ones are truncated);
