@@ -1,1 +1,24 @@
+"""LightningModules of every stage; they orchestrate models and `dvpo_lightning.algos`, holding no formulas."""
 
+from dvpo_lightning.modules.base import RLHFModule
+from dvpo_lightning.modules.dpo import DPOModule
+from dvpo_lightning.modules.generation import Responses, SamplingConfig, generate_responses, gold_rewards
+from dvpo_lightning.modules.gvm import GVMModule
+from dvpo_lightning.modules.optim import OptimConfig
+from dvpo_lightning.modules.policy import PolicyModule
+from dvpo_lightning.modules.reward_model import RewardModelModule
+from dvpo_lightning.modules.sft import SFTModule
+
+__all__ = [
+    "DPOModule",
+    "GVMModule",
+    "RewardModelModule",
+    "OptimConfig",
+    "PolicyModule",
+    "RLHFModule",
+    "Responses",
+    "SFTModule",
+    "SamplingConfig",
+    "generate_responses",
+    "gold_rewards",
+]

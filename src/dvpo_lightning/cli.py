@@ -1,0 +1,88 @@
+"""`dvpo`: the LightningCLI of the project.
+
+    dvpo fit --config configs/dvpo.yaml
+    dvpo fit --config configs/dvpo.yaml --config configs/strategy/fsdp2.yaml --trainer.max_steps 10
+    dvpo fit --config configs/sft.yaml --print_config
+    dvpo fit --config configs/sft.yaml --ckpt_path last          # resume
+
+Model and data are both in subclass mode (`class_path` + `init_args`). Every run gets, unless the config says
+otherwise: a rich progress bar; CSV (`metrics.csv`) and TensorBoard logs under
+`<default_root_dir>/logs/version_N`; checkpoints with `last.ckpt` under `<default_root_dir>/checkpoints` (so
+`--ckpt_path last` finds them across runs); peak-memory, throughput and learning-rate monitors. The data
+module's tokenizer is handed to the model, so a run names its tokenizer once (`--data.tokenizer`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from dvpo_lightning.callbacks import PeakMemoryMonitor, SampleLogger, ThroughputMonitor
+
+
+class DVPOCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("data.tokenizer", "model.init_args.tokenizer", apply_on="instantiate")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True})
+        parser.add_lightning_class_args(PeakMemoryMonitor, "memory_monitor")
+        parser.add_lightning_class_args(ThroughputMonitor, "throughput")
+        parser.add_lightning_class_args(SampleLogger, "samples")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        root = config.trainer.default_root_dir or os.getcwd()
+        if config.checkpoint.dirpath is None:
+            config.checkpoint.dirpath = os.path.join(root, "checkpoints")
+        self._default_loggers = config.trainer.logger in (None, True)
+        self._root = root
+
+    def instantiate_trainer(self, **kwargs):
+        config = self._get(self.config_init, "trainer", default={})
+        if self._default_loggers:
+            kwargs["logger"] = default_loggers(self._root)
+        if config.get("enable_progress_bar") is not False:
+            kwargs["callbacks"] = [*(config.get("callbacks") or []), RichProgressBar()]
+        if config.get("logger") is not False:
+            kwargs.setdefault("callbacks", list(config.get("callbacks") or []))
+            kwargs["callbacks"].append(LearningRateMonitor(logging_interval="step"))
+        return super().instantiate_trainer(**kwargs)
+
+
+def default_loggers(root: str) -> list:
+    """CSV and TensorBoard loggers writing to the same `<root>/logs/version_N` directory."""
+    version = next_version(os.path.join(root, "logs"))
+    return [
+        CSVLogger(save_dir=root, name="logs", version=version),
+        TensorBoardLogger(save_dir=root, name="logs", version=version, default_hp_metric=False),
+    ]
+
+
+def next_version(directory: str) -> int:
+    if not os.path.isdir(directory):
+        return 0
+    versions = [
+        int(m.group(1)) for name in os.listdir(directory) if (m := re.fullmatch(r"version_(\d+)", name))
+    ]
+    return max(versions, default=-1) + 1
+
+
+def main(args=None) -> None:
+    DVPOCLI(
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        auto_configure_optimizers=False,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+    )
+
+
+if __name__ == "__main__":
+    main()

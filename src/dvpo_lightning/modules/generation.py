@@ -1,0 +1,135 @@
+"""Sampling responses with HF `generate` (KV cache) into the split layout, and scoring them with a gold reward."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from dvpo_lightning.modules.scoring import Sequences
+
+
+@dataclass
+class SamplingConfig:
+    """How responses are sampled.
+
+    Args:
+        max_new_tokens: response budget; a response that reaches it without EOS is "unfinished".
+        min_new_tokens: EOS is forbidden before this many tokens.
+        temperature: softmax temperature (log-probs for training are taken at the same temperature).
+        top_p: nucleus sampling mass (1.0 = off).
+        top_k: keep the k most likely tokens (0 = off).
+        do_sample: False for greedy decoding (evaluation).
+    """
+
+    max_new_tokens: int = 64
+    min_new_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    do_sample: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1; got {self.max_new_tokens}")
+        if self.temperature <= 0:
+            raise ValueError(
+                f"temperature must be > 0; got {self.temperature} (use do_sample: false for greedy)"
+            )
+
+
+@dataclass
+class Responses(Sequences):
+    """Sampled responses: prompts left-padded, responses right-padded and cut after the first EOS."""
+
+    finished: torch.Tensor  # [B] bool, the response ended with EOS
+
+    @property
+    def lengths(self) -> torch.Tensor:  # [B]
+        return self.response_mask.sum(-1)
+
+
+@torch.no_grad()
+def generate_responses(
+    policy: nn.Module,
+    prompt_input_ids: torch.Tensor,
+    prompt_attention_mask: torch.Tensor,
+    sampling: SamplingConfig,
+    tokenizer: PreTrainedTokenizerBase,
+) -> Responses:
+    """Sample one response per prompt with the policy's KV cache.
+
+    The pad token is never sampled (it would be indistinguishable from padding), and everything after the
+    first EOS is padding.
+    """
+    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    sampling_kwargs = (
+        {
+            "do_sample": True,
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+            "top_k": sampling.top_k,
+        }
+        if sampling.do_sample
+        else {"do_sample": False}
+    )
+    with _eval_mode(policy):
+        sequences = policy.generate(
+            input_ids=prompt_input_ids,
+            attention_mask=prompt_attention_mask.long(),
+            max_new_tokens=sampling.max_new_tokens,
+            min_new_tokens=sampling.min_new_tokens,
+            pad_token_id=pad_id,
+            eos_token_id=eos_id,
+            suppress_tokens=[pad_id],
+            use_cache=True,
+            **sampling_kwargs,
+        )
+    response = sequences[:, prompt_input_ids.shape[1] :]  # [B, R]
+    is_eos = response == eos_id
+    after_first_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
+    response_mask = ~after_first_eos
+    response = response.masked_fill(~response_mask, pad_id)
+    return Responses(
+        prompt_input_ids=prompt_input_ids,
+        prompt_attention_mask=prompt_attention_mask.bool(),
+        response_input_ids=response,
+        response_mask=response_mask,
+        finished=is_eos.any(-1),
+    )
+
+
+def decode_responses(tokenizer: PreTrainedTokenizerBase, responses: Responses) -> tuple[list[str], list[str]]:
+    """Prompt and response texts, without padding or special tokens."""
+    prompts = tokenizer.batch_decode(
+        [ids[mask] for ids, mask in zip(responses.prompt_input_ids, responses.prompt_attention_mask)],
+        skip_special_tokens=True,
+    )
+    texts = tokenizer.batch_decode(
+        [ids[mask] for ids, mask in zip(responses.response_input_ids, responses.response_mask)],
+        skip_special_tokens=True,
+    )
+    return prompts, texts
+
+
+def gold_rewards(
+    task, tokenizer: PreTrainedTokenizerBase, responses: Responses
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The built-in task's gold reward of each response and its fraction of the prompt's optimum, `[B]` each."""
+    prompts, texts = decode_responses(tokenizer, responses)
+    scores = torch.tensor(task.score(prompts, texts, responses.finished.tolist()), dtype=torch.float32)
+    optimum = torch.tensor(task.optimum(prompts), dtype=torch.float32)
+    return scores, scores / optimum.clamp(min=1e-8)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)

@@ -1,0 +1,85 @@
+"""Optimiser and learning-rate schedule, set from the config (one `OptimConfig` per trained model)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor")
+SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine_with_min_lr"}
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and schedule of one trained model.
+
+    Args:
+        lr: peak learning rate.
+        optimizer: adamw, adam, sgd or adafactor (transformers' Adafactor with a fixed learning rate, as in
+            the DVPO reference).
+        weight_decay: applied to matrices only (not to biases and norms).
+        betas: Adam betas.
+        eps: Adam epsilon.
+        scheduler: constant, linear (decay to 0) or cosine (decay to `min_lr_ratio * lr`), each after a linear
+            warm-up.
+        warmup_ratio: fraction of the optimiser steps spent warming up.
+        min_lr_ratio: floor of the cosine schedule, as a fraction of `lr`.
+    """
+
+    lr: float = 1e-5
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    scheduler: str = "constant"
+    warmup_ratio: float = 0.0
+    min_lr_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}; got {self.optimizer!r}")
+        if self.scheduler not in SCHEDULES:
+            raise ValueError(f"scheduler must be one of {sorted(SCHEDULES)}; got {self.scheduler!r}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1); got {self.warmup_ratio}")
+
+
+def trainable_parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Trainable parameters, split so that biases and norm weights get no weight decay."""
+    decay, no_decay = [], []
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            (decay if parameter.ndim >= 2 else no_decay).append(parameter)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]
+
+
+def build_optimizer(groups: Iterable[dict], config: OptimConfig) -> torch.optim.Optimizer:
+    groups = list(groups)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps)
+    if config.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=config.lr, betas=config.betas, eps=config.eps)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr)
+    from transformers.optimization import Adafactor
+
+    return Adafactor(groups, lr=config.lr, scale_parameter=False, relative_step=False, warmup_init=False)
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, config: OptimConfig, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    from transformers.optimization import get_scheduler
+
+    extra = {"min_lr_rate": config.min_lr_ratio} if config.scheduler == "cosine" else None
+    return get_scheduler(
+        SCHEDULES[config.scheduler],
+        optimizer,
+        num_warmup_steps=int(config.warmup_ratio * total_steps),
+        num_training_steps=max(total_steps, 1),
+        scheduler_specific_kwargs=extra,
+    )

@@ -1,0 +1,113 @@
+"""What stages that train a policy share: the reference policy and generation-based evaluation."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from dvpo_lightning.algos import kl_penalty, masked_sum
+from dvpo_lightning.models import ModelSpec, build_policy, is_lora
+from dvpo_lightning.modules.base import RLHFModule
+from dvpo_lightning.modules.generation import SamplingConfig, generate_responses, gold_rewards
+from dvpo_lightning.modules.scoring import Sequences, policy_logprobs
+
+
+class PolicyModule(RLHFModule):
+    """A stage whose result is a policy (SFT, DPO, PPO, DVPO, RTO).
+
+    Reference policy: `reference` when given; else, for a LoRA policy, the policy itself with its adapter
+    disabled (no second copy in memory); else a frozen copy built from the policy's own spec.
+
+    Evaluation: when `eval_sampling` is set, every validation batch's prompts are answered by the policy and
+    `val/response_length`, `val/finished_rate` and the KL to the reference (`val/kl_ref`, summed over the
+    response, k1 and k3) are logged; on the built-in task also the gold reward (`val/gold_reward`) and its
+    fraction of the optimum (`val/gold_fraction`).
+    """
+
+    frozen_models = ("reference",)
+
+    def __init__(
+        self,
+        policy: ModelSpec,
+        reference: ModelSpec | None = None,
+        reference_as_disabled_adapter: bool | None = None,
+        eval_sampling: SamplingConfig | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        export_dir: str | None = None,
+    ):
+        super().__init__(tokenizer=tokenizer, export_dir=export_dir)
+        if reference_as_disabled_adapter is None:
+            reference_as_disabled_adapter = reference is None and policy.lora is not None
+        if reference_as_disabled_adapter and policy.lora is None:
+            raise ValueError(
+                "reference_as_disabled_adapter=true needs a LoRA policy (the reference is the policy with its "
+                "adapter switched off): set `policy.lora`, or give a `reference` model, or set it to false"
+            )
+        if reference_as_disabled_adapter and reference is not None:
+            raise ValueError("give either `reference` or reference_as_disabled_adapter=true, not both")
+        self.policy_spec = policy
+        self.reference_spec = reference
+        self.reference_as_disabled_adapter = reference_as_disabled_adapter
+        self.eval_sampling = eval_sampling
+
+    def build_policy_and_reference(self) -> None:
+        self.policy = build_policy(self.policy_spec, self.tokenizer, role="policy")
+        if self.reference_as_disabled_adapter:
+            self.reference = None
+        else:
+            spec = self.reference_spec or dataclasses.replace(
+                self.policy_spec, lora=None, gradient_checkpointing=False
+            )
+            self.reference = build_policy(spec, self.tokenizer, role="reference policy")
+
+    @property
+    def has_reference(self) -> bool:
+        return getattr(self, "reference", None) is not None or self.reference_as_disabled_adapter
+
+    @torch.no_grad()
+    def reference_logprobs(self, sequences: Sequences, temperature: float = 1.0) -> torch.Tensor:
+        """Log-probs `[B, R]` of the response tokens under the reference policy."""
+        if self.reference is not None:
+            return policy_logprobs(self.reference, sequences, temperature)[0]
+        if not is_lora(self.policy):
+            raise RuntimeError("the policy has no LoRA adapter to disable and no reference model was built")
+        with self.policy.disable_adapter():
+            return policy_logprobs(self.policy, sequences, temperature)[0]
+
+    @property
+    def gold_task(self):
+        """The built-in task of the data module (it knows the gold reward), or None."""
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        return getattr(datamodule, "task", None)
+
+    @torch.no_grad()
+    def evaluate_generations(self, batch: dict, prefix: str = "val") -> None:
+        """Answer the batch's prompts with the policy and log what the answers are worth."""
+        if self.eval_sampling is None:
+            return
+        responses = generate_responses(
+            self.policy,
+            batch["prompt_input_ids"],
+            batch["prompt_attention_mask"],
+            self.eval_sampling,
+            self.tokenizer,
+        )
+        mask = responses.response_mask
+        metrics = {
+            "response_length": responses.lengths.float().mean(),
+            "finished_rate": responses.finished.float().mean(),
+        }
+        if self.has_reference:
+            temperature = self.eval_sampling.temperature if self.eval_sampling.do_sample else 1.0
+            logprobs = policy_logprobs(self.policy, responses, temperature)[0]
+            ref_logprobs = self.reference_logprobs(responses, temperature)
+            metrics["kl_ref"] = masked_sum(kl_penalty(logprobs, ref_logprobs, "k1"), mask, dim=-1).mean()
+            metrics["kl_ref_k3"] = masked_sum(kl_penalty(logprobs, ref_logprobs, "k3"), mask, dim=-1).mean()
+        task = self.gold_task
+        if task is not None:
+            gold, fraction = gold_rewards(task, self.tokenizer, responses)
+            metrics["gold_reward"], metrics["gold_fraction"] = gold.mean(), fraction.mean()
+        for name, value in metrics.items():
+            self.log(f"{prefix}/{name}", value, batch_size=mask.shape[0], sync_dist=True)
