@@ -24,14 +24,14 @@ from __future__ import annotations
 import math
 import os
 import random
-import shutil
-import tempfile
 from abc import ABC, abstractmethod
 from pathlib import Path
 
 import datasets
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from dvpo_lightning.data.cache import default_cache_dir, save_atomically
 
 PREFERENCE_FEATURES = datasets.Features(
     {
@@ -46,11 +46,6 @@ PROMPT_FEATURES = datasets.Features({"prompt": datasets.Value("string")})
 
 # A demonstrator that keeps answering identically cannot make pairs; fail instead of looping forever.
 MAX_IDENTICAL_DRAWS_IN_A_ROW = 1000
-
-
-def default_cache_dir() -> Path:
-    """`$DVPO_CACHE`, else `~/.cache/dvpo_lightning`."""
-    return Path(os.environ.get("DVPO_CACHE") or Path.home() / ".cache" / "dvpo_lightning")
 
 
 class BuiltinTask(ABC):
@@ -187,16 +182,7 @@ class BuiltinTask(ABC):
         )
 
     def _write_tokenizer(self, directory: Path) -> None:
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent)
-        try:
-            self._build_tokenizer().save_pretrained(staging)
-            os.rename(staging, directory)
-        except OSError:
-            if not directory.exists():  # not just another process winning the race
-                raise
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        save_atomically(self._build_tokenizer(), directory)
 
 
 def _sigmoid(x: float) -> float:
