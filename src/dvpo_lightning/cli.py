@@ -72,8 +72,9 @@ def next_version(directory: str) -> int:
     return max(versions, default=-1) + 1
 
 
-def main(args=None) -> None:
-    DVPOCLI(
+def run_cli(args=None) -> DVPOCLI:
+    """Run the CLI on `args` (default: the command line) and return it (its `trainer`, `model`, `datamodule`)."""
+    return DVPOCLI(
         LightningModule,
         LightningDataModule,
         subclass_mode_model=True,
@@ -82,6 +83,10 @@ def main(args=None) -> None:
         save_config_kwargs={"overwrite": True},
         args=args,
     )
+
+
+def main(args=None) -> None:
+    run_cli(args)
 
 
 if __name__ == "__main__":
