@@ -25,6 +25,10 @@ from dvpo_lightning.modules import (
 )
 from tests.tiny import TINY_ARCH
 
+# Learned absolute positions: unlike rotary ones (TINY_ARCH), a shift of every position changes the outputs,
+# so a model that ignores the explicit position ids shows up when left padding is added.
+TINY_GPT2 = {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 256}
+
 # Large enough that one AdamW step moves every parameter with a gradient by a visible amount.
 LARGE_LR = 1e-2
 
@@ -84,20 +88,21 @@ def step_loss(module: RLHFModule, batch: dict) -> torch.Tensor:
 
 
 def _stage(
-    module_class: type[RLHFModule], spec: ModelSpec | None = None, **options
+    module_class: type[RLHFModule], spec_options: dict | None = None, **options
 ) -> Callable[..., RLHFModule]:
-    """A builder of `module_class` on `spec` (default: the tiny arch) with `options`."""
+    """A builder of `module_class` with `options`, training a model of the given arch with `spec_options`."""
 
-    def make(tokenizer, exports: Exports | None, lr: float) -> RLHFModule:
+    def make(tokenizer, exports: Exports | None, lr: float, arch: dict) -> RLHFModule:
         extra = dict(options)
         if extra.get("terminal_reward") == "reward_model":
             extra["reward_model"] = ModelSpec(name_or_path=exports.reward_model)
-        return module_class(spec or tiny(), optim=OptimConfig(lr=lr), tokenizer=tokenizer, **extra)
+        spec = ModelSpec(arch=dict(arch), **(spec_options or {}))
+        return module_class(spec, optim=OptimConfig(lr=lr), tokenizer=tokenizer, **extra)
 
     return make
 
 
-#: name -> builder(tokenizer, exports, lr) of every preference-stage configuration under test.
+#: name -> builder(tokenizer, exports, lr, arch) of every preference-stage configuration under test.
 STAGES: dict[str, Callable[..., RLHFModule]] = {
     "sft": _stage(SFTModule),
     "reward_model": _stage(RewardModelModule),
@@ -108,9 +113,12 @@ STAGES: dict[str, Callable[..., RLHFModule]] = {
     "dpo_ipo": _stage(DPOModule, loss_type="ipo"),
     "dpo_label_smoothing": _stage(DPOModule, label_smoothing=0.2),
     "dpo_precompute_reference": _stage(DPOModule, precompute_reference=True),
-    "dpo_lora": _stage(DPOModule, tiny(lora=LoraSpec(r=4, alpha=8))),
+    "dpo_lora": _stage(DPOModule, {"lora": LoraSpec(r=4, alpha=8)}),
 }
 
 
-def build_stage(name: str, tokenizer, exports: Exports | None = None, lr: float = LARGE_LR) -> RLHFModule:
-    return STAGES[name](tokenizer, exports, lr)
+def build_stage(
+    name: str, tokenizer, exports: Exports | None = None, lr: float = LARGE_LR, arch: dict = TINY_ARCH
+) -> RLHFModule:
+    """Configuration `name`, training a model of architecture `arch` (its reference is a copy of it)."""
+    return STAGES[name](tokenizer, exports, lr, arch)

@@ -29,6 +29,7 @@ from dvpo_lightning.modules import DPOModule, GVMModule, PolicyModule, RewardMod
 from dvpo_lightning.modules.scoring import pair_sequences, policy_logprobs, sft_sequences, state_values
 from tests.stages import (
     STAGES,
+    TINY_GPT2,
     Exports,
     build_stage,
     export_random_value_model,
@@ -38,6 +39,7 @@ from tests.stages import (
     tiny,
     topics_data,
 )
+from tests.tiny import TINY_ARCH
 
 # `training_step` called without a Trainer cannot log; that is expected here.
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log")
@@ -162,9 +164,10 @@ def pad_batch(batch: dict, pad_id: int, left: int = 3, right: int = 2) -> dict:
     return padded
 
 
+@pytest.mark.parametrize("arch", [TINY_ARCH, TINY_GPT2], ids=["llama", "gpt2"])
 @pytest.mark.parametrize("stage", list(STAGES))
-def test_padding_never_changes_the_loss(stage, tokenizer, exports, batches):
-    module = build_stage(stage, tokenizer, exports)
+def test_padding_never_changes_the_loss(stage, arch, tokenizer, exports, batches):
+    module = build_stage(stage, tokenizer, exports, arch=arch)
     module.configure_model()
     perturb(module)
     batch = batch_for(module, batches)
