@@ -304,21 +304,16 @@ def test_checkpoint_leaves_frozen_models_out_and_restores_every_trained_paramete
 ):
     path = tmp_path / "stage.ckpt"
     fitted.trainer.save_checkpoint(path)
-    saved = torch.load(path, weights_only=False)["state_dict"]
+    saved = torch.load(path)["state_dict"]
     trained = fitted.module.state_dict()
     frozen = {key for key in trained if key.split(".", 1)[0] in fitted.module.frozen_models}
     assert set(saved) == set(trained) - frozen
     # Lightning's own reload: build the models (configure_model), then a strict load of the checkpoint.
-    restored = type(fitted.module).load_from_checkpoint(path, tokenizer=tokenizer, weights_only=False)
+    restored = type(fitted.module).load_from_checkpoint(path, tokenizer=tokenizer)
     state = restored.state_dict()
     assert [key for key in saved if not torch.equal(state[key], trained[key])] == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a module built in Python keeps ModelSpec/LoraSpec/OptimConfig dataclasses in its hyper-parameters "
-    "(the CLI saves plain dicts), and torch.load's default weights_only=True refuses them (reported)",
-)
 def test_checkpoint_loads_under_torchs_default_weights_only(tokenizer, cache, tmp_path):
     module = build_stage("dpo_lora", tokenizer)
     trainer = quick_trainer(tmp_path, max_steps=1)
@@ -346,3 +341,11 @@ def test_export_loads_by_path_with_the_same_outputs(fitted, tokenizer, batches):
             loaded = state_values(build_value_model(spec, tokenizer), sequences)
     assert torch.count_nonzero(expected) > 0
     torch.testing.assert_close(loaded, expected, rtol=0, atol=1e-5)
+
+
+def test_precomputed_reference_without_a_data_module_says_what_it_needs(tokenizer, cache, tmp_path):
+    module = build_stage("dpo_precompute_reference", tokenizer)
+    data = topics_data(cache, mode="pairs")
+    data.setup("fit")
+    with pytest.raises(ValueError, match="precompute_reference=true .* needs a data module"):
+        quick_trainer(tmp_path, max_steps=1).fit(module, train_dataloaders=data.train_dataloader())

@@ -1,5 +1,8 @@
 """LightningModules of every stage; they orchestrate models and `dvpo_lightning.algos`, holding no formulas."""
 
+import torch
+
+from dvpo_lightning.models import LoraSpec, ModelSpec
 from dvpo_lightning.modules.base import RLHFModule
 from dvpo_lightning.modules.dpo import DPOModule
 from dvpo_lightning.modules.dvpo import DVPOModule
@@ -12,6 +15,10 @@ from dvpo_lightning.modules.ppo import PPOModule
 from dvpo_lightning.modules.reward_model import RewardModelModule
 from dvpo_lightning.modules.rto import RTOModule
 from dvpo_lightning.modules.sft import SFTModule
+
+# Checkpoints store each module's hyperparameters, these config dataclasses among them; torch.load's default
+# weights_only=True unpickles only allow-listed classes.
+torch.serialization.add_safe_globals([ModelSpec, LoraSpec, OptimConfig, SamplingConfig, PPOConfig])
 
 __all__ = [
     "DVPOModule",

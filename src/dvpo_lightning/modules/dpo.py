@@ -79,6 +79,11 @@ class DPOModule(PolicyModule):
         if not self.precompute_reference:
             return
         datamodule = self.trainer.datamodule
+        if datamodule is None:
+            raise ValueError(
+                "precompute_reference=true reads every training and validation pair before training, so it needs a "
+                "data module: pass `datamodule=` to `Trainer.fit` (the CLI does), or set precompute_reference=false"
+            )
         for split, loader in (("train", datamodule.train_dataloader()), ("val", datamodule.val_dataloader())):
             cache = self._reference_cache.setdefault(split, {})
             for batch in loader:
