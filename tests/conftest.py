@@ -30,3 +30,17 @@ def hh_file():
     if not HH_FILE.exists():
         pytest.skip(f"real HH-RLHF data not found at {HH_FILE}")
     return HH_FILE
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """A cache directory for datasets and tokenizers, shared by one test module."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(cache):
+    """The built-in task's tokenizer."""
+    from tests.stages import topics_data
+
+    return topics_data(cache).tokenizer

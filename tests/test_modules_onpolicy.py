@@ -70,16 +70,6 @@ class Run:
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture(scope="module")
-def tokenizer(cache):
-    return topics_data(cache).tokenizer
-
-
-@pytest.fixture(scope="module")
 def exports(tmp_path_factory, tokenizer):
     return export_frozen_models(tmp_path_factory.mktemp("exports"), tokenizer)
 
@@ -533,11 +523,6 @@ def test_bad_options_fail_at_construction_naming_the_option(make, option):
         make()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="PPOConfig checks only its sizes: an unknown KL estimator or loss aggregation, a discount outside [0, 1] "
-    "or an adaptive controller without a target fails at the first iteration, after generation (reported)",
-)
 @pytest.mark.parametrize(
     "options, option",
     [
@@ -545,8 +530,15 @@ def test_bad_options_fail_at_construction_naming_the_option(make, option):
         ({"loss_aggregation": "mean"}, "loss_aggregation"),
         ({"gamma": 2.0}, "gamma"),
         ({"kl_controller": "adaptive"}, "kl_target"),
+        ({"kl_target": 6.0}, "kl_target"),
     ],
-    ids=["unknown_kl_estimator", "unknown_loss_aggregation", "gamma_above_one", "adaptive_without_target"],
+    ids=[
+        "unknown_kl_estimator",
+        "unknown_loss_aggregation",
+        "gamma_above_one",
+        "adaptive_without_target",
+        "target_without_adaptive",
+    ],
 )
 def test_ppo_settings_fail_at_construction_naming_the_option(options, option):
     with pytest.raises(ValueError, match=option):

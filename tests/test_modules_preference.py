@@ -54,16 +54,6 @@ class Fitted:
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture(scope="module")
-def tokenizer(cache):
-    return topics_data(cache).tokenizer
-
-
-@pytest.fixture(scope="module")
 def exports(tmp_path_factory, tokenizer):
     return Exports(reward_model=export_random_value_model(tmp_path_factory.mktemp("rm") / "model", tokenizer))
 

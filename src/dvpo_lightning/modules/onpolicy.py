@@ -20,6 +20,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from dvpo_lightning.algos import (
+    AGGREGATION_MODES,
+    KL_ESTIMATORS,
     assemble_token_rewards,
     build_kl_controller,
     get_advantage,
@@ -48,6 +50,8 @@ from dvpo_lightning.modules.optim import (
 )
 from dvpo_lightning.modules.policy import PolicyModule
 from dvpo_lightning.modules.scoring import policy_logprobs, state_values
+
+KL_CONTROLLERS = ("fixed", "adaptive")
 
 
 @dataclass
@@ -101,6 +105,7 @@ class PPOConfig:
     scoring_batch_size: int | None = None
 
     def __post_init__(self) -> None:
+        # Every setting is checked here, so a bad one fails before any model is loaded or sampled from.
         for name in (
             "samples_per_prompt",
             "ppo_epochs",
@@ -111,6 +116,21 @@ class PPOConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"ppo.{name} must be >= 1; got {value}")
+        for name, value, known in (
+            ("kl_estimator", self.kl_estimator, KL_ESTIMATORS),
+            ("loss_aggregation", self.loss_aggregation, AGGREGATION_MODES),
+            ("kl_controller", self.kl_controller, KL_CONTROLLERS),
+        ):
+            if value not in known:
+                raise ValueError(f"ppo.{name} must be one of {tuple(known)}; got {value!r}")
+        for name in ("gamma", "lam"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"ppo.{name} must be in [0, 1]; got {getattr(self, name)}")
+        if (self.kl_controller == "adaptive") != (self.kl_target is not None):
+            raise ValueError(
+                "ppo.kl_target goes with ppo.kl_controller=adaptive, and only with it: the adaptive controller "
+                f"steers the KL towards it (got kl_controller={self.kl_controller!r}, kl_target={self.kl_target})"
+            )
 
 
 @dataclass
@@ -198,7 +218,9 @@ class OnPolicyModule(PolicyModule):
         self.optim = optim or OptimConfig(lr=1e-6)
         adaptive = {"target": self.ppo.kl_target, "horizon": self.ppo.kl_horizon}
         self.kl_controller = build_kl_controller(
-            self.ppo.kl_controller, self.ppo.kl_coef, **(adaptive if self.ppo.kl_controller == "adaptive" else {})
+            self.ppo.kl_controller,
+            self.ppo.kl_coef,
+            **(adaptive if self.ppo.kl_controller == "adaptive" else {}),
         )
         self.last_samples: list[dict] = []
 
@@ -297,7 +319,7 @@ class OnPolicyModule(PolicyModule):
                     loss, stats = self.minibatch_loss(experience.select(rows_of_micro), normalizers)
                     self.manual_backward(loss)
                     for name, value in stats.items():
-                        totals.setdefault(name, []).append(float(value))
+                        totals.setdefault(name, []).append(float(torch.as_tensor(value).detach()))
                     epoch_kl.append(float(stats["policy/approx_kl"]))
                 for name, norm in self.clip_gradients_of_models().items():
                     totals.setdefault(name, []).append(norm)
@@ -422,6 +444,11 @@ class OnPolicyModule(PolicyModule):
         self.evaluate_generations(batch)
 
     def optimizer_steps_per_iteration(self) -> int:
+        if getattr(self.trainer, "datamodule", None) is None:
+            raise ValueError(
+                "without a data module the rollout size is unknown, so the LR schedule cannot be sized from the "
+                "number of iterations: set --trainer.max_steps (optimiser steps)"
+            )
         rollout = self.trainer.datamodule.batch_size * self.ppo.samples_per_prompt
         mini = self.ppo.mini_batch_size or rollout
         return self.ppo.ppo_epochs * math.ceil(rollout / mini)
