@@ -34,17 +34,30 @@ VALUE_HEAD_NAMES = ("score", "classifier")
 
 
 def build_policy(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, role: str = "policy") -> nn.Module:
-    """A causal LM for `spec`, sized for `tokenizer`, with LoRA and gradient checkpointing as asked."""
-    config = _config_for(spec, tokenizer, role)
-    model = _instantiate(AutoModelForCausalLM, spec, config)
-    _fit_to_tokenizer(model, tokenizer)
-    return _adapt(model, spec, task_type="CAUSAL_LM", full_modules=())
+    """A causal LM for `spec`, sized for `tokenizer`, with LoRA and gradient checkpointing as asked.
+
+    Everything random in the build (an `arch` model's weights, new embedding rows, LoRA adapters) is drawn from
+    `spec.init_seed`, so every process builds the same model: FSDP2 does not broadcast initial weights.
+    """
+    with _seeded(spec.init_seed):
+        config = _config_for(spec, tokenizer, role)
+        model = _instantiate(AutoModelForCausalLM, spec, config)
+        _fit_to_tokenizer(model, tokenizer)
+        return _adapt(model, spec, task_type="CAUSAL_LM", full_modules=())
 
 
 def build_value_model(
     spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, role: str = "value model"
 ) -> nn.Module:
-    """A token-level value model for `spec`: backbone + scalar head (zero-initialised when new)."""
+    """A token-level value model for `spec`: backbone + scalar head (zero-initialised when new).
+
+    Seeded from `spec.init_seed` like `build_policy`.
+    """
+    with _seeded(spec.init_seed):
+        return _build_value_model(spec, tokenizer, role)
+
+
+def _build_value_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, role: str) -> nn.Module:
     config = _config_for(spec, tokenizer, role)
     from_value_checkpoint = is_value_model_config(config)
     config.num_labels = 1
@@ -124,9 +137,7 @@ def _instantiate(auto_class, spec: ModelSpec, config: PretrainedConfig) -> PreTr
             trust_remote_code=spec.trust_remote_code,
             **kwargs,
         )
-    with _seeded(spec.init_seed):
-        model = auto_class.from_config(config, dtype=spec.torch_dtype, **kwargs)
-    return model
+    return auto_class.from_config(config, dtype=spec.torch_dtype, **kwargs)
 
 
 def _fit_to_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:

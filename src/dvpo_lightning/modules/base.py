@@ -1,9 +1,11 @@
 """What every stage's LightningModule shares: building models, frozen models, checkpoints, export, stages.
 
-A stage declares its models in `build_models()` (called once from Lightning's `configure_model`, so sharded
-strategies can wrap them there), names its frozen models in `frozen_models`, and the model it hands to the
-next stage in `exported_model`. Frozen models stay in eval mode, never receive gradients, and are left out
-of checkpoints: they are rebuilt from their paths, so a checkpoint holds only what training changed.
+A stage declares its models in `build_models()` (called once from Lightning's `configure_model`, where
+`ModelParallelStrategy` gets them sharded with FSDP2), names its frozen models in `frozen_models`, and the model
+it hands to the next stage in `exported_model`. Frozen models stay in eval mode, never receive gradients, and
+take no part in the module's `state_dict()`: they are rebuilt from their paths, so a checkpoint (a single file,
+or a distributed checkpoint under FSDP2) holds only what training changed, and loading still checks every
+trained key.
 """
 
 from __future__ import annotations
@@ -11,20 +13,28 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from dvpo_lightning.models import export_model, freeze
+from dvpo_lightning.models import (
+    ModelSpec,
+    build_policy,
+    build_value_model,
+    export_model,
+    freeze,
+    is_lora,
+)
 from dvpo_lightning.modules.optim import (
     OptimConfig,
     build_optimizer,
     build_scheduler,
     trainable_parameter_groups,
 )
+from dvpo_lightning.modules.sharding import FSDPConfig, full_state_dict, is_sharded, shard_model
 
 
 class RLHFModule(pl.LightningModule):
@@ -37,12 +47,20 @@ class RLHFModule(pl.LightningModule):
     #: attribute name of the model exported at the end of fit.
     exported_model: ClassVar[str] = "policy"
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase | None = None, export_dir: str | None = None):
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        export_dir: str | None = None,
+        fsdp: FSDPConfig | None = None,
+    ):
         super().__init__()
         self.tokenizer = tokenizer
         self.export_dir = export_dir
+        self.fsdp = fsdp or FSDPConfig()
         self.stage_seconds: dict[str, float] = {}
         self._models_built = False
+        self.register_state_dict_post_hook(_drop_frozen_entries)
+        self.register_load_state_dict_post_hook(_forgive_missing_frozen_entries)
 
     # ----------------------------------------------------------------------------------------- models
     def build_models(self) -> None:
@@ -62,6 +80,18 @@ class RLHFModule(pl.LightningModule):
             if model is not None:
                 freeze(model)
         self._models_built = True
+        if self.device_mesh is not None:  # Lightning's ModelParallelStrategy: FSDP2
+            mesh = self.device_mesh["data_parallel"]
+            for name, model in self.hf_models().items():
+                shard_model(model, mesh, self.fsdp, frozen=name in self.frozen_models)
+
+    def hf_models(self) -> dict[str, torch.nn.Module]:
+        """The stage's Hugging Face models (trained and frozen) by attribute name."""
+        return {
+            name: child
+            for name, child in self.named_children()
+            if isinstance(child, PreTrainedModel) or hasattr(child, "get_base_model")
+        }
 
     def train(self, mode: bool = True) -> RLHFModule:
         super().train(mode)
@@ -70,25 +100,6 @@ class RLHFModule(pl.LightningModule):
             if model is not None:
                 model.eval()
         return self
-
-    # ------------------------------------------------------------------------------------ checkpoints
-    def _is_frozen_key(self, key: str) -> bool:
-        return key.split(".", 1)[0] in self.frozen_models
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get("state_dict")
-        if state is not None:
-            for key in [key for key in state if self._is_frozen_key(key)]:
-                del state[key]
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Frozen models were rebuilt from their paths; fill their entries back in so that loading stays strict
-        # about every trained parameter.
-        state = checkpoint.get("state_dict")
-        if state is not None:
-            for key, value in self.state_dict().items():
-                if self._is_frozen_key(key):
-                    state.setdefault(key, value)
 
     # ---------------------------------------------------------------------------------------- optimiser
     def optimizer_for(self, model: torch.nn.Module, config: OptimConfig, total_steps: int) -> dict:
@@ -104,12 +115,27 @@ class RLHFModule(pl.LightningModule):
         root = self.trainer.default_root_dir if self._trainer is not None else os.getcwd()
         return os.path.join(root, "model")
 
+    def exported_model_spec(self) -> ModelSpec:
+        """The spec the exported model was built from (to rebuild an unsharded twin of a sharded LoRA model)."""
+        raise NotImplementedError
+
     def export(self, directory: str | None = None) -> str:
-        """Write the stage's result as an HF directory (rank zero writes; every rank returns the path)."""
+        """Write the stage's result as an HF directory (rank zero writes; every rank returns the path).
+
+        A sharded model is gathered first (a collective: every rank takes part); a sharded LoRA model is loaded into
+        an unsharded twin on rank zero, whose adapters are then merged as usual.
+        """
         directory = directory or self.default_export_dir()
+        model = getattr(self, self.exported_model)
+        state = full_state_dict(model) if is_sharded(model) else None
         if self._trainer is None or self.trainer.is_global_zero:
+            if state is not None and is_lora(model):
+                build = build_policy if self.exported_model == "policy" else build_value_model
+                model = build(self.exported_model_spec(), self.tokenizer)
+                model.load_state_dict(state)
+                state = None
             info = {"stage": type(self).__name__, "global_step": self.global_step}
-            export_model(getattr(self, self.exported_model), self.tokenizer, directory, info=info)
+            export_model(model, self.tokenizer, directory, info=info, state_dict=state)
             rank_zero_info(f"Exported {self.exported_model} to {directory}")
         if self._trainer is not None:
             self.trainer.strategy.barrier("export")
@@ -131,10 +157,27 @@ class RLHFModule(pl.LightningModule):
             if hasattr(callback, "on_rl_stage_start"):
                 callback.on_rl_stage_start(self.trainer, self, name)
         start = time.perf_counter()
-        yield
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.stage_seconds[name] = time.perf_counter() - start
-        for callback in callbacks:
-            if hasattr(callback, "on_rl_stage_end"):
-                callback.on_rl_stage_end(self.trainer, self, name)
+        try:
+            yield
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.stage_seconds[name] = time.perf_counter() - start
+            for callback in callbacks:
+                if hasattr(callback, "on_rl_stage_end"):
+                    callback.on_rl_stage_end(self.trainer, self, name)
+
+
+def _is_frozen_key(module: RLHFModule, key: str, prefix: str) -> bool:
+    return key.startswith(prefix) and key[len(prefix) :].split(".", 1)[0] in module.frozen_models
+
+
+def _drop_frozen_entries(module: RLHFModule, state_dict: dict, prefix: str, local_metadata) -> None:
+    for key in [key for key in state_dict if _is_frozen_key(module, key, prefix)]:
+        del state_dict[key]
+
+
+def _forgive_missing_frozen_entries(module: RLHFModule, incompatible_keys) -> None:
+    incompatible_keys.missing_keys[:] = [
+        key for key in incompatible_keys.missing_keys if not _is_frozen_key(module, key, "")
+    ]

@@ -13,6 +13,7 @@ from dvpo_lightning.modules.generation import SamplingConfig
 from dvpo_lightning.modules.optim import OptimConfig
 from dvpo_lightning.modules.policy import PolicyModule
 from dvpo_lightning.modules.scoring import Sequences, pair_sequences, policy_logprobs
+from dvpo_lightning.modules.sharding import FSDPConfig
 
 
 class DPOModule(PolicyModule):
@@ -37,6 +38,7 @@ class DPOModule(PolicyModule):
         eval_sampling: how validation prompts are answered for the gold-reward evaluation; None skips it.
         tokenizer: set by the CLI from the data module.
         export_dir: where the policy is exported; default `<default_root_dir>/model`.
+        fsdp: sharding settings under `ModelParallelStrategy` (FSDP2); ignored otherwise.
     """
 
     data_mode = "pairs"
@@ -54,6 +56,7 @@ class DPOModule(PolicyModule):
         eval_sampling: SamplingConfig | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
         export_dir: str | None = None,
+        fsdp: FSDPConfig | None = None,
     ):
         super().__init__(
             policy=policy,
@@ -62,6 +65,7 @@ class DPOModule(PolicyModule):
             eval_sampling=eval_sampling,
             tokenizer=tokenizer,
             export_dir=export_dir,
+            fsdp=fsdp,
         )
         if loss_type not in DPO_LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {DPO_LOSS_TYPES}; got {loss_type!r}")

@@ -10,6 +10,7 @@ from dvpo_lightning.modules.generation import Responses, SamplingConfig
 from dvpo_lightning.modules.onpolicy import OnPolicyModule, PPOConfig, Scores
 from dvpo_lightning.modules.optim import OptimConfig
 from dvpo_lightning.modules.scoring import final_values, state_values
+from dvpo_lightning.modules.sharding import FSDPConfig
 
 TERMINALS = ("gvm", "zero")
 
@@ -36,6 +37,7 @@ class DVPOModule(OnPolicyModule):
         eval_sampling: how validation prompts are answered; None skips generation metrics.
         tokenizer: set by the CLI from the data module.
         export_dir: where the policy is exported; default `<default_root_dir>/model`.
+        fsdp: sharding settings under `ModelParallelStrategy` (FSDP2); ignored otherwise.
     """
 
     advantage_estimator = "gvm"
@@ -54,6 +56,7 @@ class DVPOModule(OnPolicyModule):
         eval_sampling: SamplingConfig | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
         export_dir: str | None = None,
+        fsdp: FSDPConfig | None = None,
     ):
         super().__init__(
             policy=policy,
@@ -65,6 +68,7 @@ class DVPOModule(OnPolicyModule):
             eval_sampling=eval_sampling,
             tokenizer=tokenizer,
             export_dir=export_dir,
+            fsdp=fsdp,
         )
         if terminal not in TERMINALS:
             raise ValueError(f"terminal must be one of {TERMINALS}; got {terminal!r}")

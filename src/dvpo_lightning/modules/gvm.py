@@ -20,6 +20,7 @@ from dvpo_lightning.models import ModelSpec, build_value_model
 from dvpo_lightning.modules.base import RLHFModule
 from dvpo_lightning.modules.optim import OptimConfig
 from dvpo_lightning.modules.scoring import Sequences, final_values, pair_sequences, state_mask, state_values
+from dvpo_lightning.modules.sharding import FSDPConfig
 
 TERMINAL_REWARDS = ("preference", "score", "reward_model")
 
@@ -45,6 +46,7 @@ class GVMModule(RLHFModule):
         optim: optimiser and schedule.
         tokenizer: set by the CLI from the data module.
         export_dir: where the GVM is exported; default `<default_root_dir>/model`.
+        fsdp: sharding settings under `ModelParallelStrategy` (FSDP2); ignored otherwise.
     """
 
     data_mode = "pairs"
@@ -63,8 +65,9 @@ class GVMModule(RLHFModule):
         optim: OptimConfig | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
         export_dir: str | None = None,
+        fsdp: FSDPConfig | None = None,
     ):
-        super().__init__(tokenizer=tokenizer, export_dir=export_dir)
+        super().__init__(tokenizer=tokenizer, export_dir=export_dir, fsdp=fsdp)
         if terminal_reward not in TERMINAL_REWARDS:
             raise ValueError(f"terminal_reward must be one of {TERMINAL_REWARDS}; got {terminal_reward!r}")
         if (terminal_reward == "reward_model") != (reward_model is not None):
@@ -84,6 +87,9 @@ class GVMModule(RLHFModule):
         self.val_accuracy_final_value = MeanMetric()
         self.val_score_pearson = PearsonCorrCoef()
         self.save_hyperparameters(ignore=["tokenizer"])
+
+    def exported_model_spec(self) -> ModelSpec:
+        return self.model_spec
 
     def build_models(self) -> None:
         self.value_model = build_value_model(self.model_spec, self.tokenizer, role="value model")

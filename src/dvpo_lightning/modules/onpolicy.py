@@ -50,6 +50,7 @@ from dvpo_lightning.modules.optim import (
 )
 from dvpo_lightning.modules.policy import PolicyModule
 from dvpo_lightning.modules.scoring import policy_logprobs, state_values
+from dvpo_lightning.modules.sharding import FSDPConfig
 
 KL_CONTROLLERS = ("fixed", "adaptive")
 
@@ -203,6 +204,7 @@ class OnPolicyModule(PolicyModule):
         eval_sampling: SamplingConfig | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
         export_dir: str | None = None,
+        fsdp: FSDPConfig | None = None,
     ):
         super().__init__(
             policy=policy,
@@ -211,6 +213,7 @@ class OnPolicyModule(PolicyModule):
             eval_sampling=eval_sampling,
             tokenizer=tokenizer,
             export_dir=export_dir,
+            fsdp=fsdp,
         )
         self.automatic_optimization = False
         self.sampling = sampling or SamplingConfig()
@@ -242,7 +245,7 @@ class OnPolicyModule(PolicyModule):
     def training_step(self, batch: dict, batch_idx: int) -> dict:
         prompt_ids = batch["prompt_input_ids"].repeat_interleave(self.ppo.samples_per_prompt, dim=0)
         prompt_mask = batch["prompt_attention_mask"].repeat_interleave(self.ppo.samples_per_prompt, dim=0)
-        with self.stage("generate"):
+        with self.stage("generate"), self.policy_for_generation():
             responses = generate_responses(
                 self.policy, prompt_ids, prompt_mask, self.sampling, self.tokenizer
             )

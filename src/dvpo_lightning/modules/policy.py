@@ -12,6 +12,7 @@ from dvpo_lightning.models import ModelSpec, build_policy, is_lora
 from dvpo_lightning.modules.base import RLHFModule
 from dvpo_lightning.modules.generation import SamplingConfig, generate_responses, gold_rewards
 from dvpo_lightning.modules.scoring import Sequences, policy_logprobs
+from dvpo_lightning.modules.sharding import FSDPConfig, gathered
 
 
 class PolicyModule(RLHFModule):
@@ -36,8 +37,9 @@ class PolicyModule(RLHFModule):
         eval_sampling: SamplingConfig | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
         export_dir: str | None = None,
+        fsdp: FSDPConfig | None = None,
     ):
-        super().__init__(tokenizer=tokenizer, export_dir=export_dir)
+        super().__init__(tokenizer=tokenizer, export_dir=export_dir, fsdp=fsdp)
         if reference_as_disabled_adapter is None:
             reference_as_disabled_adapter = reference is None and policy.lora is not None
         if reference_as_disabled_adapter and policy.lora is None:
@@ -61,6 +63,13 @@ class PolicyModule(RLHFModule):
                 self.policy_spec, lora=None, gradient_checkpointing=False
             )
             self.reference = build_policy(spec, self.tokenizer, role="reference policy")
+
+    def exported_model_spec(self) -> ModelSpec:
+        return self.policy_spec
+
+    def policy_for_generation(self):
+        """Context in which the policy generates: gathered once for the whole rollout when sharded (FSDP2)."""
+        return gathered(self.policy, self.fsdp)
 
     @property
     def has_reference(self) -> bool:

@@ -11,6 +11,7 @@ from dvpo_lightning.modules.generation import Responses, SamplingConfig
 from dvpo_lightning.modules.onpolicy import OnPolicyModule, PPOConfig, Scores
 from dvpo_lightning.modules.optim import OptimConfig, trainable_parameter_groups
 from dvpo_lightning.modules.scoring import final_values, state_values
+from dvpo_lightning.modules.sharding import FSDPConfig
 
 
 class PPOModule(OnPolicyModule):
@@ -27,7 +28,7 @@ class PPOModule(OnPolicyModule):
         critic_optim: the critic's learning rate, betas, eps and weight decay (its optimiser type and schedule
             are the actor's, `optim`).
         score_clip: clamp of the reward model's score; None = no clamp.
-        reference, reference_as_disabled_adapter, sampling, ppo, optim, eval_sampling, tokenizer, export_dir:
+        reference, reference_as_disabled_adapter, sampling, ppo, optim, eval_sampling, tokenizer, export_dir, fsdp:
             as in `DVPOModule`.
     """
 
@@ -49,6 +50,7 @@ class PPOModule(OnPolicyModule):
         eval_sampling: SamplingConfig | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
         export_dir: str | None = None,
+        fsdp: FSDPConfig | None = None,
     ):
         super().__init__(
             policy=policy,
@@ -60,6 +62,7 @@ class PPOModule(OnPolicyModule):
             eval_sampling=eval_sampling,
             tokenizer=tokenizer,
             export_dir=export_dir,
+            fsdp=fsdp,
         )
         self.reward_model_spec = reward_model
         self.critic_spec = critic or reward_model

@@ -12,6 +12,7 @@ from dvpo_lightning.models import ModelSpec, build_value_model
 from dvpo_lightning.modules.base import RLHFModule
 from dvpo_lightning.modules.optim import OptimConfig
 from dvpo_lightning.modules.scoring import final_values, pair_sequences, state_values
+from dvpo_lightning.modules.sharding import FSDPConfig
 
 
 class RewardModelModule(RLHFModule):
@@ -27,6 +28,7 @@ class RewardModelModule(RLHFModule):
         optim: optimiser and schedule.
         tokenizer: set by the CLI from the data module.
         export_dir: where the reward model is exported; default `<default_root_dir>/model`.
+        fsdp: sharding settings under `ModelParallelStrategy` (FSDP2); ignored otherwise.
     """
 
     data_mode = "pairs"
@@ -39,14 +41,18 @@ class RewardModelModule(RLHFModule):
         optim: OptimConfig | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
         export_dir: str | None = None,
+        fsdp: FSDPConfig | None = None,
     ):
-        super().__init__(tokenizer=tokenizer, export_dir=export_dir)
+        super().__init__(tokenizer=tokenizer, export_dir=export_dir, fsdp=fsdp)
         self.model_spec = model
         self.margin = margin
         self.optim = optim or OptimConfig(lr=1e-4)
         self.val_accuracy = BinaryAccuracy()
         self.val_score_pearson = PearsonCorrCoef()
         self.save_hyperparameters(ignore=["tokenizer"])
+
+    def exported_model_spec(self) -> ModelSpec:
+        return self.model_spec
 
     def build_models(self) -> None:
         self.reward_model = build_value_model(self.model_spec, self.tokenizer, role="reward model")

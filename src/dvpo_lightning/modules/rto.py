@@ -12,6 +12,7 @@ from dvpo_lightning.modules.onpolicy import PPOConfig, Scores
 from dvpo_lightning.modules.optim import OptimConfig
 from dvpo_lightning.modules.ppo import PPOModule
 from dvpo_lightning.modules.scoring import policy_logprobs
+from dvpo_lightning.modules.sharding import FSDPConfig
 
 SHAPINGS = ("rto", "rs-ppo")
 
@@ -34,7 +35,7 @@ class RTOModule(PPOModule):
         beta3: weight of the reward model's score.
         shaping: "rto" or "rs-ppo".
         critic, critic_optim, score_clip, reference, reference_as_disabled_adapter, sampling, ppo, optim,
-            eval_sampling, tokenizer, export_dir: as in `PPOModule`.
+            eval_sampling, tokenizer, export_dir, fsdp: as in `PPOModule`.
     """
 
     frozen_models = ("reference", "reward_model", "dpo_model")
@@ -59,6 +60,7 @@ class RTOModule(PPOModule):
         eval_sampling: SamplingConfig | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
         export_dir: str | None = None,
+        fsdp: FSDPConfig | None = None,
     ):
         super().__init__(
             policy=policy,
@@ -74,6 +76,7 @@ class RTOModule(PPOModule):
             eval_sampling=eval_sampling,
             tokenizer=tokenizer,
             export_dir=export_dir,
+            fsdp=fsdp,
         )
         if shaping not in SHAPINGS:
             raise ValueError(f"shaping must be one of {SHAPINGS}; got {shaping!r}")

@@ -12,6 +12,7 @@ from dvpo_lightning.modules.generation import SamplingConfig
 from dvpo_lightning.modules.optim import OptimConfig
 from dvpo_lightning.modules.policy import PolicyModule
 from dvpo_lightning.modules.scoring import policy_logprobs, sft_sequences
+from dvpo_lightning.modules.sharding import FSDPConfig
 
 
 class SFTModule(PolicyModule):
@@ -26,6 +27,7 @@ class SFTModule(PolicyModule):
         eval_sampling: how to answer validation prompts for the gold-reward evaluation; None skips it.
         tokenizer: set by the CLI from the data module.
         export_dir: where the policy is exported; default `<default_root_dir>/model`.
+        fsdp: sharding settings under `ModelParallelStrategy` (FSDP2); ignored otherwise.
     """
 
     data_mode = "sft"
@@ -38,6 +40,7 @@ class SFTModule(PolicyModule):
         eval_sampling: SamplingConfig | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
         export_dir: str | None = None,
+        fsdp: FSDPConfig | None = None,
     ):
         super().__init__(
             policy=policy,
@@ -45,6 +48,7 @@ class SFTModule(PolicyModule):
             eval_sampling=eval_sampling,
             tokenizer=tokenizer,
             export_dir=export_dir,
+            fsdp=fsdp,
         )
         self.optim = optim or OptimConfig(lr=1e-4)
         self.val_nll = MeanMetric()
