@@ -6,7 +6,6 @@ from collections import Counter
 from dataclasses import dataclass, replace
 
 import datasets
-import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
@@ -26,6 +25,7 @@ from dvpo_lightning.data.formats import (
     normalize_batch,
     sample_records,
 )
+from dvpo_lightning.data.resumable import EpochShuffle, ResumableDataLoader
 from dvpo_lightning.data.sources import RawSource, builtin_task_name, has_splits, is_local, load_source
 from dvpo_lightning.data.splits import split_rows, unique_prompts, validation_count
 from dvpo_lightning.data.tokenization import token_features, tokenize_batch
@@ -233,13 +233,13 @@ class RLHFDataModule(LightningDataModule):
         self._report([train.bad, val.bad])
 
     def train_dataloader(self) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed)
+        """Shuffled training batches; resumable mid-epoch (see `dvpo_lightning.data.resumable`)."""
         return self._loader(
             self.train_dataset,
             self.batch_size,
-            shuffle=True,
-            generator=generator,
+            sampler=EpochShuffle(self.train_dataset, self.seed),
             drop_last=self.mode == "prompts",
+            loader_class=ResumableDataLoader,
         )
 
     def val_dataloader(self) -> DataLoader | list:
@@ -362,11 +362,17 @@ class RLHFDataModule(LightningDataModule):
                 f"{self.max_response_length} were truncated (kept as unfinished responses, without their EOS)"
             )
 
-    def _loader(self, dataset: datasets.Dataset | None, batch_size: int, **options) -> DataLoader:
+    def _loader(
+        self,
+        dataset: datasets.Dataset | None,
+        batch_size: int,
+        loader_class: type[DataLoader] = DataLoader,
+        **options,
+    ) -> DataLoader:
         if dataset is None:
             raise RuntimeError("RLHFDataModule: call setup() before asking for a dataloader")
         collator = Collator(self.mode, self.tokenizer.pad_token_id, scores=self._scores)
-        return DataLoader(
+        return loader_class(
             dataset, batch_size=batch_size, collate_fn=collator, num_workers=self.num_workers, **options
         )
 

@@ -15,7 +15,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.regression import PearsonCorrCoef
 from transformers import PreTrainedTokenizerBase
 
-from dvpo_lightning.algos import masked_mean, td_lambda_returns, value_loss
+from dvpo_lightning.algos import loss_normalizers, masked_mean, td_lambda_returns, value_loss
 from dvpo_lightning.models import ModelSpec, build_value_model
 from dvpo_lightning.modules.base import RLHFModule
 from dvpo_lightning.modules.optim import OptimConfig
@@ -115,23 +115,27 @@ class GVMModule(RLHFModule):
         with torch.no_grad():
             return final_values(state_values(self.reward_model, sequences), sequences.response_mask)
 
-    def _values_and_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, Sequences]:
+    def _values_and_loss(self, batch: dict, training: bool) -> tuple[torch.Tensor, torch.Tensor, Sequences]:
         sequences = pair_sequences(batch)
         values = state_values(self.value_model, sequences)  # [2B, R + 1]
         mask = state_mask(sequences.response_mask, include_final=self.train_final_value)
         targets = td_lambda_returns(
             self.terminal_rewards(batch, sequences), values.detach(), mask, self.gamma, self.lam
         )
-        loss, _ = value_loss(values, targets, mask)
+        # In training, the mean over every rank's states, so that data-parallel gradients are the global batch's.
+        normalizers = loss_normalizers(mask, distributed=True) if training else None
+        loss, _ = value_loss(values, targets, mask, normalizers=normalizers)
         return values, loss, sequences
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        values, loss, sequences = self._values_and_loss(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["chosen_input_ids"].shape[0])
+        values, loss, sequences = self._values_and_loss(batch, training=True)
+        self.log(
+            "train/loss", loss, prog_bar=True, batch_size=batch["chosen_input_ids"].shape[0], sync_dist=True
+        )
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        values, loss, sequences = self._values_and_loss(batch)
+        values, loss, sequences = self._values_and_loss(batch, training=False)
         mask = sequences.response_mask
         mean_value = masked_mean(values, state_mask(mask, include_final=False), dim=-1)  # [2B]
         final_value = final_values(values, mask)  # [2B]

@@ -6,7 +6,7 @@ import torch
 from torchmetrics import MeanMetric
 from transformers import PreTrainedTokenizerBase
 
-from dvpo_lightning.algos import aggregate_loss
+from dvpo_lightning.algos import aggregate_loss, loss_normalizers
 from dvpo_lightning.models import ModelSpec, build_policy
 from dvpo_lightning.modules.generation import SamplingConfig
 from dvpo_lightning.modules.optim import OptimConfig
@@ -66,8 +66,9 @@ class SFTModule(PolicyModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> dict:
         nll, mask = self._token_nll(batch)
-        loss = aggregate_loss(nll, mask, "token-mean")
-        self.log("train/loss", loss, prog_bar=True, batch_size=mask.shape[0])
+        # The mean over every rank's tokens, so that data-parallel gradients are those of the global batch.
+        loss = aggregate_loss(nll, mask, "token-mean", normalizers=loss_normalizers(mask, distributed=True))
+        self.log("train/loss", loss, prog_bar=True, batch_size=mask.shape[0], sync_dist=True)
         return {"loss": loss, "num_tokens": mask.sum() + batch["prompt_attention_mask"].sum()}
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:

@@ -100,3 +100,11 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     A collective: every rank must call it.
     """
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def decoder_layer_wrap_policy(module: nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
+    """FSDP1 (`FSDPStrategy`) auto-wrap policy: one FSDP unit per transformer block of any HF decoder.
+
+    HF names its blocks `...DecoderLayer` (Llama, Qwen, Mistral, Gemma) or `...Block` (GPT-2, GPT-NeoX).
+    """
+    return recurse or type(module).__name__.endswith(("DecoderLayer", "Block"))

@@ -1,0 +1,57 @@
+"""A training loader that resumes mid-epoch exactly where a checkpoint left it.
+
+Lightning stores the `state_dict()` of a stateful training loader in each checkpoint and hands it back through
+`load_state_dict()` on resume; the loader must then continue from the next batch itself. Two things make that
+exact: the shuffle order of an epoch depends only on the seed and the epoch number (`EpochShuffle`; Lightning
+calls `set_epoch` at every epoch start, as it does for `DistributedSampler`), and the loader skips the batches
+the interrupted run already consumed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sized
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+
+class EpochShuffle(Sampler[int]):
+    """Random order of `len(data_source)` indices, a function of `(seed, epoch)` alone."""
+
+    def __init__(self, data_source: Sized, seed: int = 0):
+        self.data_source = data_source
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(len(self.data_source), generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return len(self.data_source)
+
+
+class ResumableDataLoader(DataLoader):
+    """A `DataLoader` that counts the batches it yields in the current epoch and can skip that many on resume.
+
+    It takes exactly `DataLoader`'s arguments, so Lightning can re-create it with a distributed sampler.
+    """
+
+    def __iter__(self):
+        skip = getattr(self, "_skip_batches", 0)
+        self._skip_batches = 0
+        self._batches_yielded = 0
+        for index, batch in enumerate(super().__iter__()):
+            if index < skip:
+                continue  # consumed by the run that wrote the checkpoint
+            self._batches_yielded = index + 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"batches_yielded": getattr(self, "_batches_yielded", 0)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._skip_batches = int(state.get("batches_yielded", 0))

@@ -1,0 +1,116 @@
+"""GVM and DVPO on 2 CPU processes (gloo) under DDP and FSDP2 against 1 process, and FSDP2 save/resume.
+
+The runs are `tests/distributed/scenarios.py`, launched once per session as subprocesses (Lightning would
+re-run the whole pytest session as rank 1 if a test built a multi-device Trainer in process).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dvpo_lightning.models import ModelSpec, build_policy, build_value_model, export_model, value_head
+from tests.stages import topics_data
+from tests.tiny import TINY_ARCH
+
+pytestmark = pytest.mark.distributed
+
+SCRIPT = Path(__file__).parent / "distributed" / "scenarios.py"
+TWO_RANK_SCENARIOS = ["gvm-ddp", "gvm-fsdp2", "dvpo-ddp", "dvpo-fsdp2", "gvm-fsdp2-resume"]
+LAUNCHER_VARIABLES = (
+    "LOCAL_RANK",
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "NODE_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
+
+
+def _launch(command: list[str], cwd: Path) -> None:
+    env = {key: value for key, value in os.environ.items() if key not in LAUNCHER_VARIABLES}
+    env["OMP_NUM_THREADS"] = "1"  # two ranks share two cores
+    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("distributed")
+    tokenizer = topics_data(root / "cache").tokenizer
+    export_model(build_policy(ModelSpec(arch=TINY_ARCH), tokenizer), tokenizer, str(root / "sft"))
+    gvm = build_value_model(ModelSpec(arch=TINY_ARCH, init_seed=3), tokenizer)
+    with torch.no_grad():
+        value_head(gvm).weight.normal_(std=0.5)  # values that vary, so DVPO's advantages do
+    export_model(gvm, tokenizer, str(root / "gvm"))
+    paths = [
+        "--root",
+        str(root / "out"),
+        "--sft",
+        str(root / "sft"),
+        "--gvm",
+        str(root / "gvm"),
+        "--cache",
+        str(root / "cache"),
+    ]
+    repo = Path(__file__).resolve().parents[1]
+    _launch([sys.executable, str(SCRIPT), *paths, "gvm-single", "dvpo-single"], repo)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    _launch([*torchrun, str(SCRIPT), *paths, *TWO_RANK_SCENARIOS], repo)
+    return root / "out"
+
+
+def _weights(runs: Path, scenario: str) -> dict[str, torch.Tensor]:
+    return load_file(runs / scenario / "model" / "model.safetensors")
+
+
+def _result(runs: Path, scenario: str) -> dict:
+    return json.loads((runs / scenario / "result.json").read_text())
+
+
+@pytest.mark.parametrize("scenario", ["gvm-ddp", "gvm-fsdp2", "dvpo-ddp", "dvpo-fsdp2"])
+def test_two_ranks_train_exactly_like_one_process_on_the_same_global_batch(runs, scenario):
+    algorithm = scenario.split("-")[0]
+    single, sharded = _weights(runs, f"{algorithm}-single"), _weights(runs, scenario)
+    assert _result(runs, scenario) == {
+        "global_step": _result(runs, f"{algorithm}-single")["global_step"],
+        "world_size": 2,
+    }
+    assert set(sharded) == set(single)
+    worst = max(float((sharded[key] - single[key]).abs().max()) for key in single)
+    assert worst < 1e-6, f"{scenario} differs from the 1-process run by {worst}"
+
+
+def test_the_runs_actually_trained(runs):
+    """Guards the equivalence test: identical weights must not come from weights that never moved."""
+    start = load_file(runs.parent / "sft" / "model.safetensors")
+    trained = _weights(runs, "dvpo-single")
+    assert max(float((trained[key] - start[key]).abs().max()) for key in start) > 1e-3
+
+
+def test_fsdp2_resume_continues_with_the_same_steps_optimiser_state_and_data(runs):
+    """2 steps, a distributed checkpoint, then resume to step 3: bit-identical to 3 steps straight."""
+    assert (runs / "gvm-fsdp2-resume" / "checkpoints" / "last.ckpt").is_dir()  # a distributed checkpoint
+    assert _result(runs, "gvm-fsdp2-resume")["global_step"] == _result(runs, "gvm-fsdp2")["global_step"]
+    straight, resumed = _weights(runs, "gvm-fsdp2"), _weights(runs, "gvm-fsdp2-resume")
+    assert all(torch.equal(straight[key], resumed[key]) for key in straight)
+
+
+@pytest.mark.parametrize("scenario", ["gvm-fsdp2", "dvpo-fsdp2"])
+def test_fsdp2_exports_an_ordinary_hf_directory(runs, scenario):
+    directory = runs / scenario / "model"
+    config = json.loads((directory / "config.json").read_text())
+    assert not any("FSDP" in name for name in config["architectures"])
+    tokenizer = topics_data(runs.parent / "cache").tokenizer
+    build = build_value_model if scenario.startswith("gvm") else build_policy
+    loaded = build(ModelSpec(name_or_path=str(directory)), tokenizer).eval()
+    ids = torch.tensor([tokenizer("tell me about : cat river . answer :")["input_ids"]])
+    assert torch.isfinite(loaded(input_ids=ids).logits).all()
