@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass, field, fields
 
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from transformers import PreTrainedTokenizerBase
 
 from dvpo_lightning.algos import (
@@ -324,7 +325,7 @@ class OnPolicyModule(PolicyModule):
                     for name, value in stats.items():
                         totals.setdefault(name, []).append(float(torch.as_tensor(value).detach()))
                     epoch_kl.append(float(stats["policy/approx_kl"]))
-                for name, norm in self.clip_gradients_of_models().items():
+                for name, norm in self.clip_gradients_of_models(optimizer).items():
                     totals.setdefault(name, []).append(norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -369,8 +370,18 @@ class OnPolicyModule(PolicyModule):
             stats["value/loss"] = critic_loss.detach()
         return loss, stats
 
-    def clip_gradients_of_models(self) -> dict[str, float]:
-        """Clip each trained model's gradient norm separately; returns the norms before clipping."""
+    def clip_gradients_of_models(self, optimizer) -> dict[str, float]:
+        """Clip each trained model's gradient norm separately; returns the norms before clipping.
+
+        Under FSDP1 (`FSDPStrategy`) a parameter's gradient is a local shard, so the norm must come from the FSDP
+        root: Lightning's `clip_gradients` clips all trained parameters together there.
+        """
+        if isinstance(self.trainer.strategy, FSDPStrategy):
+            if self.ppo.max_grad_norm is not None:
+                self.clip_gradients(
+                    optimizer, gradient_clip_val=self.ppo.max_grad_norm, gradient_clip_algorithm="norm"
+                )
+            return {}
         models = {"policy/grad_norm": self.policy}
         if self.critic is not None:
             models["value/grad_norm"] = self.critic
