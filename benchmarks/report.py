@@ -1,0 +1,144 @@
+"""What every benchmark writes: a markdown report (date, machine, command, tables, notes), its raw numbers as
+JSON, and the index `README.md` that shows the latest report of every benchmark in one place.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import re
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results"
+INDEX = "README.md"
+
+
+@dataclass
+class Table:
+    """One markdown table: a caption, column names and rows of already formatted cells."""
+
+    caption: str
+    columns: list[str]
+    rows: list[list[str]] = field(default_factory=list)
+
+    def markdown(self) -> str:
+        if any(len(row) != len(self.columns) for row in self.rows):
+            raise ValueError(f"table {self.caption!r}: every row needs {len(self.columns)} cells")
+        lines = [
+            f"**{self.caption}**",
+            "",
+            "| " + " | ".join(self.columns) + " |",
+            "|" + "---|" * len(self.columns),
+        ]
+        lines += ["| " + " | ".join(row) + " |" for row in self.rows]
+        return "\n".join(lines)
+
+
+@dataclass
+class Report:
+    """A benchmark's result: `tables` and `notes` for people, `raw` (JSON-able) for programs."""
+
+    name: str
+    title: str
+    tables: list[Table]
+    raw: dict
+    notes: list[str] = field(default_factory=list)
+    figures: list[Path] = field(default_factory=list)
+
+
+def machine(device: torch.device) -> dict:
+    """The machine a benchmark ran on: CPU model and cores (or GPU name), torch version and threads, load."""
+    info = {
+        "cpu": cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "python": platform.python_version(),
+    }
+    if hasattr(os, "getloadavg"):
+        info["load_average_1min"] = round(os.getloadavg()[0], 2)
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def cpu_model() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def describe_machine(info: dict) -> str:
+    where = info.get("gpu") or f"{info['cpu']}, {info['cpu_cores']} cores"
+    load = f", load average {info['load_average_1min']} at start" if "load_average_1min" in info else ""
+    return (
+        f"{where}; torch {info['torch']} ({info['torch_threads']} threads), device `{info['device']}`, "
+        f"Python {info['python']}{load}"
+    )
+
+
+def write_report(report: Report, output: Path, command: str, device: torch.device) -> Path:
+    """Write `<output>/<name>.md` and `<output>/<name>.json`, then refresh the index; returns the markdown path."""
+    output.mkdir(parents=True, exist_ok=True)
+    date = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    info = machine(device)
+    lines = [
+        f"# {report.title}",
+        "",
+        f"- date: {date}",
+        f"- machine: {describe_machine(info)}",
+        f"- command: `{command}`",
+        "",
+    ]
+    for table in report.tables:
+        lines += [table.markdown(), ""]
+    lines += [f"- {note}" for note in report.notes]
+    if report.figures:
+        lines += [""] + [f"![{path.stem}]({path.name})" for path in report.figures]
+    markdown = output / f"{report.name}.md"
+    markdown.write_text("\n".join(lines).rstrip() + "\n")
+    record = {"name": report.name, "date": date, "command": command, "machine": info, "results": report.raw}
+    (output / f"{report.name}.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    write_index(output)
+    return markdown
+
+
+def write_index(output: Path, order: Sequence[str] = ("table", "cost", "rollout", "peer")) -> Path:
+    """`<output>/README.md`: the latest report of every benchmark found in `output`, headings one level down."""
+    found = {path.stem: path for path in output.glob("*.md") if path.name != INDEX}
+    names = [name for name in order if name in found] + sorted(set(found) - set(order))
+    parts = [
+        "# Benchmark results",
+        "",
+        "The latest report of each benchmark (`python -m benchmarks.run`; raw numbers in the `.json` files).",
+    ]
+    for name in names:
+        parts += ["", re.sub(r"^#", "##", found[name].read_text(), flags=re.MULTILINE).rstrip()]
+    index = output / INDEX
+    index.write_text("\n".join(parts) + "\n")
+    return index
+
+
+# ---------------------------------------------------------------------------------------------- formatting
+def mean_std(values: Sequence[float], digits: int = 3) -> str:
+    """`mean ± sample std` (the std is left out for a single value)."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def verdict(value: float, target: float, at_least: bool = False) -> str:
+    met = value >= target if at_least else value <= target
+    return "met" if met else "missed"

@@ -1,0 +1,107 @@
+"""`make bench`: run the benchmarks and write their reports to `benchmarks/results/`.
+
+    python -m benchmarks.run                      # everything, full scale (the table takes the longest)
+    python -m benchmarks.run --quick              # everything at toy scale, in about a minute (tests run it)
+    python -m benchmarks.run --only cost,rollout  # some of them
+    python -m benchmarks.run --only table --seeds 0,1,2 --device cuda
+
+Each benchmark writes `<output>/<name>.md` (date, machine, command, tables, notes), `<output>/<name>.json` (raw
+numbers) and its figures, and `<output>/README.md` is rewritten to show the latest report of each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import transformers
+
+from benchmarks import cost, peer, rollout, table
+from benchmarks.report import DEFAULT_OUTPUT, Report, write_report
+from benchmarks.timing import DEVICES, resolve_device
+
+BENCHMARKS: dict[str, Callable[..., Report]] = {
+    "table": table.run,
+    "cost": cost.run,
+    "rollout": rollout.run,
+    "peer": peer.run,
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="toy scale: tiny models, 1-2 steps, 1 seed")
+    parser.add_argument(
+        "--only",
+        type=names,
+        default=list(BENCHMARKS),
+        help=f"comma-separated subset of {', '.join(BENCHMARKS)}",
+    )
+    parser.add_argument(
+        "--seeds", type=seeds, default=None, help="seeds of the table benchmark (default 0,1,2; quick: 0)"
+    )
+    parser.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA when available")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: on a shared machine more threads spin-wait on each other and "
+        "timings become noise; 0 keeps torch's default)",
+    )
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="where the reports go")
+    return parser.parse_args(argv)
+
+
+def names(text: str) -> list[str]:
+    chosen = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = sorted(set(chosen) - set(BENCHMARKS))
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(
+            f"unknown benchmark(s) {unknown}; choose from {', '.join(BENCHMARKS)}"
+        )
+    return chosen
+
+
+def seeds(text: str) -> list[int]:
+    try:
+        values = [int(value) for value in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds takes comma-separated integers, got {text!r}") from None
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"--seeds has a repeated seed: {text!r}")
+    return values
+
+
+def main(argv: list[str] | None = None) -> dict[str, Path]:
+    """Run the chosen benchmarks; returns the markdown report of each that ran."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    command = " ".join(["python -m benchmarks.run", shlex.join(argv)]).strip()
+    device = resolve_device(args.device)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    transformers.utils.logging.disable_progress_bar()  # tiny models load in milliseconds: the bars are noise
+    written = {}
+    for name in args.only:
+        start = time.perf_counter()
+        options = {"seeds": args.seeds, "output": args.output} if name == "table" else {}
+        try:
+            report = BENCHMARKS[name](quick=args.quick, device=device, **options)
+        except peer.Skipped as skipped:
+            print(f"[{name}] skipped: {skipped}")
+            continue
+        report.raw["benchmark_seconds"] = time.perf_counter() - start
+        written[name] = write_report(report, args.output, command, device)
+        print(f"[{name}] {report.raw['benchmark_seconds']:.0f} s; report: {written[name]}")
+        for item in report.tables:
+            print(item.markdown() + "\n")
+    return written
+
+
+if __name__ == "__main__":
+    main()

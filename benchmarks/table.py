@@ -1,0 +1,252 @@
+"""`table`: the paper's comparison in miniature — SFT, DPO, PPO, DVPO and RTO on the built-in task, several seeds.
+
+Per seed, every stage runs through the `dvpo` CLI from its config in `configs/` (what a user would type), with
+`--seed_everything <seed>`, its own `--trainer.default_root_dir <output>/runs/seed<seed>/<stage>` and every path
+it reads pointed at that seed's exports: sft, then rm, gvm and dpo (from the SFT export), then ppo (SFT + RM),
+dvpo (SFT + GVM) and rto (SFT + RM + DPO). The SFT model's random initialisation also takes the seed
+(`init_seed`), so seeds vary the whole pipeline, not only the RL sampling.
+
+Equal budgets: PPO, DVPO and RTO get the same optimiser-step budget (`--trainer.max_steps`), rollout batch, PPO
+epochs and mini-batch; DPO the same number of optimiser steps. SFT, RM and GVM keep their configs' budgets.
+
+Every final policy is then judged the same way (`evaluation.evaluate_policy`): one sampled answer per held-out
+prompt (the validation split of the task, the same prompts, sampling and seed for every policy), scored by the
+gold reward; KL to the seed's SFT policy on the policy's own samples; win rate against the SFT policy's answers
+to the same prompts (`evaluation.win_rate`, ties count half).
+"""
+
+from __future__ import annotations
+
+import inspect
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from benchmarks.report import Report, Table, mean_std
+from benchmarks.timing import accelerator
+from dvpo_lightning.data import RLHFDataModule
+from dvpo_lightning.demo import StageRun
+from dvpo_lightning.evaluation import evaluate_policy, evaluation_data, win_rate
+from dvpo_lightning.modules.generation import SamplingConfig
+from dvpo_lightning.plots import reward_vs_kl
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+STAGES = ("sft", "rm", "gvm", "dpo", "ppo", "dvpo", "rto")
+POLICIES = ("sft", "dpo", "ppo", "dvpo", "rto")
+ON_POLICY = ("ppo", "dvpo", "rto")
+# For each stage, the model arguments that load an earlier stage's export, and which stage that is.
+INPUTS = {
+    "sft": {},
+    "rm": {"model": "sft"},
+    "gvm": {"model": "sft"},
+    "dpo": {"policy": "sft"},
+    "ppo": {"policy": "sft", "reward_model": "rm"},
+    "dvpo": {"policy": "sft", "value_model": "gvm"},
+    "rto": {"policy": "sft", "reward_model": "rm", "dpo_model": "dpo"},
+}
+
+
+@dataclass(frozen=True)
+class Budget:
+    policy_steps: int  # optimiser steps of DPO, PPO, DVPO and RTO
+    rollout_batch: int  # prompts per rollout of PPO, DVPO and RTO
+    ppo_epochs: int
+    mini_batch: int
+    eval_builtin_size: (
+        int | None
+    )  # the held-out prompts: validation split of a task this size (None: SFT config's)
+    seeds: tuple[int, ...]
+    overrides: tuple[str, ...]  # given to every stage first
+
+    def policy_overrides(self, stage: str) -> list[str]:
+        if stage == "dpo":
+            return [f"--trainer.max_steps={self.policy_steps}"]
+        if stage in ON_POLICY:
+            return [
+                f"--trainer.max_steps={self.policy_steps}",
+                f"--data.init_args.batch_size={self.rollout_batch}",
+                f"--model.init_args.ppo.ppo_epochs={self.ppo_epochs}",
+                f"--model.init_args.ppo.mini_batch_size={self.mini_batch}",
+            ]
+        return []
+
+
+FULL = Budget(
+    policy_steps=200,
+    rollout_batch=64,
+    ppo_epochs=2,
+    mini_batch=32,
+    eval_builtin_size=None,
+    seeds=(0, 1, 2),
+    overrides=("--trainer.enable_progress_bar=false",),
+)
+QUICK = Budget(
+    policy_steps=2,
+    rollout_batch=8,
+    ppo_epochs=1,
+    mini_batch=8,
+    eval_builtin_size=200,
+    seeds=(0,),
+    overrides=(
+        "--trainer.enable_progress_bar=false",
+        "--trainer.max_steps=2",
+        "--trainer.limit_val_batches=0",
+        "--data.init_args.builtin_size=200",
+        "--data.init_args.batch_size=8",
+    ),
+)
+
+
+def run(quick: bool, device: torch.device, output: Path, seeds: list[int] | None = None) -> Report:
+    budget = QUICK if quick else FULL
+    runs = {}
+    for seed in seeds if seeds is not None else budget.seeds:
+        root = output / "runs" / f"seed{seed}"
+        shutil.rmtree(root, ignore_errors=True)  # scratch of an earlier run: every run starts from nothing
+        runs[seed] = run_seed(seed, root, budget, device)
+    figure = reward_vs_kl(
+        {
+            name.upper(): [
+                (seed_run[name]["kl_ref"], seed_run[name]["gold_reward"]) for seed_run in runs.values()
+            ]
+            for name in POLICIES
+        },
+        output / "table_reward_vs_kl.png",
+    )
+    return make_report(runs, budget, figure)
+
+
+def stage_arguments(stage: str, seed: int, root: Path, budget: Budget, device: torch.device) -> list[str]:
+    """The CLI overrides of `stage` for `seed`: budgets, device, and the paths of this seed's exports."""
+    arguments = [
+        *budget.overrides,
+        f"--seed_everything={seed}",
+        f"--trainer.default_root_dir={root / stage}",
+        f"--trainer.accelerator={accelerator(device)}",
+        "--trainer.devices=1",
+        *budget.policy_overrides(stage),
+    ]
+    if stage == "sft":
+        arguments.append(f"--model.init_args.policy.init_seed={seed}")
+    else:
+        arguments.append(f"--data.init_args.tokenizer={export_dir(root, 'sft')}")
+    for argument, upstream in INPUTS[stage].items():
+        arguments.append(f"--model.init_args.{argument}.name_or_path={export_dir(root, upstream)}")
+    return arguments
+
+
+def export_dir(root: Path, stage: str) -> Path:
+    return root / stage / "model"
+
+
+def run_seed(seed: int, root: Path, budget: Budget, device: torch.device) -> dict[str, dict]:
+    """Train every stage for `seed`, then evaluate every policy; returns per stage its cost and evaluation."""
+    results = {}
+    for stage in STAGES:
+        print(f"[table] seed {seed}: {stage}")
+        stage_run = StageRun.run(
+            stage, CONFIGS / f"{stage}.yaml", stage_arguments(stage, seed, root, budget, device)
+        )
+        results[stage] = {"seconds": stage_run.seconds, "peak_gb": stage_run.peak_rss_gb}
+    sft_dir = str(export_dir(root, "sft"))
+    size = budget.eval_builtin_size or configured_builtin_size("sft")
+    data = evaluation_data(tokenizer=sft_dir, batch_size=64, builtin_size=size)
+    sampling = SamplingConfig(max_new_tokens=data.max_response_length)
+    reports = {
+        name: evaluate_policy(str(export_dir(root, name)), sft_dir, data, sampling, device=device)
+        for name in POLICIES
+    }
+    for name, report in reports.items():
+        results[name].update(report.summary())
+        results[name]["win_rate_vs_sft"] = win_rate(report.per_prompt_gold, reports["sft"].per_prompt_gold)
+        results[name]["prompts"] = len(report.per_prompt_gold)
+    return results
+
+
+def configured_builtin_size(stage: str) -> int:
+    """The built-in task size a stage's config trains on: its validation split holds the held-out prompts."""
+    config = yaml.safe_load((CONFIGS / f"{stage}.yaml").read_text())
+    default = inspect.signature(RLHFDataModule).parameters["builtin_size"].default
+    return config["data"]["init_args"].get("builtin_size", default)
+
+
+def make_report(runs: dict[int, dict[str, dict]], budget: Budget, figure: Path) -> Report:
+    def column(stage: str, key: str) -> list[float]:
+        return [seed_run[stage][key] for seed_run in runs.values()]
+
+    def memory(stage: str) -> str:
+        peaks = column(stage, "peak_gb")
+        return "n/a" if None in peaks else mean_std(peaks)
+
+    seeds = list(runs)
+    policies = Table(
+        f"Held-out gold reward and cost, mean ± std over seeds {seeds}",
+        [
+            "algorithm",
+            "gold reward",
+            "fraction of optimum",
+            "win rate vs SFT",
+            "KL to SFT (nats)",
+            "stage wall time (s)",
+            "stage peak memory (GiB)",
+        ],
+    )
+    for name in POLICIES:
+        policies.rows.append(
+            [
+                name.upper(),
+                mean_std(column(name, "gold_reward")),
+                mean_std(column(name, "gold_fraction")),
+                "—" if name == "sft" else mean_std(column(name, "win_rate_vs_sft")),
+                mean_std(column(name, "kl_ref")),
+                mean_std(column(name, "seconds"), digits=0),
+                memory(name),
+            ]
+        )
+    stages = Table(
+        "Every stage's cost (mean ± std over seeds)",
+        ["stage", "wall time (s)", "peak memory (GiB)"],
+        [[name, mean_std(column(name, "seconds"), digits=0), memory(name)] for name in STAGES],
+    )
+    per_seed = Table(
+        "Per seed",
+        ["seed", "algorithm", "gold reward", "fraction of optimum", "win rate vs SFT", "KL to SFT (nats)"],
+    )
+    for seed, seed_run in runs.items():
+        for name in POLICIES:
+            result = seed_run[name]
+            per_seed.rows.append(
+                [
+                    str(seed),
+                    name.upper(),
+                    f"{result['gold_reward']:.3f}",
+                    f"{result['gold_fraction']:.3f}",
+                    f"{result['win_rate_vs_sft']:.3f}",
+                    f"{result['kl_ref']:.3f}",
+                ]
+            )
+    prompts = next(iter(runs.values()))["sft"]["prompts"]
+    notes = [
+        f"Budgets: DPO, PPO, DVPO and RTO {budget.policy_steps} optimiser steps each; PPO, DVPO and RTO roll out "
+        f"{budget.rollout_batch} prompts per iteration, {budget.ppo_epochs} PPO epochs, mini-batch "
+        f"{budget.mini_batch}; SFT, RM and GVM as in their configs. Seeds: `--seed_everything` and the SFT "
+        "model's `init_seed`.",
+        f"Evaluation: {prompts} held-out prompts, one sampled answer each (temperature 1, the same sampling seed "
+        "for every policy); gold reward of the built-in task; KL = summed k1 estimate on the policy's own samples "
+        "against the seed's SFT policy; win rate against the SFT answers to the same prompts (ties count half).",
+        "Wall time: the whole CLI run of the stage (set-up, training, validation, export). Peak memory: the "
+        "PeakMemoryMonitor's overall peak (CPU: resident memory above the resident memory at fit start, models "
+        "built; CUDA: max_memory_allocated); the stages run one after another in one process.",
+    ]
+    raw = {"seeds": {str(seed): seed_run for seed, seed_run in runs.items()}, "budget": budget.__dict__}
+    return Report(
+        "table",
+        "table: SFT, DPO, PPO, DVPO and RTO on the built-in task",
+        [policies, stages, per_seed],
+        raw,
+        notes,
+        [figure],
+    )

@@ -1,0 +1,170 @@
+"""`make bench`: the quick run writes every report with its columns; the pieces the reports rest on are right.
+
+Timings are never asserted: they are benchmark numbers, not properties of the code.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+
+from benchmarks import cost, run
+from benchmarks.report import Table, mean_std, write_index
+from benchmarks.timing import alternating, resolve_device
+
+NAMES = ("table", "cost", "rollout", "peer")
+# Columns every report must keep: what the final report and README promise.
+COLUMNS = {
+    "table": [
+        "gold reward",
+        "fraction of optimum",
+        "win rate vs SFT",
+        "KL to SFT (nats)",
+        "stage wall time (s)",
+        "stage peak memory (GiB)",
+    ],
+    "cost": [
+        "memory ratio",
+        "time ratio",
+        "model-state floor ratio",
+        "model-state floor (GiB)",
+        "peak memory above baseline (GiB)",
+        "time per RL iteration (s)",
+    ],
+    "rollout": ["engine (tokens/s)", "bare generate (tokens/s)", "ratio"],
+    "peer": ["samples (pairs)/s", "first-step loss", "verdict"],
+}
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """`python -m benchmarks.run --quick` with the default output directory moved under a temporary one."""
+    output = tmp_path_factory.mktemp("bench")
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(run, "DEFAULT_OUTPUT", output)
+        written = run.main(["--quick"])
+    torch.set_num_threads(threads)  # the run sets one thread; leave the test process as it was
+    transformers.utils.logging.enable_progress_bar()
+    return output, written
+
+
+def test_quick_run_writes_every_report(quick_run):
+    output, written = quick_run
+    assert sorted(written) == sorted(NAMES)
+    for name in NAMES:
+        markdown = (output / f"{name}.md").read_text()
+        assert "- date: " in markdown and "- machine: " in markdown
+        assert "- command: `python -m benchmarks.run --quick`" in markdown
+        record = json.loads((output / f"{name}.json").read_text())
+        assert record["machine"]["device"] == "cpu" and record["machine"]["torch"] == torch.__version__
+        assert record["results"]["benchmark_seconds"] > 0
+    assert (output / "table_reward_vs_kl.png").stat().st_size > 0
+    assert "![table_reward_vs_kl](table_reward_vs_kl.png)" in (output / "table.md").read_text()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_reports_have_their_columns(quick_run, name):
+    output, _ = quick_run
+    header_lines = [
+        line for line in (output / f"{name}.md").read_text().splitlines() if line.startswith("| ")
+    ]
+    headers = {cell.strip() for line in header_lines for cell in line.strip("|").split("|")}
+    missing = [column for column in COLUMNS[name] if column not in headers]
+    assert not missing, f"{name}.md lacks columns {missing}"
+
+
+def test_index_shows_every_latest_report(quick_run):
+    output, _ = quick_run
+    index = (output / "README.md").read_text()
+    for name in NAMES:
+        title = (output / f"{name}.md").read_text().splitlines()[0]
+        assert "#" + title in index  # one heading level down
+
+
+def test_table_evaluates_every_policy_on_the_same_prompts(quick_run):
+    output, _ = quick_run
+    seed_run = json.loads((output / "table.json").read_text())["results"]["seeds"]["0"]
+    assert {seed_run[name]["prompts"] for name in ("sft", "dpo", "ppo", "dvpo", "rto")} == {
+        seed_run["sft"]["prompts"]
+    }
+    # The SFT policy against itself: the same seed gives the same answers, so every prompt is a tie.
+    assert seed_run["sft"]["win_rate_vs_sft"] == 0.5
+    for stage in ("sft", "rm", "gvm", "dpo", "ppo", "dvpo", "rto"):
+        assert (output / "runs" / "seed0" / stage / "model" / "config.json").exists()
+
+
+def test_peer_first_losses_agree(quick_run):
+    output, _ = quick_run
+    results = json.loads((output / "peer.json").read_text())["results"]
+    ours, theirs = results["first_losses"]["ours"], results["first_losses"]["trl"]
+    assert abs(ours - theirs) <= 1e-5
+    assert abs(ours - 0.6931472) > 1e-4  # the reference differs from the policy: not the trivial log 2
+
+
+def test_only_runs_the_chosen_benchmarks(tmp_path):
+    threads = torch.get_num_threads()
+    written = run.main(["--quick", "--only", "rollout", "--output", str(tmp_path)])
+    torch.set_num_threads(threads)
+    transformers.utils.logging.enable_progress_bar()
+    assert list(written) == ["rollout"]
+    assert sorted(path.name for path in tmp_path.glob("*.md")) == ["README.md", "rollout.md"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--only", "table,nope"], "unknown benchmark"),
+        (["--seeds", "0,x"], "comma-separated integers"),
+        (["--seeds", "1,1"], "repeated seed"),
+    ],
+)
+def test_bad_arguments_are_named(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        run.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_model_state_floor_counts_trained_and_frozen_models():
+    exports = cost.Exports("p", "r", "g", policy_parameters=10, value_parameters=8)
+    gib = 2**30
+    # PPO: actor 10 and critic 8 trained (16 B each), reference 10 and reward model 8 frozen (4 B each).
+    assert cost.model_state_floor_gb(exports, "ppo") * gib == 16 * 18 + 4 * 18
+    # DVPO: actor 10 trained, reference 10 and GVM 8 frozen.
+    assert cost.model_state_floor_gb(exports, "dvpo") * gib == 16 * 10 + 4 * 18
+
+
+def test_table_markdown_and_its_row_check():
+    table = Table("caption", ["a", "b"], [["1", "2"]])
+    assert table.markdown() == "**caption**\n\n| a | b |\n|---|---|\n| 1 | 2 |"
+    with pytest.raises(ValueError, match="every row needs 2 cells"):
+        Table("broken", ["a", "b"], [["1"]]).markdown()
+
+
+def test_mean_std():
+    assert mean_std([1.0, 2.0, 3.0]) == "2.000 ± 1.000"
+    assert mean_std([0.5]) == "0.500"
+
+
+def test_measurements_take_turns():
+    assert [alternating(("ppo", "dvpo"), index) for index in range(3)] == [
+        ["ppo", "dvpo"],
+        ["dvpo", "ppo"],
+        ["ppo", "dvpo"],
+    ]
+
+
+def test_index_orders_known_benchmarks_first(tmp_path):
+    for name in ("zeta", "peer", "table"):
+        (tmp_path / f"{name}.md").write_text(f"# {name}\n")
+    index = write_index(tmp_path).read_text()
+    assert index.index("## table") < index.index("## peer") < index.index("## zeta")
+
+
+def test_device_choice():
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="--device must be one of"):
+        resolve_device("tpu")
