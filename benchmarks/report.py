@@ -132,11 +132,11 @@ def write_index(output: Path, order: Sequence[str] = ("table", "cost", "rollout"
 
 # ---------------------------------------------------------------------------------------------- formatting
 def mean_std(values: Sequence[float], digits: int = 3) -> str:
-    """`mean ± sample std` (the std is left out for a single value)."""
-    mean = statistics.fmean(values)
+    """`mean ± sample std` (the std is left out for a single value); never a negative zero."""
+    mean = f"{round(statistics.fmean(values), digits) + 0.0:.{digits}f}"
     if len(values) < 2:
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+        return mean
+    return f"{mean} ± {statistics.stdev(values):.{digits}f}"
 
 
 def verdict(value: float, target: float, at_least: bool = False) -> str:

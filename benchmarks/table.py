@@ -177,6 +177,10 @@ def make_report(runs: dict[int, dict[str, dict]], budget: Budget, figure: Path) 
     def column(stage: str, key: str) -> list[float]:
         return [seed_run[stage][key] for seed_run in runs.values()]
 
+    def gains(stage: str) -> list[float]:
+        """Gold reward minus the same seed's SFT gold reward: the seeds' SFT differences cancel."""
+        return [seed_run[stage]["gold_reward"] - seed_run["sft"]["gold_reward"] for seed_run in runs.values()]
+
     def memory(stage: str) -> str:
         peaks = column(stage, "peak_gb")
         return "n/a" if None in peaks else mean_std(peaks)
@@ -187,6 +191,7 @@ def make_report(runs: dict[int, dict[str, dict]], budget: Budget, figure: Path) 
         [
             "algorithm",
             "gold reward",
+            "gain over SFT",
             "fraction of optimum",
             "win rate vs SFT",
             "KL to SFT (nats)",
@@ -199,6 +204,7 @@ def make_report(runs: dict[int, dict[str, dict]], budget: Budget, figure: Path) 
             [
                 name.upper(),
                 mean_std(column(name, "gold_reward")),
+                "—" if name == "sft" else mean_std(gains(name)),
                 mean_std(column(name, "gold_fraction")),
                 "—" if name == "sft" else mean_std(column(name, "win_rate_vs_sft")),
                 mean_std(column(name, "kl_ref")),
@@ -239,7 +245,9 @@ def make_report(runs: dict[int, dict[str, dict]], budget: Budget, figure: Path) 
         "against the seed's SFT policy; win rate against the SFT answers to the same prompts (ties count half).",
         "Wall time: the whole CLI run of the stage (set-up, training, validation, export). Peak memory: the "
         "PeakMemoryMonitor's overall peak (CPU: resident memory above the resident memory at fit start, models "
-        "built; CUDA: max_memory_allocated); the stages run one after another in one process.",
+        "built; CUDA: max_memory_allocated); the stages run one after another in one process, so on the CPU "
+        "memory freed by an earlier stage and kept by the allocator hides part of a later stage's peak (the "
+        "`cost` benchmark measures memory in fresh processes).",
     ]
     raw = {"seeds": {str(seed): seed_run for seed, seed_run in runs.items()}, "budget": budget.__dict__}
     return Report(

@@ -20,6 +20,7 @@ NAMES = ("table", "cost", "rollout", "peer")
 COLUMNS = {
     "table": [
         "gold reward",
+        "gain over SFT",
         "fraction of optimum",
         "win rate vs SFT",
         "KL to SFT (nats)",
@@ -147,6 +148,7 @@ def test_table_markdown_and_its_row_check():
 def test_mean_std():
     assert mean_std([1.0, 2.0, 3.0]) == "2.000 ± 1.000"
     assert mean_std([0.5]) == "0.500"
+    assert mean_std([-0.0001, 0.0001]) == "0.000 ± 0.000"  # no "-0.000"
 
 
 def test_measurements_take_turns():
