@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results"
+# Toy-scale reports must not overwrite the real ones: they go where run outputs go (ignored by git).
+QUICK_OUTPUT = Path(__file__).resolve().parents[1] / "outputs" / "benchmarks-quick"
 INDEX = "README.md"
 
 

@@ -1,7 +1,7 @@
 """`make bench`: run the benchmarks and write their reports to `benchmarks/results/`.
 
     python -m benchmarks.run                      # everything, full scale (the table takes the longest)
-    python -m benchmarks.run --quick              # everything at toy scale, in about a minute (tests run it)
+    python -m benchmarks.run --quick              # toy scale in about a minute, to outputs/benchmarks-quick
     python -m benchmarks.run --only cost,rollout  # some of them
     python -m benchmarks.run --only table --seeds 0,1,2 --device cuda
 
@@ -22,7 +22,7 @@ import torch
 import transformers
 
 from benchmarks import cost, peer, rollout, table
-from benchmarks.report import DEFAULT_OUTPUT, Report, write_report
+from benchmarks.report import DEFAULT_OUTPUT, QUICK_OUTPUT, Report, write_report
 from benchmarks.timing import DEVICES, resolve_device
 
 BENCHMARKS: dict[str, Callable[..., Report]] = {
@@ -53,7 +53,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="torch CPU threads (default 1: on a shared machine more threads spin-wait on each other and "
         "timings become noise; 0 keeps torch's default)",
     )
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="where the reports go")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help=f"where the reports go (default {DEFAULT_OUTPUT}; with --quick {QUICK_OUTPUT})",
+    )
     return parser.parse_args(argv)
 
 
@@ -82,6 +87,7 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     command = " ".join(["python -m benchmarks.run", shlex.join(argv)]).strip()
+    output = args.output or (QUICK_OUTPUT if args.quick else DEFAULT_OUTPUT)
     device = resolve_device(args.device)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -89,14 +95,14 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     written = {}
     for name in args.only:
         start = time.perf_counter()
-        options = {"seeds": args.seeds, "output": args.output} if name == "table" else {}
+        options = {"seeds": args.seeds, "output": output} if name == "table" else {}
         try:
             report = BENCHMARKS[name](quick=args.quick, device=device, **options)
         except peer.Skipped as skipped:
             print(f"[{name}] skipped: {skipped}")
             continue
         report.raw["benchmark_seconds"] = time.perf_counter() - start
-        written[name] = write_report(report, args.output, command, device)
+        written[name] = write_report(report, output, command, device)
         print(f"[{name}] {report.raw['benchmark_seconds']:.0f} s; report: {written[name]}")
         for item in report.tables:
             print(item.markdown() + "\n")

@@ -42,11 +42,11 @@ COLUMNS = {
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    """`python -m benchmarks.run --quick` with the default output directory moved under a temporary one."""
+    """`python -m benchmarks.run --quick` with its default output directory moved under a temporary one."""
     output = tmp_path_factory.mktemp("bench")
     threads = torch.get_num_threads()
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(run, "DEFAULT_OUTPUT", output)
+        patch.setattr(run, "QUICK_OUTPUT", output)
         written = run.main(["--quick"])
     torch.set_num_threads(threads)  # the run sets one thread; leave the test process as it was
     transformers.utils.logging.enable_progress_bar()
