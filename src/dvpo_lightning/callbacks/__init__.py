@@ -1,11 +1,21 @@
-"""Callbacks on by default in every `dvpo` run: peak memory, throughput and sample tables.
+"""Callbacks on by default in every `dvpo` run: peak memory, throughput, sample tables, the random state in
+checkpoints and the non-finite guard.
 
 They work with any LightningModule; on-policy modules add RL stage hooks (`on_rl_stage_start` /
 `on_rl_stage_end`), `num_samples` / `num_tokens` in their training_step output and `last_samples`.
 """
 
+from dvpo_lightning.callbacks.nonfinite import NonFiniteError, NonFiniteGuard
 from dvpo_lightning.callbacks.peak_memory import PeakMemoryMonitor
+from dvpo_lightning.callbacks.random_state import RandomState
 from dvpo_lightning.callbacks.samples import SampleLogger
 from dvpo_lightning.callbacks.throughput import ThroughputMonitor
 
-__all__ = ["PeakMemoryMonitor", "SampleLogger", "ThroughputMonitor"]
+__all__ = [
+    "NonFiniteError",
+    "NonFiniteGuard",
+    "PeakMemoryMonitor",
+    "RandomState",
+    "SampleLogger",
+    "ThroughputMonitor",
+]
