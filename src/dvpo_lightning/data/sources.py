@@ -60,11 +60,15 @@ def builtin_task_name(spec: str) -> str | None:
 
 
 def is_local(spec: str) -> bool:
-    """Whether `spec` is a local path (it exists, or is spelled like one) rather than a hub name."""
+    """Whether `spec` is a local path (it exists, or is spelled like one) rather than a hub name.
+
+    Hub names are `name` or `owner/name`, so a spec with two or more `/` (`outputs/builtin/sft/model`) is a path.
+    """
     return (
         os.path.exists(os.path.expanduser(spec))
         or spec.startswith(("/", "./", "../", "~"))
         or spec.endswith(FILE_SUFFIXES)
+        or spec.count("/") >= 2
     )
 
 

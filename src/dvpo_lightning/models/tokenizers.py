@@ -18,8 +18,11 @@ class TokenizerMismatchError(ValueError):
     """A model was trained with a different tokenizer than the one this run uses."""
 
 
-def check_tokenizer_matches(model_path: str, tokenizer: PreTrainedTokenizerBase, role: str) -> None:
-    """Refuse `model_path` if the tokenizer saved beside it disagrees with `tokenizer`.
+def check_tokenizer_matches(
+    model_path: str, tokenizer: PreTrainedTokenizerBase, role: str, option: str | None = None
+) -> None:
+    """Refuse `model_path` if the tokenizer saved beside it disagrees with `tokenizer`; `option` is the config
+    option that names the model, for the message.
 
     Compatible means every token of the saved tokenizer has the same id in the run's tokenizer; the run's
     tokenizer may add special tokens on top (e.g. the distinct pad token this project adds when a tokenizer
@@ -32,8 +35,9 @@ def check_tokenizer_matches(model_path: str, tokenizer: PreTrainedTokenizerBase,
     saved = AutoTokenizer.from_pretrained(model_path)
     problem = tokenizer_difference(saved, tokenizer)
     if problem is not None:
+        named_by = f" (option `{option}`)" if option is not None else ""
         raise TokenizerMismatchError(
-            f"The {role} at {model_path!r} was trained with a different tokenizer than this run's "
+            f"The {role} at {model_path!r}{named_by} was trained with a different tokenizer than this run's "
             f"({tokenizer.name_or_path!r}): {problem}. A model only understands the token ids of its own "
             f"tokenizer: use the tokenizer saved with the model (--data.tokenizer {model_path}) or a {role} "
             "trained with this run's tokenizer."

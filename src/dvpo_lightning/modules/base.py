@@ -6,6 +6,9 @@ it hands to the next stage in `exported_model`. Frozen models stay in eval mode,
 take no part in the module's `state_dict()`: they are rebuilt from their paths, so a checkpoint (a single file,
 or a distributed checkpoint under FSDP2) holds only what training changed, and loading still checks every
 trained key.
+
+Before any model is built, every model the stage will load by path is checked (`check_model_sources`): a local
+path that does not exist, or a model saved with another tokenizer than the run's, fails naming the option.
 """
 
 from __future__ import annotations
@@ -20,10 +23,12 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from dvpo_lightning.data.sources import is_local
 from dvpo_lightning.models import (
     ModelSpec,
     build_policy,
     build_value_model,
+    check_tokenizer_matches,
     export_model,
     freeze,
     is_lora,
@@ -58,6 +63,9 @@ class RLHFModule(pl.LightningModule):
         self.export_dir = export_dir
         self.fsdp = fsdp or FSDPConfig()
         self.stage_seconds: dict[str, float] = {}
+        #: names of the current batch's quantities found non-finite (e.g. "advantages"); while it is not empty the
+        #: `NonFiniteGuard` callback skips the batch's optimiser steps.
+        self.nonfinite_quantities: list[str] = []
         self._models_built = False
         self.register_state_dict_post_hook(_drop_frozen_entries)
         self.register_load_state_dict_post_hook(_forgive_missing_frozen_entries)
@@ -74,6 +82,7 @@ class RLHFModule(pl.LightningModule):
                 f"{type(self).__name__} needs the run's tokenizer: pass `tokenizer=` (the `dvpo` CLI passes the "
                 "data module's tokenizer automatically)"
             )
+        self.check_model_sources()
         self.build_models()
         for name in self.frozen_models:
             model = getattr(self, name, None)
@@ -84,6 +93,33 @@ class RLHFModule(pl.LightningModule):
             mesh = self.device_mesh["data_parallel"]
             for name, model in self.hf_models().items():
                 shard_model(model, mesh, self.fsdp, frozen=name in self.frozen_models)
+
+    def model_specs(self) -> dict[str, ModelSpec]:
+        """The spec of every model the stage builds, by option name (`policy`, `value_model`, ...).
+
+        The one model of the GVM and reward-model stages is their option `model`.
+        """
+        return {
+            name.removesuffix("_spec"): value
+            for name, value in vars(self).items()
+            if name.endswith("_spec") and isinstance(value, ModelSpec)
+        }
+
+    def check_model_sources(self) -> None:
+        """Refuse, before anything is loaded, a model path that does not exist or a model of another tokenizer."""
+        checked = set()
+        for option, spec in self.model_specs().items():
+            path = spec.name_or_path
+            if path is None or path in checked:
+                continue  # an inline architecture, or a model already checked under another option
+            checked.add(path)
+            if is_local(path) and not os.path.exists(os.path.expanduser(path)):
+                raise FileNotFoundError(
+                    f"{type(self).__name__} option `{option}`: name_or_path {path!r} does not exist; export that "
+                    "model first (run the stage that writes it) or correct the path"
+                )
+            role = (self.exported_model if option == "model" else option).replace("_", " ")
+            check_tokenizer_matches(path, self.tokenizer, role, option=option)
 
     def hf_models(self) -> dict[str, torch.nn.Module]:
         """The stage's Hugging Face models (trained and frozen) by attribute name."""

@@ -9,6 +9,12 @@
 Algorithms differ only in `score()` (what values and sequence scores a rollout gets), their advantage
 estimator and whether a critic is trained. `trainer.global_step` counts optimiser steps, so
 `--trainer.max_steps` is a budget in optimiser steps, the same unit for every algorithm.
+
+Degenerate rollouts are handled, not crashed on: prompts without room in the policy's context for a whole
+response are dropped (a batch left without prompts is skipped, see `PolicyModule.prompts_with_room`); responses
+that never emit EOS are scored as unfinished (`rollout/finished_rate`, `ppo.missing_eos_penalty`); rewards,
+values, advantages or returns that are not finite are reported in `nonfinite_quantities`, so that the
+`NonFiniteGuard` callback skips the optimiser steps of that rollout.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.utilities import rank_zero_warn
 from transformers import PreTrainedTokenizerBase
 
 from dvpo_lightning.algos import (
@@ -243,9 +250,13 @@ class OnPolicyModule(PolicyModule):
         return [slice(start, start + step) for start in range(0, size, step)]
 
     # --------------------------------------------------------------------------------------- iteration
-    def training_step(self, batch: dict, batch_idx: int) -> dict:
-        prompt_ids = batch["prompt_input_ids"].repeat_interleave(self.ppo.samples_per_prompt, dim=0)
-        prompt_mask = batch["prompt_attention_mask"].repeat_interleave(self.ppo.samples_per_prompt, dim=0)
+    def training_step(self, batch: dict, batch_idx: int) -> dict | None:
+        prompts = self.prompts_with_room(batch, self.sampling, "sampling", "rollout")
+        if prompts is None:
+            return None  # nothing to roll out: no optimiser step either
+        prompt_ids, prompt_mask = (
+            tensor.repeat_interleave(self.ppo.samples_per_prompt, dim=0) for tensor in prompts
+        )
         with self.stage("generate"), self.policy_for_generation():
             responses = generate_responses(
                 self.policy, prompt_ids, prompt_mask, self.sampling, self.tokenizer
@@ -293,6 +304,17 @@ class OnPolicyModule(PolicyModule):
         )
         if self.ppo.whiten_advantages:
             advantages = masked_whiten(advantages, mask, distributed=True)
+        quantities = {
+            "rewards": token_rewards,
+            "values": scores.values,
+            "advantages": advantages,
+            "returns": returns,
+        }
+        self.nonfinite_quantities = [
+            name
+            for name, value in quantities.items()
+            if value is not None and not bool(torch.isfinite(value[mask]).all())
+        ]
         return Experience(
             responses=responses,
             old_logprobs=old_logprobs,
@@ -401,6 +423,14 @@ class OnPolicyModule(PolicyModule):
     # ----------------------------------------------------------------------------------------- logging
     def log_iteration(self, experience: Experience, update_stats: dict[str, float]) -> None:
         responses, mask = experience.responses, experience.mask
+        if not bool(responses.finished.any()):
+            penalty = self.ppo.missing_eos_penalty
+            rank_zero_warn(
+                f"No response of a rollout emitted EOS within sampling.max_new_tokens={self.sampling.max_new_tokens} "
+                "tokens: all were scored as unfinished (rollout/finished_rate is 0"
+                + (f", each lost ppo.missing_eos_penalty={penalty}" if penalty is not None else "")
+                + "); raise sampling.max_new_tokens if responses need more room"
+            )
         kl_k1 = masked_sum(kl_penalty(experience.old_logprobs, experience.ref_logprobs, "k1"), mask, dim=-1)
         kl_k3 = masked_sum(kl_penalty(experience.old_logprobs, experience.ref_logprobs, "k3"), mask, dim=-1)
         mean_kl = float(self.trainer.strategy.reduce(kl_k1.mean(), reduce_op="mean"))

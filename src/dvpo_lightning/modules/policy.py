@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from transformers import PreTrainedTokenizerBase
 
 from dvpo_lightning.algos import kl_penalty, masked_sum
@@ -25,6 +26,9 @@ class PolicyModule(RLHFModule):
     `val/response_length`, `val/finished_rate` and the KL to the reference (`val/kl_ref`, summed over the
     response, k1 and k3) are logged; on the built-in task also the gold reward (`val/gold_reward`) and its
     fraction of the optimum (`val/gold_fraction`).
+
+    Room for a response: a prompt is only answered when a whole response of `max_new_tokens` fits after it in the
+    policy's context (`max_position_embeddings`); longer prompts are dropped and counted (`prompts_with_room`).
     """
 
     frozen_models = ("reference",)
@@ -91,18 +95,59 @@ class PolicyModule(RLHFModule):
         datamodule = self.trainer.datamodule if self._trainer is not None else None
         return getattr(datamodule, "task", None)
 
+    def context_length(self) -> int | None:
+        """The policy's context in tokens (its config's `max_position_embeddings`), or None if it names none."""
+        return getattr(getattr(self.policy, "config", None), "max_position_embeddings", None)
+
+    def prompts_with_room(
+        self, batch: dict, sampling: SamplingConfig, option: str, prefix: str
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The batch's prompt ids and mask `[B', P]`, without the prompts that leave no room in the policy's context
+        for a response of `sampling.max_new_tokens` tokens; None when no prompt is left on some process.
+
+        Past its context a model with learned positions fails with an index error deep inside its embedding, and
+        one with rotary positions answers from positions it never saw, so such prompts are dropped, with a warning,
+        and counted in `<prefix>/prompts_without_room`. A batch left empty on any process is skipped by every
+        process (they would otherwise wait for each other in collectives).
+        """
+        ids, mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
+        context = self.context_length()
+        if context is None:
+            return ids, mask
+        if sampling.max_new_tokens >= context:
+            raise ValueError(
+                f"{option}.max_new_tokens={sampling.max_new_tokens} leaves no room for a prompt in the policy's "
+                f"context of {context} tokens (max_position_embeddings): lower {option}.max_new_tokens"
+            )
+        fits = mask.sum(-1) + sampling.max_new_tokens <= context  # [B]
+        dropped = int((~fits).sum())
+        self.log(f"{prefix}/prompts_without_room", float(dropped), batch_size=len(fits), sync_dist=True)
+        if dropped:
+            rank_zero_warn(
+                f"Prompts that leave no room for a response of {option}.max_new_tokens={sampling.max_new_tokens} "
+                f"tokens in the policy's context of {context} tokens are dropped (counted in "
+                f"{prefix}/prompts_without_room); lower data.max_prompt_length or {option}.max_new_tokens to keep them"
+            )
+        empty = not bool(fits.any())
+        if self._trainer is not None:
+            empty = self.trainer.strategy.reduce_boolean_decision(empty, all=False)
+        if empty:
+            rank_zero_warn(
+                f"A {prefix} batch has no prompt with room for a response of {option}.max_new_tokens="
+                f"{sampling.max_new_tokens} tokens in the policy's context of {context} tokens: the batch is skipped"
+            )
+            return None
+        return ids[fits], mask[fits]
+
     @torch.no_grad()
     def evaluate_generations(self, batch: dict, prefix: str = "val") -> None:
         """Answer the batch's prompts with the policy and log what the answers are worth."""
         if self.eval_sampling is None:
             return
-        responses = generate_responses(
-            self.policy,
-            batch["prompt_input_ids"],
-            batch["prompt_attention_mask"],
-            self.eval_sampling,
-            self.tokenizer,
-        )
+        prompts = self.prompts_with_room(batch, self.eval_sampling, "eval_sampling", prefix)
+        if prompts is None:
+            return
+        responses = generate_responses(self.policy, *prompts, self.eval_sampling, self.tokenizer)
         mask = responses.response_mask
         metrics = {
             "response_length": responses.lengths.float().mean(),
