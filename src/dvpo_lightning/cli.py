@@ -10,6 +10,18 @@ otherwise: a rich progress bar; CSV (`metrics.csv`) and TensorBoard logs under
 `<default_root_dir>/logs/version_N`; checkpoints with `last.ckpt` under `<default_root_dir>/checkpoints` (so
 `--ckpt_path last` finds them across runs); peak-memory, throughput and learning-rate monitors. The data
 module's tokenizer is handed to the model, so a run names its tokenizer once (`--data.tokenizer`).
+
+Reliability, also by default:
+
+- the configuration is checked before anything is loaded (`dvpo_lightning.preflight`): missing paths name the
+  config that writes them, FSDP1 without CUDA points at FSDP2;
+- checkpoint files are written atomically (`AtomicCheckpointIO`), so a run killed while saving keeps its previous
+  `last.ckpt`. FSDP2 checkpoints are directories that torch's distributed checkpointing writes shard by shard in
+  place, with no such guarantee: a kill during that save can leave a directory that mixes two steps;
+- every checkpoint holds each process's random state (`RandomState`), so a resumed run repeats the interrupted
+  one exactly on CPU;
+- a non-finite loss, rollout quantity or gradient skips the optimiser step, and `--nonfinite.max_consecutive_skips`
+  skips in a row stop the run (`NonFiniteGuard`).
 """
 
 from __future__ import annotations
@@ -22,7 +34,15 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, Ri
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from dvpo_lightning.callbacks import PeakMemoryMonitor, SampleLogger, ThroughputMonitor
+from dvpo_lightning.callbacks import (
+    NonFiniteGuard,
+    PeakMemoryMonitor,
+    RandomState,
+    SampleLogger,
+    ThroughputMonitor,
+)
+from dvpo_lightning.checkpoint_io import use_atomic_checkpoints
+from dvpo_lightning.preflight import check_run_config
 
 
 class DVPOCLI(LightningCLI):
@@ -33,9 +53,11 @@ class DVPOCLI(LightningCLI):
         parser.add_lightning_class_args(PeakMemoryMonitor, "memory_monitor")
         parser.add_lightning_class_args(ThroughputMonitor, "throughput")
         parser.add_lightning_class_args(SampleLogger, "samples")
+        parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        check_run_config(config.as_dict(), [str(path) for path in config.get("config") or []])
         root = config.trainer.default_root_dir or os.getcwd()
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = os.path.join(root, "checkpoints")
@@ -46,12 +68,14 @@ class DVPOCLI(LightningCLI):
         config = self._get(self.config_init, "trainer", default={})
         if self._default_loggers:
             kwargs["logger"] = default_loggers(self._root)
+        callbacks = [*(config.get("callbacks") or []), RandomState()]
         if config.get("enable_progress_bar") is not False:
-            kwargs["callbacks"] = [*(config.get("callbacks") or []), RichProgressBar()]
+            callbacks.append(RichProgressBar())
         if config.get("logger") is not False:
-            kwargs.setdefault("callbacks", list(config.get("callbacks") or []))
-            kwargs["callbacks"].append(LearningRateMonitor(logging_interval="step"))
-        return super().instantiate_trainer(**kwargs)
+            callbacks.append(LearningRateMonitor(logging_interval="step"))
+        trainer = super().instantiate_trainer(callbacks=callbacks, **kwargs)
+        use_atomic_checkpoints(trainer.strategy)
+        return trainer
 
 
 def default_loggers(root: str) -> list:
