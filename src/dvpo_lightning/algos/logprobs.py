@@ -34,8 +34,8 @@ def token_logprobs(
         labels = torch.where(real, labels, 0)
     _check_labels(labels, logits.shape[-1])
 
-    def logprobs_of(chunk: Tensor, row: int, columns: slice) -> Tensor:
-        picked = chunk.gather(-1, labels[row, columns].unsqueeze(-1)).squeeze(-1)
+    def logprobs_of(chunk: Tensor, rows: slice, columns: slice) -> Tensor:
+        picked = chunk.gather(-1, labels[rows, columns].unsqueeze(-1)).squeeze(-1)
         return picked - chunk.logsumexp(dim=-1)
 
     result = _chunked(logprobs_of, logits, chunk_size)
@@ -51,7 +51,7 @@ def entropy_from_logits(
     """
     _check_logits(logits, logits.shape[:2], chunk_size)
 
-    def entropy_of(chunk: Tensor, _row: int, _columns: slice) -> Tensor:
+    def entropy_of(chunk: Tensor, _rows: slice, _columns: slice) -> Tensor:
         log_normaliser = chunk.logsumexp(dim=-1, keepdim=True)
         probs = torch.exp(chunk - log_normaliser)
         return log_normaliser.squeeze(-1) - (probs * chunk).sum(dim=-1)
@@ -61,20 +61,27 @@ def entropy_from_logits(
 
 
 def _chunked(per_chunk, logits: Tensor, chunk_size: int) -> Tensor:
-    """Apply `per_chunk(float32 logits [N, V], row, columns) -> [N]` to `chunk_size` tokens at a time.
+    """Apply `per_chunk(float32 logits [r, c, V], rows, columns) -> [r, c]` to about `chunk_size` tokens at a time.
 
-    Chunks are taken within one row, `logits[row, columns]`: that slice is a view even when
-    `logits` is itself a slice of the model's output, where a reshape to `[B*T, V]` would copy it all.
+    Short sequences go in blocks of whole rows (`logits[rows]`), long ones a piece of one row at a time
+    (`logits[row:row+1, columns]`): both slices are views even when `logits` is itself a slice of the model's
+    output, where a reshape to `[B*T, V]` would copy it all.
     """
     batch, length, _ = logits.shape
-    pieces = []
-    for row in range(batch):
-        for start in range(0, length, chunk_size):
-            columns = slice(start, start + chunk_size)
-            pieces.append(per_chunk(logits[row, columns].float(), row, columns))
-    if not pieces:  # no tokens at all
+    if batch == 0 or length == 0:  # no tokens at all
         return torch.zeros((batch, length), dtype=torch.float32, device=logits.device)
-    return torch.cat(pieces).reshape(batch, length)
+    if length <= chunk_size:
+        step = chunk_size // length
+        blocks = [slice(start, start + step) for start in range(0, batch, step)]
+        return torch.cat([per_chunk(logits[rows].float(), rows, slice(None)) for rows in blocks])
+    rows = []
+    for row in range(batch):
+        pieces = []
+        for start in range(0, length, chunk_size):
+            block, columns = slice(row, row + 1), slice(start, start + chunk_size)
+            pieces.append(per_chunk(logits[block, columns].float(), block, columns))
+        rows.append(torch.cat(pieces, dim=1))
+    return torch.cat(rows)
 
 
 def _check_logits(logits: Tensor, token_shape: torch.Size, chunk_size: int) -> None:

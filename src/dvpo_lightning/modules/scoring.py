@@ -68,7 +68,7 @@ def pair_sequences(batch: dict) -> Sequences:
 def policy_logprobs(
     policy: nn.Module, sequences: Sequences, temperature: float = 1.0, with_entropy: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probs `[B, R]` of the response tokens under `policy` (and their entropies when asked).
+    """Log-probs `[B, R]` of the response tokens under `policy` (and their entropies, without gradient, when asked).
 
     Logits are divided by the sampling temperature, so the log-probs are those of the distribution the
     responses were sampled from.
@@ -78,7 +78,10 @@ def policy_logprobs(
     if temperature != 1.0:
         logits = logits / temperature
     logprobs = token_logprobs(logits, sequences.response_input_ids, mask=sequences.response_mask)
-    entropy = entropy_from_logits(logits, mask=sequences.response_mask) if with_entropy else None
+    entropy = None
+    if with_entropy:  # a metric: computed outside autograd, so no logits-sized tensor waits for the backward
+        with torch.no_grad():
+            entropy = entropy_from_logits(logits.detach(), mask=sequences.response_mask)
     return logprobs, entropy
 
 
