@@ -73,6 +73,7 @@ def _fsync_directory(directory: str) -> None:
 
 
 def use_atomic_checkpoints(strategy: Strategy) -> None:
-    """Give `strategy` an `AtomicCheckpointIO` unless it was configured with a `CheckpointIO` of its own."""
+    """Give `strategy` an `AtomicCheckpointIO` in place of Lightning's default `TorchCheckpointIO` (the same files,
+    written atomically); a `CheckpointIO` of any other kind configured for the run is kept."""
     if type(strategy.checkpoint_io) is TorchCheckpointIO:
         strategy.checkpoint_io = AtomicCheckpointIO()

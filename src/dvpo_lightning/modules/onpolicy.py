@@ -11,10 +11,10 @@ estimator and whether a critic is trained. `trainer.global_step` counts optimise
 `--trainer.max_steps` is a budget in optimiser steps, the same unit for every algorithm.
 
 Degenerate rollouts are handled, not crashed on: prompts without room in the policy's context for a whole
-response are dropped (a batch left without prompts is skipped, see `PolicyModule.prompts_with_room`); responses
-that never emit EOS are scored as unfinished (`rollout/finished_rate`, `ppo.missing_eos_penalty`); rewards,
-values, advantages or returns that are not finite are reported in `nonfinite_quantities`, so that the
-`NonFiniteGuard` callback skips the optimiser steps of that rollout.
+response are dropped (a batch left without prompts is skipped, see `PolicyModule.prompts_with_room`, and an
+epoch without a single rollout is an error); responses that never emit EOS are scored as unfinished
+(`rollout/finished_rate`, `ppo.missing_eos_penalty`); rewards, values, advantages or returns that are not finite
+are reported in `nonfinite_quantities`, so that the `NonFiniteGuard` callback skips that rollout's steps.
 """
 
 from __future__ import annotations
@@ -234,6 +234,7 @@ class OnPolicyModule(PolicyModule):
             **(adaptive if self.ppo.kl_controller == "adaptive" else {}),
         )
         self.last_samples: list[dict] = []
+        self._rollouts_this_epoch = 0
 
     # ------------------------------------------------------------------------------------- subclass API
     @property
@@ -254,6 +255,7 @@ class OnPolicyModule(PolicyModule):
         prompts = self.prompts_with_room(batch, self.sampling, "sampling", "rollout")
         if prompts is None:
             return None  # nothing to roll out: no optimiser step either
+        self._rollouts_this_epoch += 1
         prompt_ids, prompt_mask = (
             tensor.repeat_interleave(self.ppo.samples_per_prompt, dim=0) for tensor in prompts
         )
@@ -482,6 +484,18 @@ class OnPolicyModule(PolicyModule):
             }
             for row, (prompt, text) in enumerate(zip(prompts, texts))
         ]
+
+    def on_train_epoch_start(self) -> None:
+        self._rollouts_this_epoch = 0
+
+    def on_train_epoch_end(self) -> None:
+        if self._rollouts_this_epoch == 0:
+            # Every batch was skipped: every later epoch would skip them all again, and never end.
+            raise ValueError(
+                f"No training batch of epoch {self.current_epoch} had a prompt with room for a response of "
+                f"sampling.max_new_tokens={self.sampling.max_new_tokens} tokens in the policy's context of "
+                f"{self.context_length()} tokens: lower data.max_prompt_length or sampling.max_new_tokens"
+            )
 
     # ---------------------------------------------------------------------------------------- plumbing
     def validation_step(self, batch: dict, batch_idx: int) -> None:
