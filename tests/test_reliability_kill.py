@@ -28,9 +28,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dvpo_lightning.models import ModelSpec, build_policy, build_value_model, export_model, value_head
-from tests.stages import topics_data
-from tests.tiny import TINY_ARCH
+from dvpo_lightning.models import build_policy, export_model
+from tests.stages import export_random_value_model, tiny, topics_data
 
 pytestmark = pytest.mark.slow
 
@@ -55,11 +54,8 @@ def exports(tmp_path_factory) -> Path:
     """A tiny SFT policy and a GVM with a random head (values that vary), exported with the built-in tokenizer."""
     root = tmp_path_factory.mktemp("exports")
     tokenizer = topics_data(root / "cache").tokenizer
-    export_model(build_policy(ModelSpec(arch=TINY_ARCH), tokenizer), tokenizer, str(root / "sft"))
-    gvm = build_value_model(ModelSpec(arch=TINY_ARCH, init_seed=3), tokenizer)
-    with torch.no_grad():
-        value_head(gvm).weight.normal_(std=0.5)
-    export_model(gvm, tokenizer, str(root / "gvm"))
+    export_model(build_policy(tiny(), tokenizer), tokenizer, str(root / "sft"))
+    export_random_value_model(root / "gvm", tokenizer)
     return root
 
 
