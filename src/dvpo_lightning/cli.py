@@ -16,8 +16,10 @@ Reliability, also by default:
 - the configuration is checked before anything is loaded (`dvpo_lightning.preflight`): missing paths name the
   config that writes them, FSDP1 without CUDA points at FSDP2;
 - checkpoint files are written atomically (`AtomicCheckpointIO`), so a run killed while saving keeps its previous
-  `last.ckpt`. FSDP2 checkpoints are directories that torch's distributed checkpointing writes shard by shard in
-  place, with no such guarantee: a kill during that save can leave a directory that mixes two steps;
+  `last.ckpt`. FSDP2 checkpoints are directories written by torch's distributed checkpointing, outside any
+  `CheckpointIO`: a step-named one is a new directory, which a kill mid-save leaves without its `meta.pt` (it then
+  refuses to load), but `last.ckpt` is rewritten in place, and a kill during that save can leave shards of two
+  steps that load without error; resume such a run from its newest `epoch=...-step=....ckpt` instead;
 - every checkpoint holds each process's random state (`RandomState`), so a resumed run repeats the interrupted
   one exactly on CPU;
 - a non-finite loss, rollout quantity or gradient skips the optimiser step, and `--nonfinite.max_consecutive_skips`
