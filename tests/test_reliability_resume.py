@@ -1,6 +1,7 @@
 """A DVPO fit that crashes after a checkpoint and is resumed from it logs, step for step, exactly what an
 uninterrupted fit logs, and ends with the same weights: step counters, optimiser, KL controller (adaptive), data
-position and random state all come back, across a validation that samples and an epoch boundary.
+position and random state all come back, across a validation that samples and an epoch boundary. The checkpoint
+is written mid-epoch, or after an epoch's last batch (the resumed run must start the next epoch, not skip it).
 
 In process, so it runs in seconds; `test_reliability_kill.py` does the same with a SIGKILLed `dvpo fit`.
 """
@@ -18,7 +19,7 @@ from tests.onpolicy_helpers import build_onpolicy, export_frozen_models
 from tests.stages import topics_data
 
 # 2 PPO epochs x 2 mini-batches: 4 optimiser steps a rollout; 16 rows give 3 rollouts of 4 prompts an epoch.
-CRASH_STEP, MAX_STEPS = 8, 20
+MAX_STEPS = 20
 
 
 class Crash(Exception):
@@ -74,21 +75,32 @@ def fit(root, cache, tokenizer, exports, *extra_callbacks, ckpt_path=None):
     return metrics, module
 
 
-def test_a_crashed_dvpo_fit_resumed_from_its_checkpoint_repeats_the_uninterrupted_fit(
-    tmp_path, cache, tokenizer
-):
-    exports = export_frozen_models(tmp_path / "exports", tokenizer)
-    whole_metrics, whole = fit(tmp_path / "whole", cache, tokenizer, exports)
-    with pytest.raises(Crash):
-        fit(tmp_path / "crashed", cache, tokenizer, exports, CrashAtStep(CRASH_STEP))
-    last = tmp_path / "crashed" / "checkpoints" / "last.ckpt"
-    assert torch.load(last, weights_only=True)["global_step"] == CRASH_STEP
-    resumed_metrics, resumed = fit(tmp_path / "crashed", cache, tokenizer, exports, ckpt_path=str(last))
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory, tokenizer):
+    return export_frozen_models(tmp_path_factory.mktemp("exports"), tokenizer)
 
-    # Rollouts 2 (the end of epoch 0), 3 and 4, each followed by a validation.
-    assert len(whole_metrics.training) == 5 and len(resumed_metrics.training) == 3
-    assert resumed_metrics.training == whole_metrics.training[2:]
-    assert resumed_metrics.validation == whole_metrics.validation[2:]
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, cache, tokenizer, exports):
+    return fit(tmp_path_factory.mktemp("whole"), cache, tokenizer, exports)
+
+
+@pytest.mark.parametrize("crash_step", [8, 12], ids=["mid-epoch", "after-the-last-batch-of-an-epoch"])
+def test_a_crashed_dvpo_fit_resumed_from_its_checkpoint_repeats_the_uninterrupted_fit(
+    crash_step, tmp_path, cache, tokenizer, exports, uninterrupted
+):
+    whole_metrics, whole = uninterrupted
+    with pytest.raises(Crash):
+        fit(tmp_path, cache, tokenizer, exports, CrashAtStep(crash_step))
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == crash_step
+    resumed_metrics, resumed = fit(tmp_path, cache, tokenizer, exports, ckpt_path=str(last))
+
+    # 5 rollouts in all, each followed by a validation; the resumed fit does those after its checkpoint.
+    done = crash_step // 4
+    assert len(whole_metrics.training) == 5 and len(resumed_metrics.training) == 5 - done
+    assert resumed_metrics.training == whole_metrics.training[done:]
+    assert resumed_metrics.validation == whole_metrics.validation[done:]
     assert resumed_metrics.validation[0]  # validation logged something
     assert resumed.kl_controller.value == whole.kl_controller.value != 0.1  # adaptive: it moved
     for (name, weight), (_, other) in zip(whole.state_dict().items(), resumed.state_dict().items()):

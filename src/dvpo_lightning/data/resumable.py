@@ -54,4 +54,7 @@ class ResumableDataLoader(DataLoader):
         return {"batches_yielded": getattr(self, "_batches_yielded", 0)}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self._skip_batches = int(state.get("batches_yielded", 0))
+        yielded = int(state.get("batches_yielded", 0))
+        # A checkpoint written after the last batch of an epoch resumes with the next epoch, which Lightning has
+        # already counted: skipping the finished epoch's batches again would empty that next epoch instead.
+        self._skip_batches = yielded if yielded < len(self) else 0
