@@ -29,7 +29,11 @@ def read_metrics(path: str | Path) -> dict[str, tuple[list[float], list[float]]]
 
 
 def learning_curves(panels: Sequence[tuple[str, str | Path, Sequence[str]]], path: str | Path) -> Path:
-    """One panel per `(title, metrics.csv, [metric names])`, curves against the optimiser step."""
+    """One panel per `(title, metrics.csv, [metric names])`, curves against the logged step.
+
+    Lightning logs against the optimiser step, except in manual optimisation (PPO, DVPO, RTO), where the step
+    of a metric is the training batch, i.e. the RL iteration.
+    """
     figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
     for axis, (title, csv_path, names) in zip(axes[0], panels):
         series = read_metrics(csv_path)
@@ -37,7 +41,7 @@ def learning_curves(panels: Sequence[tuple[str, str | Path, Sequence[str]]], pat
             if name in series:
                 axis.plot(*series[name], label=name, marker="." if len(series[name][0]) < 20 else None)
         axis.set_title(title)
-        axis.set_xlabel("optimiser step")
+        axis.set_xlabel("step (optimiser step; RL iteration for on-policy stages)")
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
     figure.tight_layout()
