@@ -12,7 +12,7 @@ estimator and whether a critic is trained. `trainer.global_step` counts optimise
 
 Degenerate rollouts are handled, not crashed on: prompts without room in the policy's context for a whole
 response are dropped (a batch left without prompts is skipped, see `PolicyModule.prompts_with_room`, and an
-epoch without a single rollout is an error); responses that never emit EOS are scored as unfinished
+epoch's worth of such batches in a row is an error); responses that never emit EOS are scored as unfinished
 (`rollout/finished_rate`, `ppo.missing_eos_penalty`); rewards, values, advantages or returns that are not finite
 are reported in `nonfinite_quantities`, so that the `NonFiniteGuard` callback skips that rollout's steps.
 """
@@ -234,7 +234,7 @@ class OnPolicyModule(PolicyModule):
             **(adaptive if self.ppo.kl_controller == "adaptive" else {}),
         )
         self.last_samples: list[dict] = []
-        self._rollouts_this_epoch = 0
+        self._skipped_batches_in_a_row = 0
 
     # ------------------------------------------------------------------------------------- subclass API
     @property
@@ -254,8 +254,9 @@ class OnPolicyModule(PolicyModule):
     def training_step(self, batch: dict, batch_idx: int) -> dict | None:
         prompts = self.prompts_with_room(batch, self.sampling, "sampling", "rollout")
         if prompts is None:
+            self.skip_batch_without_prompts()
             return None  # nothing to roll out: no optimiser step either
-        self._rollouts_this_epoch += 1
+        self._skipped_batches_in_a_row = 0
         prompt_ids, prompt_mask = (
             tensor.repeat_interleave(self.ppo.samples_per_prompt, dim=0) for tensor in prompts
         )
@@ -485,16 +486,15 @@ class OnPolicyModule(PolicyModule):
             for row, (prompt, text) in enumerate(zip(prompts, texts))
         ]
 
-    def on_train_epoch_start(self) -> None:
-        self._rollouts_this_epoch = 0
-
-    def on_train_epoch_end(self) -> None:
-        if self._rollouts_this_epoch == 0:
-            # Every batch was skipped: every later epoch would skip them all again, and never end.
+    def skip_batch_without_prompts(self) -> None:
+        """Count a skipped batch; an epoch's worth of them in a row means no batch will ever train: an error."""
+        self._skipped_batches_in_a_row += 1
+        if self._skipped_batches_in_a_row >= self.trainer.num_training_batches:
             raise ValueError(
-                f"No training batch of epoch {self.current_epoch} had a prompt with room for a response of "
-                f"sampling.max_new_tokens={self.sampling.max_new_tokens} tokens in the policy's context of "
-                f"{self.context_length()} tokens: lower data.max_prompt_length or sampling.max_new_tokens"
+                f"{self._skipped_batches_in_a_row} training batches in a row (an epoch's worth) had no prompt with "
+                f"room for a response of sampling.max_new_tokens={self.sampling.max_new_tokens} tokens in the "
+                f"policy's context of {self.context_length()} tokens: lower data.max_prompt_length or "
+                "sampling.max_new_tokens"
             )
 
     # ---------------------------------------------------------------------------------------- plumbing
