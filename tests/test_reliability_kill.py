@@ -78,6 +78,7 @@ def dvpo_args(exports: Path) -> list[str]:
         "--model.init_args.ppo.kl_target=0.1",
         "--data.init_args.batch_size=4",
         "--data.init_args.builtin_size=16",
+        "--data.init_args.val_size=1",
         "--trainer.val_check_interval=1",
         "--trainer.limit_val_batches=1",
         "--checkpoint.every_n_train_steps=4",
@@ -92,6 +93,7 @@ def gvm_args(exports: Path) -> list[str]:
         "--model.init_args.optim.warmup_ratio=0.2",
         "--data.init_args.batch_size=4",
         "--data.init_args.builtin_size=40",
+        "--data.init_args.val_size=0",
         "--trainer.limit_val_batches=0",
         "--checkpoint.every_n_train_steps=2",
     ]
