@@ -34,6 +34,7 @@ def run_sft(root: Path, cache: Path, tokenizer: Path, *extra: str) -> None:
                 "--trainer.limit_val_batches=0",
                 "--trainer.enable_progress_bar=false",
                 "--data.init_args.builtin_size=100",
+                "--data.init_args.val_size=10",
                 "--data.init_args.batch_size=8",
                 f"--data.init_args.tokenizer={tokenizer}",
                 *extra,

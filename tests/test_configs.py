@@ -27,6 +27,7 @@ QUICK = [
     "--trainer.num_sanity_val_steps=0",
     "--trainer.enable_progress_bar=false",
     "--data.init_args.builtin_size=200",
+    "--data.init_args.val_size=20",
     "--data.init_args.batch_size=8",
 ]
 

@@ -166,7 +166,8 @@ def test_padding_never_changes_the_loss(stage, arch, tokenizer, exports, batches
     with torch.no_grad():
         loss, padded_loss = step_loss(module, batch), step_loss(module, padded)
     assert torch.isfinite(loss)
-    assert padded_loss.item() == pytest.approx(loss.item(), abs=1e-5)
+    # float32 sums in another order: equal to a few ulps of the loss (IPO losses are ~25)
+    assert padded_loss.item() == pytest.approx(loss.item(), rel=1e-6, abs=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------- real data

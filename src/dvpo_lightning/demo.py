@@ -33,6 +33,7 @@ QUICK_OVERRIDES = [
     "--trainer.limit_val_batches=1",
     "--trainer.enable_progress_bar=false",
     "--data.init_args.builtin_size=200",
+    "--data.init_args.val_size=20",
 ]
 
 
@@ -43,6 +44,7 @@ class StageRun:
     metrics_csv: Path
     seconds: float
     peak_rss_gb: float | None
+    held_out: dict  # the data module's settings that define its held-out split (dataset, seed, sizes)
 
     @classmethod
     def run(cls, name: str, config: Path, overrides: list[str]) -> StageRun:
@@ -52,13 +54,10 @@ class StageRun:
         monitor = next(cb for cb in cli.trainer.callbacks if isinstance(cb, PeakMemoryMonitor))
         overall = monitor.summary.get("overall", {})
         peak = overall.get("peak_rss_above_baseline_gb", overall.get("max_memory_allocated_gb"))
-        return cls(
-            name,
-            Path(cli.model.default_export_dir()),
-            Path(cli.trainer.log_dir) / "metrics.csv",
-            seconds,
-            peak,
-        )
+        data = cli.datamodule
+        held_out = {key: getattr(data, key) for key in ("dataset", "seed", "builtin_size", "val_size")}
+        metrics = Path(cli.trainer.log_dir) / "metrics.csv"
+        return cls(name, Path(cli.model.default_export_dir()), metrics, seconds, peak, held_out)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -75,7 +74,8 @@ def main(argv: list[str] | None = None) -> dict:
     runs = {name: StageRun.run(name, args.configs / f"{name}.yaml", overrides) for name in STAGES}
     sft_dir, gvm_dir, dvpo_dir = (str(runs[name].export_dir) for name in STAGES)
 
-    data = evaluation_data(tokenizer=sft_dir, batch_size=64, builtin_size=200 if args.quick else 4000)
+    # The held-out prompts of the SFT stage's own data split.
+    data = evaluation_data(tokenizer=sft_dir, batch_size=100, **runs["sft"].held_out)
     sampling = SamplingConfig(max_new_tokens=data.max_response_length)
     reports = {
         "SFT": evaluate_policy(sft_dir, sft_dir, data, sampling),
