@@ -82,7 +82,7 @@ class OnPolicyConfig:
             arch=dict(self.arch or TINY_ARCH), lora=LoraSpec(r=4, alpha=8) if self.lora else None
         )
         return self.module_class(
-            policy,
+            policy=policy,
             sampling=SamplingConfig(max_new_tokens=8),
             ppo=PPOConfig(**{"ppo_epochs": 2, "kl_coef": 0.1, **self.ppo, **ppo}),
             optim=optim,

@@ -19,6 +19,7 @@ from dvpo_lightning.modules import (
     DPOModule,
     GVMModule,
     OptimConfig,
+    PolicyModule,
     RewardModelModule,
     RLHFModule,
     SFTModule,
@@ -97,7 +98,8 @@ def _stage(
         if extra.get("terminal_reward") == "reward_model":
             extra["reward_model"] = ModelSpec(name_or_path=exports.reward_model)
         spec = ModelSpec(arch=dict(arch), **(spec_options or {}))
-        return module_class(spec, optim=OptimConfig(lr=lr), tokenizer=tokenizer, **extra)
+        trained = "policy" if issubclass(module_class, PolicyModule) else "model"
+        return module_class(**{trained: spec}, optim=OptimConfig(lr=lr), tokenizer=tokenizer, **extra)
 
     return make
 

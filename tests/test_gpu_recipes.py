@@ -24,7 +24,9 @@ def test_recipe_parses_and_states_its_memory_arithmetic(recipe, capsys):
     header = [line for line in recipe.read_text().splitlines() if line.startswith("#")]
     assert any("Memory" in line for line in header), "each recipe starts with its memory arithmetic"
     with pytest.raises(SystemExit) as exited:
-        run_cli(["fit", "--config", str(recipe.parent / "common.yaml"), "--config", str(recipe), "--print_config"])
+        run_cli(
+            ["fit", "--config", str(recipe.parent / "common.yaml"), "--config", str(recipe), "--print_config"]
+        )
     assert exited.value.code in (0, None)
     config = yaml.safe_load(capsys.readouterr().out)
     assert config["model"]["class_path"].startswith("dvpo_lightning.modules.")

@@ -497,11 +497,11 @@ def test_one_iteration_logs_the_rl_metrics(name, runs):
 @pytest.mark.parametrize(
     "make, option",
     [
-        (lambda: RTOModule(tiny(), reward_model=tiny(), beta1=0.1), "dpo_model"),
-        (lambda: RTOModule(tiny(), reward_model=tiny(), beta1=0.0, shaping="reward"), "shaping"),
-        (lambda: DVPOModule(tiny(), value_model=tiny(), terminal="bootstrap"), "terminal"),
+        (lambda: RTOModule(policy=tiny(), reward_model=tiny(), beta1=0.1), "dpo_model"),
+        (lambda: RTOModule(policy=tiny(), reward_model=tiny(), beta1=0.0, shaping="reward"), "shaping"),
+        (lambda: DVPOModule(policy=tiny(), value_model=tiny(), terminal="bootstrap"), "terminal"),
         (
-            lambda: DVPOModule(tiny(), value_model=tiny(), reference_as_disabled_adapter=True),
+            lambda: DVPOModule(policy=tiny(), value_model=tiny(), reference_as_disabled_adapter=True),
             "reference_as_disabled_adapter",
         ),
         (lambda: PPOConfig(ppo_epochs=0), "ppo_epochs"),

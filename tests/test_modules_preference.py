@@ -229,7 +229,7 @@ def foreign_exports(tmp_path_factory, word_tokenizer):
         ),
         (
             lambda tokenizer, paths: GVMModule(
-                tiny(),
+                model=tiny(),
                 terminal_reward="reward_model",
                 reward_model=ModelSpec(name_or_path=paths["value_model"]),
                 tokenizer=tokenizer,
@@ -238,7 +238,9 @@ def foreign_exports(tmp_path_factory, word_tokenizer):
             "value_model",
         ),
         (
-            lambda tokenizer, paths: DPOModule(ModelSpec(name_or_path=paths["policy"]), tokenizer=tokenizer),
+            lambda tokenizer, paths: DPOModule(
+                policy=ModelSpec(name_or_path=paths["policy"]), tokenizer=tokenizer
+            ),
             "policy",
             "policy",
         ),
@@ -257,15 +259,18 @@ def test_a_model_trained_with_another_tokenizer_is_refused_by_path(
 @pytest.mark.parametrize(
     "make, option",
     [
-        (lambda: DPOModule(tiny(), reference_as_disabled_adapter=True), "reference_as_disabled_adapter"),
         (
-            lambda: DPOModule(tiny(), reference=tiny(), reference_as_disabled_adapter=True),
+            lambda: DPOModule(policy=tiny(), reference_as_disabled_adapter=True),
+            "reference_as_disabled_adapter",
+        ),
+        (
+            lambda: DPOModule(policy=tiny(), reference=tiny(), reference_as_disabled_adapter=True),
             "reference_as_disabled_adapter",
         ),
         (lambda: GVMModule(tiny(), terminal_reward="reward_model"), "reward_model"),
         (lambda: GVMModule(tiny(), reward_model=tiny()), "terminal_reward"),
         (lambda: GVMModule(tiny(), terminal_reward="gold"), "terminal_reward"),
-        (lambda: DPOModule(tiny(), loss_type="hinge"), "loss_type"),
+        (lambda: DPOModule(policy=tiny(), loss_type="hinge"), "loss_type"),
     ],
     ids=[
         "disabled_adapter_without_lora",

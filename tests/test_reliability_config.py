@@ -118,7 +118,7 @@ def test_a_disabled_adapter_reference_without_lora_fails_before_any_model_loads(
 def test_a_value_model_of_another_tokenizer_is_refused_before_any_model_is_built(tmp_path, tokenizer):
     other = make_word_tokenizer(tmp_path / "other_tokenizer")  # other words, other ids
     gvm = export_model(build_policy(ModelSpec(arch=TINY_ARCH), other), other, str(tmp_path / "gvm"))
-    module = DVPOModule(tiny(), value_model=ModelSpec(name_or_path=gvm), tokenizer=tokenizer)
+    module = DVPOModule(policy=tiny(), value_model=ModelSpec(name_or_path=gvm), tokenizer=tokenizer)
     with pytest.raises(
         TokenizerMismatchError, match=r"value model at .*gvm' \(option `value_model`\) was trained"
     ):
@@ -128,7 +128,7 @@ def test_a_value_model_of_another_tokenizer_is_refused_before_any_model_is_built
 
 def test_a_missing_model_path_given_in_python_is_refused_naming_the_option(tokenizer):
     module = DVPOModule(
-        tiny(), value_model=ModelSpec(name_or_path="outputs/nowhere/gvm/model"), tokenizer=tokenizer
+        policy=tiny(), value_model=ModelSpec(name_or_path="outputs/nowhere/gvm/model"), tokenizer=tokenizer
     )
     with pytest.raises(
         FileNotFoundError, match=r"DVPOModule option `value_model`: .*'outputs/nowhere/gvm/model'"

@@ -28,7 +28,7 @@ def gvm(tmp_path_factory, tokenizer) -> str:
 
 def dvpo(tokenizer, gvm: str, max_new_tokens: int, **ppo) -> DVPOModule:
     return DVPOModule(
-        ModelSpec(arch=dict(SHORT_GPT2)),
+        policy=ModelSpec(arch=dict(SHORT_GPT2)),
         value_model=ModelSpec(name_or_path=gvm),
         sampling=SamplingConfig(max_new_tokens=max_new_tokens),
         ppo=PPOConfig(ppo_epochs=1, **ppo),

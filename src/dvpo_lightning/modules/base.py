@@ -43,7 +43,13 @@ from dvpo_lightning.modules.sharding import FSDPConfig, full_state_dict, is_shar
 
 
 class RLHFModule(pl.LightningModule):
-    """Base of every stage. Subclasses set the class attributes and implement `build_models`."""
+    """Base of every stage. Subclasses set the class attributes and implement `build_models`.
+
+    Args:
+        tokenizer: the run's tokenizer; the `dvpo` CLI passes the data module's (set `--data.tokenizer` once).
+        export_dir: where the stage's result is exported; default `<default_root_dir>/model`.
+        fsdp: sharding settings under `ModelParallelStrategy` (FSDP2); ignored under other strategies.
+    """
 
     #: the batch layout this stage trains on: "sft", "pairs" or "prompts" (read by `RLHFDataModule`).
     data_mode: ClassVar[str] = "pairs"

@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from transformers import PreTrainedTokenizerBase
 
 from dvpo_lightning.algos import dpo_loss, masked_sum
 from dvpo_lightning.algos.losses import DPO_LOSS_TYPES
-from dvpo_lightning.models import ModelSpec
-from dvpo_lightning.modules.generation import SamplingConfig
 from dvpo_lightning.modules.optim import OptimConfig
 from dvpo_lightning.modules.policy import PolicyModule
 from dvpo_lightning.modules.scoring import Sequences, pair_sequences, policy_logprobs
-from dvpo_lightning.modules.sharding import FSDPConfig
 
 
 class DPOModule(PolicyModule):
@@ -24,49 +20,28 @@ class DPOModule(PolicyModule):
     and the generation metrics of `PolicyModule` (gold reward on the built-in task, KL to the reference).
 
     Args:
-        policy: the policy to train, usually the SFT export.
-        reference: the frozen reference; default: the policy's own starting weights (a frozen copy, or the
-            LoRA policy with its adapter disabled).
-        reference_as_disabled_adapter: use the LoRA policy with its adapter off as the reference (default
-            when the policy has LoRA and no `reference` is given).
         beta: strength of the KL regularisation (DPO's beta).
         loss_type: "sigmoid" (DPO) or "ipo".
         label_smoothing: conservative DPO's assumed label-noise rate (sigmoid loss only).
         precompute_reference: compute the reference's log-probs of every training and validation pair once,
             before training, and free the reference model (the generation metrics then carry no KL).
         optim: optimiser and schedule.
-        eval_sampling: how validation prompts are answered for the gold-reward evaluation; None skips it.
-        tokenizer: set by the CLI from the data module.
-        export_dir: where the policy is exported; default `<default_root_dir>/model`.
-        fsdp: sharding settings under `ModelParallelStrategy` (FSDP2); ignored otherwise.
+        **kwargs: `policy`, `reference`, `reference_as_disabled_adapter`, `eval_sampling` (see `PolicyModule`),
+            `tokenizer`, `export_dir`, `fsdp` (see `RLHFModule`).
     """
 
     data_mode = "pairs"
 
     def __init__(
         self,
-        policy: ModelSpec,
-        reference: ModelSpec | None = None,
-        reference_as_disabled_adapter: bool | None = None,
         beta: float = 0.1,
         loss_type: str = "sigmoid",
         label_smoothing: float = 0.0,
         precompute_reference: bool = False,
         optim: OptimConfig | None = None,
-        eval_sampling: SamplingConfig | None = None,
-        tokenizer: PreTrainedTokenizerBase | None = None,
-        export_dir: str | None = None,
-        fsdp: FSDPConfig | None = None,
+        **kwargs,
     ):
-        super().__init__(
-            policy=policy,
-            reference=reference,
-            reference_as_disabled_adapter=reference_as_disabled_adapter,
-            eval_sampling=eval_sampling,
-            tokenizer=tokenizer,
-            export_dir=export_dir,
-            fsdp=fsdp,
-        )
+        super().__init__(**kwargs)
         if loss_type not in DPO_LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {DPO_LOSS_TYPES}; got {loss_type!r}")
         self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing

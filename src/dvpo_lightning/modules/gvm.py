@@ -13,14 +13,12 @@ from __future__ import annotations
 import torch
 from torchmetrics import MeanMetric
 from torchmetrics.regression import PearsonCorrCoef
-from transformers import PreTrainedTokenizerBase
 
 from dvpo_lightning.algos import loss_normalizers, masked_mean, td_lambda_returns, value_loss
 from dvpo_lightning.models import ModelSpec, build_value_model
 from dvpo_lightning.modules.base import RLHFModule
 from dvpo_lightning.modules.optim import OptimConfig
 from dvpo_lightning.modules.scoring import Sequences, final_values, pair_sequences, state_mask, state_values
-from dvpo_lightning.modules.sharding import FSDPConfig
 
 TERMINAL_REWARDS = ("preference", "score", "reward_model")
 
@@ -44,9 +42,7 @@ class GVMModule(RLHFModule):
         train_final_value: also fit the complete response's value to the terminal reward (needed by DVPO's
             default `terminal="gvm"`; false reproduces the reference code, which fits s_1..s_T only).
         optim: optimiser and schedule.
-        tokenizer: set by the CLI from the data module.
-        export_dir: where the GVM is exported; default `<default_root_dir>/model`.
-        fsdp: sharding settings under `ModelParallelStrategy` (FSDP2); ignored otherwise.
+        **kwargs: `tokenizer`, `export_dir`, `fsdp` (see `RLHFModule`).
     """
 
     data_mode = "pairs"
@@ -63,11 +59,9 @@ class GVMModule(RLHFModule):
         reward_model: ModelSpec | None = None,
         train_final_value: bool = True,
         optim: OptimConfig | None = None,
-        tokenizer: PreTrainedTokenizerBase | None = None,
-        export_dir: str | None = None,
-        fsdp: FSDPConfig | None = None,
+        **kwargs,
     ):
-        super().__init__(tokenizer=tokenizer, export_dir=export_dir, fsdp=fsdp)
+        super().__init__(**kwargs)
         if terminal_reward not in TERMINAL_REWARDS:
             raise ValueError(f"terminal_reward must be one of {TERMINAL_REWARDS}; got {terminal_reward!r}")
         if (terminal_reward == "reward_model") != (reward_model is not None):

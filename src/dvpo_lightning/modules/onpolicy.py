@@ -25,7 +25,6 @@ from dataclasses import dataclass, field, fields
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
-from transformers import PreTrainedTokenizerBase
 
 from dvpo_lightning.algos import (
     AGGREGATION_MODES,
@@ -42,7 +41,6 @@ from dvpo_lightning.algos import (
     ppo_policy_loss,
     value_loss,
 )
-from dvpo_lightning.models import ModelSpec
 from dvpo_lightning.modules.generation import (
     Responses,
     SamplingConfig,
@@ -58,7 +56,6 @@ from dvpo_lightning.modules.optim import (
 )
 from dvpo_lightning.modules.policy import PolicyModule
 from dvpo_lightning.modules.scoring import policy_logprobs, state_values
-from dvpo_lightning.modules.sharding import FSDPConfig
 
 KL_CONTROLLERS = ("fixed", "adaptive")
 
@@ -195,7 +192,15 @@ class Experience:
 
 
 class OnPolicyModule(PolicyModule):
-    """Base of PPO, DVPO and RTO. Subclasses implement `build_models` and `score`."""
+    """Base of PPO, DVPO and RTO. Subclasses implement `build_models` and `score`.
+
+    Args:
+        sampling: how rollouts are sampled.
+        ppo: the update settings (`PPOConfig`).
+        optim: the actor's optimiser and schedule.
+        **kwargs: `policy`, `reference`, `reference_as_disabled_adapter`, `eval_sampling` (see `PolicyModule`),
+            `tokenizer`, `export_dir`, `fsdp` (see `RLHFModule`).
+    """
 
     data_mode = "prompts"
     #: registered advantage estimator (`dvpo_lightning.algos.get_advantage`).
@@ -203,26 +208,12 @@ class OnPolicyModule(PolicyModule):
 
     def __init__(
         self,
-        policy: ModelSpec,
-        reference: ModelSpec | None = None,
-        reference_as_disabled_adapter: bool | None = None,
         sampling: SamplingConfig | None = None,
         ppo: PPOConfig | None = None,
         optim: OptimConfig | None = None,
-        eval_sampling: SamplingConfig | None = None,
-        tokenizer: PreTrainedTokenizerBase | None = None,
-        export_dir: str | None = None,
-        fsdp: FSDPConfig | None = None,
+        **kwargs,
     ):
-        super().__init__(
-            policy=policy,
-            reference=reference,
-            reference_as_disabled_adapter=reference_as_disabled_adapter,
-            eval_sampling=eval_sampling,
-            tokenizer=tokenizer,
-            export_dir=export_dir,
-            fsdp=fsdp,
-        )
+        super().__init__(**kwargs)
         self.automatic_optimization = False
         self.sampling = sampling or SamplingConfig()
         self.ppo = ppo or PPOConfig()

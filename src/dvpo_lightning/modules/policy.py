@@ -6,14 +6,13 @@ import dataclasses
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from transformers import PreTrainedTokenizerBase
 
 from dvpo_lightning.algos import kl_penalty, masked_sum
 from dvpo_lightning.models import ModelSpec, build_policy, is_lora
 from dvpo_lightning.modules.base import RLHFModule
 from dvpo_lightning.modules.generation import SamplingConfig, generate_responses, gold_rewards
 from dvpo_lightning.modules.scoring import Sequences, policy_logprobs
-from dvpo_lightning.modules.sharding import FSDPConfig, gathered
+from dvpo_lightning.modules.sharding import gathered
 
 
 class PolicyModule(RLHFModule):
@@ -29,6 +28,15 @@ class PolicyModule(RLHFModule):
 
     Room for a response: a prompt is only answered when a whole response of `max_new_tokens` fits after it in the
     policy's context (`max_position_embeddings`); longer prompts are dropped and counted (`prompts_with_room`).
+
+    Args:
+        policy: the policy to train, usually the SFT export.
+        reference: the frozen reference policy; default: the policy's own starting weights (a frozen copy, or the
+            LoRA policy with its adapter disabled).
+        reference_as_disabled_adapter: use the LoRA policy with its adapter switched off as the reference (the
+            default when the policy has LoRA and no `reference` is given): no second copy in memory.
+        eval_sampling: how validation prompts are answered for the generation metrics; None skips them.
+        **kwargs: `tokenizer`, `export_dir`, `fsdp` (see `RLHFModule`).
     """
 
     frozen_models = ("reference",)
@@ -39,11 +47,9 @@ class PolicyModule(RLHFModule):
         reference: ModelSpec | None = None,
         reference_as_disabled_adapter: bool | None = None,
         eval_sampling: SamplingConfig | None = None,
-        tokenizer: PreTrainedTokenizerBase | None = None,
-        export_dir: str | None = None,
-        fsdp: FSDPConfig | None = None,
+        **kwargs,
     ):
-        super().__init__(tokenizer=tokenizer, export_dir=export_dir, fsdp=fsdp)
+        super().__init__(**kwargs)
         if reference_as_disabled_adapter is None:
             reference_as_disabled_adapter = reference is None and policy.lora is not None
         if reference_as_disabled_adapter and policy.lora is None:

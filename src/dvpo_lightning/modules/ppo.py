@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import torch
-from transformers import PreTrainedTokenizerBase
 
 from dvpo_lightning.algos import clamp_scores
 from dvpo_lightning.models import ModelSpec, build_value_model
-from dvpo_lightning.modules.generation import Responses, SamplingConfig
-from dvpo_lightning.modules.onpolicy import OnPolicyModule, PPOConfig, Scores
+from dvpo_lightning.modules.generation import Responses
+from dvpo_lightning.modules.onpolicy import OnPolicyModule, Scores
 from dvpo_lightning.modules.optim import OptimConfig, trainable_parameter_groups
 from dvpo_lightning.modules.scoring import final_values, state_values
-from dvpo_lightning.modules.sharding import FSDPConfig
 
 
 class PPOModule(OnPolicyModule):
@@ -22,14 +20,14 @@ class PPOModule(OnPolicyModule):
     alongside the actor (one optimiser step updates both; each model's gradient norm is clipped on its own).
 
     Args:
-        policy: the actor, usually the SFT export.
         reward_model: the frozen reward model (the RM stage's export).
         critic: the critic's starting weights; default: the reward model's.
         critic_optim: the critic's learning rate, betas, eps and weight decay (its optimiser type and schedule
             are the actor's, `optim`).
         score_clip: clamp of the reward model's score; None = no clamp.
-        reference, reference_as_disabled_adapter, sampling, ppo, optim, eval_sampling, tokenizer, export_dir, fsdp:
-            as in `DVPOModule`.
+        **kwargs: `sampling`, `ppo`, `optim` (see `OnPolicyModule`), `policy`, `reference`,
+            `reference_as_disabled_adapter`, `eval_sampling` (see `PolicyModule`), `tokenizer`, `export_dir`, `fsdp`
+            (see `RLHFModule`).
     """
 
     advantage_estimator = "gae"
@@ -37,33 +35,13 @@ class PPOModule(OnPolicyModule):
 
     def __init__(
         self,
-        policy: ModelSpec,
         reward_model: ModelSpec,
         critic: ModelSpec | None = None,
         critic_optim: OptimConfig | None = None,
         score_clip: float | None = 10.0,
-        reference: ModelSpec | None = None,
-        reference_as_disabled_adapter: bool | None = None,
-        sampling: SamplingConfig | None = None,
-        ppo: PPOConfig | None = None,
-        optim: OptimConfig | None = None,
-        eval_sampling: SamplingConfig | None = None,
-        tokenizer: PreTrainedTokenizerBase | None = None,
-        export_dir: str | None = None,
-        fsdp: FSDPConfig | None = None,
+        **kwargs,
     ):
-        super().__init__(
-            policy=policy,
-            reference=reference,
-            reference_as_disabled_adapter=reference_as_disabled_adapter,
-            sampling=sampling,
-            ppo=ppo,
-            optim=optim,
-            eval_sampling=eval_sampling,
-            tokenizer=tokenizer,
-            export_dir=export_dir,
-            fsdp=fsdp,
-        )
+        super().__init__(**kwargs)
         self.reward_model_spec = reward_model
         self.critic_spec = critic or reward_model
         self.critic_optim = critic_optim or OptimConfig(lr=1e-5)

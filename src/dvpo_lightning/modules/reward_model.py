@@ -5,14 +5,12 @@ from __future__ import annotations
 import torch
 from torchmetrics.classification import BinaryAccuracy
 from torchmetrics.regression import PearsonCorrCoef
-from transformers import PreTrainedTokenizerBase
 
 from dvpo_lightning.algos import bradley_terry_loss
 from dvpo_lightning.models import ModelSpec, build_value_model
 from dvpo_lightning.modules.base import RLHFModule
 from dvpo_lightning.modules.optim import OptimConfig
 from dvpo_lightning.modules.scoring import final_values, pair_sequences, state_values
-from dvpo_lightning.modules.sharding import FSDPConfig
 
 
 class RewardModelModule(RLHFModule):
@@ -26,9 +24,7 @@ class RewardModelModule(RLHFModule):
         model: the reward model; a causal-LM checkpoint (e.g. the SFT export) gets a fresh zero head.
         margin: optional fixed margin in the Bradley–Terry loss.
         optim: optimiser and schedule.
-        tokenizer: set by the CLI from the data module.
-        export_dir: where the reward model is exported; default `<default_root_dir>/model`.
-        fsdp: sharding settings under `ModelParallelStrategy` (FSDP2); ignored otherwise.
+        **kwargs: `tokenizer`, `export_dir`, `fsdp` (see `RLHFModule`).
     """
 
     data_mode = "pairs"
@@ -39,11 +35,9 @@ class RewardModelModule(RLHFModule):
         model: ModelSpec,
         margin: float | None = None,
         optim: OptimConfig | None = None,
-        tokenizer: PreTrainedTokenizerBase | None = None,
-        export_dir: str | None = None,
-        fsdp: FSDPConfig | None = None,
+        **kwargs,
     ):
-        super().__init__(tokenizer=tokenizer, export_dir=export_dir, fsdp=fsdp)
+        super().__init__(**kwargs)
         self.model_spec = model
         self.margin = margin
         self.optim = optim or OptimConfig(lr=1e-4)

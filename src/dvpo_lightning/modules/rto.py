@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import torch
-from transformers import PreTrainedTokenizerBase
 
 from dvpo_lightning.algos import dpo_token_reward, rs_ppo_shaping
 from dvpo_lightning.models import ModelSpec, build_policy
-from dvpo_lightning.modules.generation import Responses, SamplingConfig
-from dvpo_lightning.modules.onpolicy import PPOConfig, Scores
-from dvpo_lightning.modules.optim import OptimConfig
+from dvpo_lightning.modules.generation import Responses
+from dvpo_lightning.modules.onpolicy import Scores
 from dvpo_lightning.modules.ppo import PPOModule
 from dvpo_lightning.modules.scoring import policy_logprobs
-from dvpo_lightning.modules.sharding import FSDPConfig
 
 SHAPINGS = ("rto", "rs-ppo")
 
@@ -27,57 +24,27 @@ class RTOModule(PPOModule):
     between tokens (the RS-PPO ablation).
 
     Args:
-        policy: the actor, usually the SFT export.
-        reward_model: the frozen reward model.
         dpo_model: the DPO-trained policy (the DPO stage's export); required unless beta1 = 0.
         beta1: weight of the dense DPO term.
         dpo_clip: clip of the DPO log-ratio (the reference code uses 0.05); None = no clip (the paper).
         beta3: weight of the reward model's score.
         shaping: "rto" or "rs-ppo".
-        critic, critic_optim, score_clip, reference, reference_as_disabled_adapter, sampling, ppo, optim,
-            eval_sampling, tokenizer, export_dir, fsdp: as in `PPOModule`.
+        **kwargs: `reward_model`, `critic`, `critic_optim`, `score_clip` (see `PPOModule`) and everything
+            `PPOModule` passes on.
     """
 
     frozen_models = ("reference", "reward_model", "dpo_model")
 
     def __init__(
         self,
-        policy: ModelSpec,
-        reward_model: ModelSpec,
         dpo_model: ModelSpec | None = None,
         beta1: float = 0.05,
         dpo_clip: float | None = None,
         beta3: float = 1.0,
         shaping: str = "rto",
-        critic: ModelSpec | None = None,
-        critic_optim: OptimConfig | None = None,
-        score_clip: float | None = 10.0,
-        reference: ModelSpec | None = None,
-        reference_as_disabled_adapter: bool | None = None,
-        sampling: SamplingConfig | None = None,
-        ppo: PPOConfig | None = None,
-        optim: OptimConfig | None = None,
-        eval_sampling: SamplingConfig | None = None,
-        tokenizer: PreTrainedTokenizerBase | None = None,
-        export_dir: str | None = None,
-        fsdp: FSDPConfig | None = None,
+        **kwargs,
     ):
-        super().__init__(
-            policy=policy,
-            reward_model=reward_model,
-            critic=critic,
-            critic_optim=critic_optim,
-            score_clip=score_clip,
-            reference=reference,
-            reference_as_disabled_adapter=reference_as_disabled_adapter,
-            sampling=sampling,
-            ppo=ppo,
-            optim=optim,
-            eval_sampling=eval_sampling,
-            tokenizer=tokenizer,
-            export_dir=export_dir,
-            fsdp=fsdp,
-        )
+        super().__init__(**kwargs)
         if shaping not in SHAPINGS:
             raise ValueError(f"shaping must be one of {SHAPINGS}; got {shaping!r}")
         if beta1 != 0 and dpo_model is None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 from torchmetrics import MeanMetric
-from transformers import PreTrainedTokenizerBase
 
 from dvpo_lightning.algos import aggregate_loss, loss_normalizers
 from dvpo_lightning.models import ModelSpec, build_policy
@@ -12,7 +11,6 @@ from dvpo_lightning.modules.generation import SamplingConfig
 from dvpo_lightning.modules.optim import OptimConfig
 from dvpo_lightning.modules.policy import PolicyModule
 from dvpo_lightning.modules.scoring import policy_logprobs, sft_sequences
-from dvpo_lightning.modules.sharding import FSDPConfig
 
 
 class SFTModule(PolicyModule):
@@ -25,9 +23,7 @@ class SFTModule(PolicyModule):
         policy: the model to fine-tune.
         optim: optimiser and schedule.
         eval_sampling: how to answer validation prompts for the gold-reward evaluation; None skips it.
-        tokenizer: set by the CLI from the data module.
-        export_dir: where the policy is exported; default `<default_root_dir>/model`.
-        fsdp: sharding settings under `ModelParallelStrategy` (FSDP2); ignored otherwise.
+        **kwargs: `tokenizer`, `export_dir`, `fsdp` (see `RLHFModule`).
     """
 
     data_mode = "sft"
@@ -38,17 +34,15 @@ class SFTModule(PolicyModule):
         policy: ModelSpec,
         optim: OptimConfig | None = None,
         eval_sampling: SamplingConfig | None = None,
-        tokenizer: PreTrainedTokenizerBase | None = None,
-        export_dir: str | None = None,
-        fsdp: FSDPConfig | None = None,
+        **kwargs,
     ):
+        # SFT keeps no reference policy: its generation metrics carry no KL.
         super().__init__(
             policy=policy,
+            reference=None,
             reference_as_disabled_adapter=False,
             eval_sampling=eval_sampling,
-            tokenizer=tokenizer,
-            export_dir=export_dir,
-            fsdp=fsdp,
+            **kwargs,
         )
         self.optim = optim or OptimConfig(lr=1e-4)
         self.val_nll = MeanMetric()
