@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from dvpo_lightning.models import ModelSpec
-from dvpo_lightning.modules import DVPOModule, PPOConfig, SamplingConfig
+from dvpo_lightning.modules import DVPOModule, PPOConfig, SamplingConfig, SFTModule
 from tests.onpolicy_helpers import bias_logits, export_frozen_models
 from tests.stages import TINY_GPT2, quick_trainer, topics_data
 
@@ -101,3 +101,11 @@ def test_responses_that_never_emit_eos_are_scored_unfinished_with_the_penalty(
     # The first rollout's reward is the penalty alone: the policy is still its reference (KL 0).
     assert rollouts.metrics[0]["rollout/token_reward_sum"] == -1.0
     assert trainer.global_step == 2
+
+
+def test_offline_data_longer_than_the_model_context_is_refused_naming_the_options(tmp_path, tokenizer):
+    data = topics_data(tmp_path / "cache", mode="sft")  # prompts <= 12 and responses <= 16 tokens: 28
+    module = SFTModule(policy=ModelSpec(arch=dict(SHORT_GPT2)), tokenizer=tokenizer)
+    trainer = quick_trainer(tmp_path, max_steps=1)
+    with pytest.raises(ValueError, match=r"max_prompt_length=12 plus .*max_response_length=16 .* at most 16"):
+        trainer.fit(module, datamodule=data)

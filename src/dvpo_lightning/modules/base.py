@@ -95,10 +95,32 @@ class RLHFModule(pl.LightningModule):
             if model is not None:
                 freeze(model)
         self._models_built = True
+        self.check_sequences_fit()
         if self.device_mesh is not None:  # Lightning's ModelParallelStrategy: FSDP2
             mesh = self.device_mesh["data_parallel"]
             for name, model in self.hf_models().items():
                 shard_model(model, mesh, self.fsdp, frozen=name in self.frozen_models)
+
+    def check_sequences_fit(self) -> None:
+        """Refuse training data whose prompt + response limits exceed a model's context.
+
+        Past its context a model with learned positions fails with an index error deep inside its embedding (one
+        with rotary positions silently reads positions it never saw). On-policy stages check each rollout instead
+        (`PolicyModule.prompts_with_room`), since their responses are generated.
+        """
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        if datamodule is None or self.data_mode == "prompts":
+            return
+        longest = datamodule.max_prompt_length + datamodule.max_response_length
+        for name, model in self.hf_models().items():
+            context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+            if context is not None and longest > context:
+                raise ValueError(
+                    f"{type(self).__name__}: --data.init_args.max_prompt_length={datamodule.max_prompt_length} plus "
+                    f"--data.init_args.max_response_length={datamodule.max_response_length} allow {longest}-token "
+                    f"sequences, but the model `{name}` reads at most {context} (its max_position_embeddings): "
+                    "lower those limits or use a model with a longer context"
+                )
 
     def model_specs(self) -> dict[str, ModelSpec]:
         """The spec of every model the stage builds, by option name (`policy`, `value_model`, ...).
