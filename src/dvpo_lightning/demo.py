@@ -43,7 +43,8 @@ class StageRun:
     export_dir: Path
     metrics_csv: Path
     seconds: float
-    peak_rss_gb: float | None
+    peak_gb: float | None  # the stage's peak: resident memory on CPU, allocated memory on CUDA
+    peak_above_start_gb: float | None  # the same above the stage's start (models loaded)
     held_out: dict  # the data module's settings that define its held-out split (dataset, seed, sizes)
 
     @classmethod
@@ -53,11 +54,15 @@ class StageRun:
         seconds = time.perf_counter() - start
         monitor = next(cb for cb in cli.trainer.callbacks if isinstance(cb, PeakMemoryMonitor))
         overall = monitor.summary.get("overall", {})
-        peak = overall.get("peak_rss_above_baseline_gb", overall.get("max_memory_allocated_gb"))
+        above = overall.get("peak_rss_above_baseline_gb")
+        if above is not None:  # CPU: the process's resident memory
+            peak = monitor.summary["baseline_rss_gb"] + above
+        else:  # CUDA: the allocator's peak, which resets per stage
+            peak = above = overall.get("max_memory_allocated_gb")
         data = cli.datamodule
         held_out = {key: getattr(data, key) for key in ("dataset", "seed", "builtin_size", "val_size")}
         metrics = Path(cli.trainer.log_dir) / "metrics.csv"
-        return cls(name, Path(cli.model.default_export_dir()), metrics, seconds, peak, held_out)
+        return cls(name, Path(cli.model.default_export_dir()), metrics, seconds, peak, above, held_out)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -106,7 +111,11 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {
         "policies": {name: report.summary() for name, report in reports.items()},
         "stages": {
-            name: {"seconds": run.seconds, "peak_rss_above_baseline_gb": run.peak_rss_gb}
+            name: {
+                "seconds": run.seconds,
+                "peak_gb": run.peak_gb,
+                "peak_above_start_gb": run.peak_above_start_gb,
+            }
             for name, run in runs.items()
         },
         "figures": [str(path) for path in figures],
@@ -128,10 +137,20 @@ def results_table(reports: dict[str, PolicyReport], runs: dict[str, StageRun]) -
             f"| {name} | {report.gold_reward:.3f} ± {report.gold_reward_std:.3f} | {report.gold_fraction:.1%} | "
             f"{report.kl_ref:.3f} | {report.response_length:.1f} | {report.finished_rate:.0%} |"
         )
-    lines += ["", "| stage | wall time (s) | peak memory above baseline (GiB) |", "|---|---|---|"]
+    lines += [
+        "",
+        "| stage | wall time (s) | peak memory (GiB) | of which above the stage's start |",
+        "|---|---|---|---|",
+    ]
     for run in runs.values():
-        peak = "n/a" if run.peak_rss_gb is None else f"{run.peak_rss_gb:.3f}"
-        lines.append(f"| {run.name} | {run.seconds:.0f} | {peak} |")
+        peak, above = (
+            "n/a" if value is None else f"{value:.3f}" for value in (run.peak_gb, run.peak_above_start_gb)
+        )
+        lines.append(f"| {run.name} | {run.seconds:.0f} | {peak} | {above} |")
+    lines.append(
+        "\nPeak memory is the process's resident set on CPU (every stage runs in this one process, so later stages "
+        "reuse memory earlier ones grew) and the allocator's peak on CUDA."
+    )
     return "\n".join(lines)
 
 
