@@ -53,7 +53,7 @@ def llama(hidden: int, layers: int) -> dict:
         "num_hidden_layers": layers,
         "num_attention_heads": max(hidden // 64, 1),
         "num_key_value_heads": max(hidden // 64, 1),
-        "max_position_embeddings": 64,
+        "max_position_embeddings": 128,  # room for the prompt and response budgets of every benchmark
     }
 
 

@@ -17,17 +17,14 @@ to the same prompts (`evaluation.win_rate`, ties count half).
 
 from __future__ import annotations
 
-import inspect
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 
 from benchmarks.report import Report, Table, mean_std
 from benchmarks.timing import accelerator
-from dvpo_lightning.data import RLHFDataModule
 from dvpo_lightning.demo import StageRun
 from dvpo_lightning.evaluation import evaluate_policy, evaluation_data, win_rate
 from dvpo_lightning.modules.generation import SamplingConfig
@@ -55,9 +52,6 @@ class Budget:
     rollout_batch: int  # prompts per rollout of PPO, DVPO and RTO
     ppo_epochs: int
     mini_batch: int
-    eval_builtin_size: (
-        int | None
-    )  # the held-out prompts: validation split of a task this size (None: SFT config's)
     seeds: tuple[int, ...]
     overrides: tuple[str, ...]  # given to every stage first
 
@@ -79,7 +73,6 @@ FULL = Budget(
     rollout_batch=64,
     ppo_epochs=2,
     mini_batch=32,
-    eval_builtin_size=None,
     seeds=(0, 1, 2),
     overrides=("--trainer.enable_progress_bar=false",),
 )
@@ -88,13 +81,13 @@ QUICK = Budget(
     rollout_batch=8,
     ppo_epochs=1,
     mini_batch=8,
-    eval_builtin_size=200,
     seeds=(0,),
     overrides=(
         "--trainer.enable_progress_bar=false",
         "--trainer.max_steps=2",
         "--trainer.limit_val_batches=0",
         "--data.init_args.builtin_size=200",
+        "--data.init_args.val_size=20",
         "--data.init_args.batch_size=8",
     ),
 )
@@ -144,16 +137,17 @@ def export_dir(root: Path, stage: str) -> Path:
 
 def run_seed(seed: int, root: Path, budget: Budget, device: torch.device) -> dict[str, dict]:
     """Train every stage for `seed`, then evaluate every policy; returns per stage its cost and evaluation."""
-    results = {}
+    results, held_out = {}, {}
     for stage in STAGES:
         print(f"[table] seed {seed}: {stage}")
         stage_run = StageRun.run(
             stage, CONFIGS / f"{stage}.yaml", stage_arguments(stage, seed, root, budget, device)
         )
-        results[stage] = {"seconds": stage_run.seconds, "peak_gb": stage_run.peak_rss_gb}
+        results[stage] = {"seconds": stage_run.seconds, "peak_gb": stage_run.peak_gb}
+        held_out[stage] = stage_run.held_out
     sft_dir = str(export_dir(root, "sft"))
-    size = budget.eval_builtin_size or configured_builtin_size("sft")
-    data = evaluation_data(tokenizer=sft_dir, batch_size=64, builtin_size=size)
+    # The held-out prompts of the SFT stage's own data split (the same split every stage holds out).
+    data = evaluation_data(tokenizer=sft_dir, batch_size=64, **held_out["sft"])
     sampling = SamplingConfig(max_new_tokens=data.max_response_length)
     reports = {
         name: evaluate_policy(str(export_dir(root, name)), sft_dir, data, sampling, device=device)
@@ -164,13 +158,6 @@ def run_seed(seed: int, root: Path, budget: Budget, device: torch.device) -> dic
         results[name]["win_rate_vs_sft"] = win_rate(report.per_prompt_gold, reports["sft"].per_prompt_gold)
         results[name]["prompts"] = len(report.per_prompt_gold)
     return results
-
-
-def configured_builtin_size(stage: str) -> int:
-    """The built-in task size a stage's config trains on: its validation split holds the held-out prompts."""
-    config = yaml.safe_load((CONFIGS / f"{stage}.yaml").read_text())
-    default = inspect.signature(RLHFDataModule).parameters["builtin_size"].default
-    return config["data"]["init_args"].get("builtin_size", default)
 
 
 def make_report(runs: dict[int, dict[str, dict]], budget: Budget, figure: Path) -> Report:

@@ -166,8 +166,9 @@ def test_padding_never_changes_the_loss(stage, arch, tokenizer, exports, batches
     with torch.no_grad():
         loss, padded_loss = step_loss(module, batch), step_loss(module, padded)
     assert torch.isfinite(loss)
-    # float32 sums in another order: equal to a few ulps of the loss (IPO losses are ~25)
-    assert padded_loss.item() == pytest.approx(loss.item(), rel=1e-6, abs=1e-5)
+    # float32 sums in another order, whose error IPO's square amplifies (its losses are ~25, with a slope of
+    # ~10 per nat of log-ratio); a padding bug moves the loss by whole units
+    assert padded_loss.item() == pytest.approx(loss.item(), rel=2e-5, abs=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------- real data
