@@ -6,8 +6,9 @@ it reads pointed at that seed's exports: sft, then rm, gvm and dpo (from the SFT
 dvpo (SFT + GVM) and rto (SFT + RM + DPO). The SFT model's random initialisation also takes the seed
 (`init_seed`), so seeds vary the whole pipeline, not only the RL sampling.
 
-Equal budgets: PPO, DVPO and RTO get the same optimiser-step budget (`--trainer.max_steps`), rollout batch, PPO
-epochs and mini-batch; DPO the same number of optimiser steps. SFT, RM and GVM keep their configs' budgets.
+Budgets are the configs' own (a user's `dvpo fit --config configs/<stage>.yaml`): PPO, DVPO and RTO share one
+optimiser-step budget, rollout batch, PPO epochs, mini-batch and KL target, so their gold rewards compare at
+equal KL; the report states them. The quick run overrides every stage with toy budgets.
 
 Every final policy is then judged the same way (`evaluation.evaluate_policy`): one sampled answer per held-out
 prompt (the validation split of the task, the same prompts, sampling and seed for every policy), scored by the
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 
 from benchmarks.report import Report, Table, mean_std
 from benchmarks.timing import accelerator
@@ -48,39 +50,16 @@ INPUTS = {
 
 @dataclass(frozen=True)
 class Budget:
-    policy_steps: int  # optimiser steps of DPO, PPO, DVPO and RTO
-    rollout_batch: int  # prompts per rollout of PPO, DVPO and RTO
-    ppo_epochs: int
-    mini_batch: int
     seeds: tuple[int, ...]
-    overrides: tuple[str, ...]  # given to every stage first
+    overrides: tuple[str, ...] = ()  # given to every stage (none: the configs' budgets)
+    on_policy_overrides: tuple[str, ...] = ()  # given to PPO, DVPO and RTO besides
 
-    def policy_overrides(self, stage: str) -> list[str]:
-        if stage == "dpo":
-            return [f"--trainer.max_steps={self.policy_steps}"]
-        if stage in ON_POLICY:
-            return [
-                f"--trainer.max_steps={self.policy_steps}",
-                f"--data.init_args.batch_size={self.rollout_batch}",
-                f"--model.init_args.ppo.ppo_epochs={self.ppo_epochs}",
-                f"--model.init_args.ppo.mini_batch_size={self.mini_batch}",
-            ]
-        return []
+    def stage_overrides(self, stage: str) -> list[str]:
+        return [*self.overrides, *(self.on_policy_overrides if stage in ON_POLICY else ())]
 
 
-FULL = Budget(
-    policy_steps=200,
-    rollout_batch=64,
-    ppo_epochs=2,
-    mini_batch=32,
-    seeds=(0, 1, 2),
-    overrides=("--trainer.enable_progress_bar=false",),
-)
+FULL = Budget(seeds=(0, 1, 2), overrides=("--trainer.enable_progress_bar=false",))
 QUICK = Budget(
-    policy_steps=2,
-    rollout_batch=8,
-    ppo_epochs=1,
-    mini_batch=8,
     seeds=(0,),
     overrides=(
         "--trainer.enable_progress_bar=false",
@@ -90,7 +69,39 @@ QUICK = Budget(
         "--data.init_args.val_size=20",
         "--data.init_args.batch_size=8",
     ),
+    on_policy_overrides=("--model.init_args.ppo.ppo_epochs=1", "--model.init_args.ppo.mini_batch_size=8"),
 )
+
+
+def budget_note(budget: Budget) -> str:
+    """The policy stages' budgets, as their configs set them (the configs give PPO, DVPO and RTO equal ones)."""
+    config = {stage: yaml.safe_load((CONFIGS / f"{stage}.yaml").read_text()) for stage in ("dpo", *ON_POLICY)}
+    dpo = config["dpo"]
+    on_policy = {
+        stage: (
+            config[stage]["trainer"]["max_steps"],
+            config[stage]["data"]["init_args"]["batch_size"],
+            config[stage]["model"]["init_args"]["ppo"]["ppo_epochs"],
+            config[stage]["model"]["init_args"]["ppo"]["mini_batch_size"],
+            config[stage]["model"]["init_args"]["ppo"].get("kl_target"),
+        )
+        for stage in ON_POLICY
+    }
+    steps, batch, epochs, mini_batch, kl_target = on_policy["dvpo"]
+    unequal = [stage.upper() for stage, settings in on_policy.items() if settings != on_policy["dvpo"]]
+    rollouts = steps // (epochs * -(-batch // mini_batch))
+    note = (
+        f"Budgets, from the configs: DPO {dpo['trainer']['max_steps']} optimiser steps of "
+        f"{dpo['data']['init_args']['batch_size']} pairs; PPO, DVPO and RTO {steps} optimiser steps each ({rollouts} "
+        f"rollouts of {batch} prompts, {epochs} PPO epochs, mini-batch {mini_batch}), the KL coefficient steered to "
+        f"{kl_target} nats per response; SFT, RM and GVM as in their configs. Seeds: `--seed_everything` and the "
+        "SFT model's `init_seed`."
+    )
+    if unequal:
+        note += f" Unequal on-policy budgets in the configs of {', '.join(unequal)}."
+    if budget is QUICK:
+        note += f" Quick run, toy budgets: {' '.join(budget.stage_overrides('dvpo'))}."
+    return note
 
 
 def run(quick: bool, device: torch.device, output: Path, seeds: list[int] | None = None) -> Report:
@@ -115,12 +126,11 @@ def run(quick: bool, device: torch.device, output: Path, seeds: list[int] | None
 def stage_arguments(stage: str, seed: int, root: Path, budget: Budget, device: torch.device) -> list[str]:
     """The CLI overrides of `stage` for `seed`: budgets, device, and the paths of this seed's exports."""
     arguments = [
-        *budget.overrides,
+        *budget.stage_overrides(stage),
         f"--seed_everything={seed}",
         f"--trainer.default_root_dir={root / stage}",
         f"--trainer.accelerator={accelerator(device)}",
         "--trainer.devices=1",
-        *budget.policy_overrides(stage),
     ]
     if stage == "sft":
         arguments.append(f"--model.init_args.policy.init_seed={seed}")
@@ -223,20 +233,19 @@ def make_report(runs: dict[int, dict[str, dict]], budget: Budget, figure: Path) 
             )
     prompts = next(iter(runs.values()))["sft"]["prompts"]
     notes = [
-        f"Budgets: DPO, PPO, DVPO and RTO {budget.policy_steps} optimiser steps each; PPO, DVPO and RTO roll out "
-        f"{budget.rollout_batch} prompts per iteration, {budget.ppo_epochs} PPO epochs, mini-batch "
-        f"{budget.mini_batch}; SFT, RM and GVM as in their configs. Seeds: `--seed_everything` and the SFT "
-        "model's `init_seed`.",
+        budget_note(budget),
         f"Evaluation: {prompts} held-out prompts, one sampled answer each (temperature 1, the same sampling seed "
         "for every policy); gold reward of the built-in task; KL = summed k1 estimate on the policy's own samples "
         "against the seed's SFT policy; win rate against the SFT answers to the same prompts (ties count half).",
         "Wall time: the whole CLI run of the stage (set-up, training, validation, export). Peak memory: the "
-        "PeakMemoryMonitor's overall peak (CPU: resident memory above the resident memory at fit start, models "
-        "built; CUDA: max_memory_allocated); the stages run one after another in one process, so on the CPU "
-        "memory freed by an earlier stage and kept by the allocator hides part of a later stage's peak (the "
-        "`cost` benchmark measures memory in fresh processes).",
+        "PeakMemoryMonitor's overall peak (CPU: the process's resident memory; CUDA: max_memory_allocated); the "
+        "stages run one after another in one process, so on the CPU it includes what earlier stages left "
+        "allocated (the `cost` benchmark measures memory in fresh processes).",
     ]
-    raw = {"seeds": {str(seed): seed_run for seed, seed_run in runs.items()}, "budget": budget.__dict__}
+    raw = {
+        "seeds": {str(seed): seed_run for seed, seed_run in runs.items()},
+        "budget": {"overrides": budget.stage_overrides("dvpo")},
+    }
     return Report(
         "table",
         "table: SFT, DPO, PPO, DVPO and RTO on the built-in task",
