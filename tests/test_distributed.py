@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from dvpo_lightning.models import ModelSpec, build_policy, build_value_model, export_model, value_head
+from tests.distributed.scenarios import STEPS
 from tests.stages import topics_data
 from tests.tiny import TINY_ARCH
 
@@ -98,7 +99,10 @@ def test_the_runs_actually_trained(runs):
 
 def test_fsdp2_resume_continues_with_the_same_steps_optimiser_state_and_data(runs):
     """2 steps, a distributed checkpoint, then resume to step 3: bit-identical to 3 steps straight."""
-    assert (runs / "gvm-fsdp2-resume" / "checkpoints" / "last.ckpt").is_dir()  # a distributed checkpoint
+    last = runs / "gvm-fsdp2-resume" / "checkpoints" / "last.ckpt"
+    # a link to the newest step-named distributed checkpoint (a directory), never a directory rewritten in place
+    assert last.is_symlink() and last.is_dir()
+    assert last.resolve().name.endswith(f"step={STEPS}.ckpt")
     assert _result(runs, "gvm-fsdp2-resume")["global_step"] == _result(runs, "gvm-fsdp2")["global_step"]
     straight, resumed = _weights(runs, "gvm-fsdp2"), _weights(runs, "gvm-fsdp2-resume")
     assert all(torch.equal(straight[key], resumed[key]) for key in straight)

@@ -20,10 +20,11 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import SingleDeviceStrategy
 
 from dvpo_lightning.callbacks import NonFiniteGuard, RandomState
-from dvpo_lightning.checkpoint_io import AtomicCheckpointIO, use_atomic_checkpoints
+from dvpo_lightning.checkpoint_io import AtomicCheckpointIO, saves_directories, use_atomic_checkpoints
 from dvpo_lightning.cli import DVPOCLI
 
-SFT = str(Path(__file__).resolve().parents[1] / "configs" / "sft.yaml")
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+SFT, FSDP2 = str(CONFIGS / "sft.yaml"), str(CONFIGS / "strategy" / "fsdp2.yaml")
 
 # Saves checkpoint 1 to argv[1], then starts saving checkpoint 2 and is SIGKILLed part-way, at `KILL_AT`.
 SAVE_THEN_DIE = textwrap.dedent(
@@ -94,25 +95,31 @@ def test_a_checkpoint_io_chosen_by_the_user_is_kept():
     assert strategy.checkpoint_io is chosen
 
 
-def test_the_cli_saves_atomically_with_the_random_state_and_the_guard(tmp_path):
-    cli = DVPOCLI(
+def unrun_cli(*args: str) -> DVPOCLI:
+    return DVPOCLI(
         LightningModule,
         LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         auto_configure_optimizers=False,
         run=False,
-        args=[
-            "--config",
-            SFT,
-            f"--trainer.default_root_dir={tmp_path}",
-            "--nonfinite.max_consecutive_skips=4",
-        ],
+        args=["--config", SFT, *args],
     )
+
+
+def test_the_cli_saves_atomically_with_the_random_state_and_the_guard(tmp_path):
+    cli = unrun_cli(f"--trainer.default_root_dir={tmp_path}", "--nonfinite.max_consecutive_skips=4")
     assert type(cli.trainer.strategy.checkpoint_io) is AtomicCheckpointIO
+    assert cli.trainer.checkpoint_callback.save_last is True  # a file, replaced atomically
     callbacks = {type(callback): callback for callback in cli.trainer.callbacks}
     assert RandomState in callbacks
     assert callbacks[NonFiniteGuard].max_consecutive_skips == 4
+
+
+def test_under_fsdp2_last_ckpt_is_a_link_to_the_newest_complete_checkpoint(tmp_path):
+    cli = unrun_cli("--config", FSDP2, f"--trainer.default_root_dir={tmp_path}")
+    assert saves_directories(cli.trainer.strategy)
+    assert cli.trainer.checkpoint_callback.save_last == "link"
 
 
 def test_a_saved_random_state_comes_back_bit_for_bit_from_a_weights_only_load(tmp_path):

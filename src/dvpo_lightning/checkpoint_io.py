@@ -12,8 +12,12 @@ the directory, so the path always names either the previous complete checkpoint 
 during a save leaves only the hidden `.<name>.<random>.partial` file, which Lightning never mistakes for a
 checkpoint (`--ckpt_path last` looks for `last*.ckpt`) and the next save of the same name removes.
 
-Distributed checkpoints (FSDP2 through `ModelParallelStrategy`, a directory per checkpoint) do not go through a
-`CheckpointIO`: torch's distributed checkpointing writes the shards in place; see `dvpo_lightning.cli`.
+Distributed checkpoints (FSDP2 through `ModelParallelStrategy`, FSDP1 with sharded state dicts: a directory per
+checkpoint) do not go through a `CheckpointIO`: torch's distributed checkpointing writes the shards in place, and
+a kill while it rewrites `last.ckpt` could leave shards of two steps that load without error. With such
+strategies `link_last_checkpoint` makes `last.ckpt` a symbolic link to the newest step-named checkpoint instead
+(Lightning's `save_last="link"`): every save then writes a new directory, which a kill leaves without its
+`meta.pt` (it refuses to load), and the link moves only once the new directory is complete.
 """
 
 from __future__ import annotations
@@ -25,8 +29,9 @@ from typing import Any
 
 import torch
 from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch import Trainer
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.strategies import Strategy
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, Strategy
 
 PARTIAL_SUFFIX = ".partial"
 
@@ -77,3 +82,20 @@ def use_atomic_checkpoints(strategy: Strategy) -> None:
     written atomically); a `CheckpointIO` of any other kind configured for the run is kept."""
     if type(strategy.checkpoint_io) is TorchCheckpointIO:
         strategy.checkpoint_io = AtomicCheckpointIO()
+
+
+def saves_directories(strategy: Strategy) -> bool:
+    """Whether `strategy` writes each checkpoint as a directory of shards, in place."""
+    if isinstance(strategy, ModelParallelStrategy):
+        return strategy._save_distributed_checkpoint
+    return isinstance(strategy, FSDPStrategy) and strategy._state_dict_type == "sharded"
+
+
+def link_last_checkpoint(trainer: Trainer) -> None:
+    """Under a strategy that saves directories, make every `save_last=True` checkpoint callback keep `last.ckpt`
+    as a link to its newest complete step-named checkpoint (see the module docstring)."""
+    if not saves_directories(trainer.strategy):
+        return
+    for callback in trainer.checkpoint_callbacks:
+        if callback.save_last is True and callback.save_top_k != 0:
+            callback.save_last = "link"

@@ -16,10 +16,10 @@ Reliability, also by default:
 - the configuration is checked before anything is loaded (`dvpo_lightning.preflight`): missing paths name the
   config that writes them, FSDP1 without CUDA points at FSDP2;
 - checkpoint files are written atomically (`AtomicCheckpointIO`), so a run killed while saving keeps its previous
-  `last.ckpt`. FSDP2 checkpoints are directories written by torch's distributed checkpointing, outside any
-  `CheckpointIO`: a step-named one is a new directory, which a kill mid-save leaves without its `meta.pt` (it then
-  refuses to load), but `last.ckpt` is rewritten in place, and a kill during that save can leave shards of two
-  steps that load without error; resume such a run from its newest `epoch=...-step=....ckpt` instead;
+  `last.ckpt`. FSDP2 (and sharded FSDP1) checkpoints are directories written in place by torch's distributed
+  checkpointing, outside any `CheckpointIO`: there `last.ckpt` is a link to the newest step-named checkpoint,
+  moved once that one is complete (`link_last_checkpoint`); a kill mid-save leaves the new directory without its
+  `meta.pt`, which refuses to load;
 - every checkpoint holds each process's random state (`RandomState`), so a resumed run repeats the interrupted
   one exactly on CPU;
 - a non-finite loss, rollout quantity or gradient skips the optimiser step, and `--nonfinite.max_consecutive_skips`
@@ -43,7 +43,7 @@ from dvpo_lightning.callbacks import (
     SampleLogger,
     ThroughputMonitor,
 )
-from dvpo_lightning.checkpoint_io import use_atomic_checkpoints
+from dvpo_lightning.checkpoint_io import link_last_checkpoint, use_atomic_checkpoints
 from dvpo_lightning.preflight import check_run_config
 
 
@@ -77,6 +77,7 @@ class DVPOCLI(LightningCLI):
             callbacks.append(LearningRateMonitor(logging_interval="step"))
         trainer = super().instantiate_trainer(callbacks=callbacks, **kwargs)
         use_atomic_checkpoints(trainer.strategy)
+        link_last_checkpoint(trainer)
         return trainer
 
 

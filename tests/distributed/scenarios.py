@@ -22,6 +22,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from torch.utils.data import DistributedSampler
 
+from dvpo_lightning.checkpoint_io import link_last_checkpoint
 from dvpo_lightning.data import RLHFDataModule
 from dvpo_lightning.data.collate import Collator
 from dvpo_lightning.data.resumable import ResumableDataLoader
@@ -99,6 +100,7 @@ def run(scenario: str, args, world: int, rank: int) -> None:
             enable_progress_bar=False,
             enable_model_summary=False,
         )
+        link_last_checkpoint(trainer)  # as the `dvpo` CLI does
         trainer.fit(module, train_dataloaders=loader(data, world, rank), ckpt_path=ckpt_path)
         return trainer
 
