@@ -15,13 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import SingleDeviceStrategy
 
 from dvpo_lightning.callbacks import NonFiniteGuard, RandomState
 from dvpo_lightning.checkpoint_io import AtomicCheckpointIO, saves_directories, use_atomic_checkpoints
-from dvpo_lightning.cli import DVPOCLI
+from dvpo_lightning.cli import run_cli
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SFT, FSDP2 = str(CONFIGS / "sft.yaml"), str(CONFIGS / "strategy" / "fsdp2.yaml")
@@ -95,20 +94,11 @@ def test_a_checkpoint_io_chosen_by_the_user_is_kept():
     assert strategy.checkpoint_io is chosen
 
 
-def unrun_cli(*args: str) -> DVPOCLI:
-    return DVPOCLI(
-        LightningModule,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        auto_configure_optimizers=False,
-        run=False,
-        args=["--config", SFT, *args],
-    )
-
-
 def test_the_cli_saves_atomically_with_the_random_state_and_the_guard(tmp_path):
-    cli = unrun_cli(f"--trainer.default_root_dir={tmp_path}", "--nonfinite.max_consecutive_skips=4")
+    cli = run_cli(
+        ["--config", SFT, f"--trainer.default_root_dir={tmp_path}", "--nonfinite.max_consecutive_skips=4"],
+        run=False,
+    )
     assert type(cli.trainer.strategy.checkpoint_io) is AtomicCheckpointIO
     assert cli.trainer.checkpoint_callback.save_last is True  # a file, replaced atomically
     callbacks = {type(callback): callback for callback in cli.trainer.callbacks}
@@ -117,7 +107,7 @@ def test_the_cli_saves_atomically_with_the_random_state_and_the_guard(tmp_path):
 
 
 def test_under_fsdp2_last_ckpt_is_a_link_to_the_newest_complete_checkpoint(tmp_path):
-    cli = unrun_cli("--config", FSDP2, f"--trainer.default_root_dir={tmp_path}")
+    cli = run_cli(["--config", SFT, "--config", FSDP2, f"--trainer.default_root_dir={tmp_path}"], run=False)
     assert saves_directories(cli.trainer.strategy)
     assert cli.trainer.checkpoint_callback.save_last == "link"
 

@@ -99,8 +99,10 @@ def next_version(directory: str) -> int:
     return max(versions, default=-1) + 1
 
 
-def run_cli(args=None) -> DVPOCLI:
-    """Run the CLI on `args` (default: the command line) and return it (its `trainer`, `model`, `datamodule`)."""
+def run_cli(args=None, run: bool = True) -> DVPOCLI:
+    """Run the CLI on `args` (default: the command line) and return it (its `trainer`, `model`, `datamodule`).
+
+    `run=False` only builds them: `args` then holds no subcommand (`["--config", ...]`)."""
     return DVPOCLI(
         LightningModule,
         LightningDataModule,
@@ -108,6 +110,7 @@ def run_cli(args=None) -> DVPOCLI:
         subclass_mode_data=True,
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
+        run=run,
         args=args,
     )
 
