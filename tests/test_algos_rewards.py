@@ -43,11 +43,19 @@ def test_dpo_term_with_and_without_clip():
         dpo_token_reward(DPO_LOGPROBS, REF_LOGPROBS, MASK, beta1=0.05),
         [[0.0, 0.02, -0.01, 0.05], [0.03, -0.002, 0.0, 0.0]],
     )
-    # clip 0.05: log-ratios (0.4, -0.2, 1.0 | 0.6, -0.04) -> (0.05, -0.05, 0.05 | 0.05, -0.04)
+    # clip 0.05 bounds the scaled term: beta1 * (0.4, -0.2, 1.0 | 0.6, -0.04) lies inside +-0.05
     _close(
         dpo_token_reward(DPO_LOGPROBS, REF_LOGPROBS, MASK, beta1=0.05, clip=0.05),
-        [[0.0, 0.0025, -0.0025, 0.0025], [0.0025, -0.002, 0.0, 0.0]],
+        [[0.0, 0.02, -0.01, 0.05], [0.03, -0.002, 0.0, 0.0]],
     )
+
+
+def test_dpo_term_is_scaled_first_and_clipped_second():
+    """The reference code's `clamp(beta1 * log-ratio, -clip, clip)`: with beta1 = clip = 0.05 the reward
+    saturates at +-0.05 once |log-ratio| > 1 (clipping the log-ratio first would cap it at +-0.0025)."""
+    log_ratios = torch.tensor([[0.0, 0.5, 2.0, -3.0, 0.02]])
+    reward = dpo_token_reward(log_ratios, torch.zeros_like(log_ratios), torch.ones_like(log_ratios), 0.05, 0.05)
+    _close(reward, [[0.0, 0.025, 0.05, -0.05, 0.001]])
 
 
 def test_beta1_zero_turns_the_dpo_term_off_without_a_dpo_model():

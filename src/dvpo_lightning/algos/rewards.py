@@ -5,7 +5,7 @@
                                  scores=clamp_scores(penalize_unfinished(score, finished, p), 10.0))
     RTO:  assemble_token_rewards(mask, kl_reward(kl, beta2, mask),
                                  dpo_token_reward(dpo_logprobs, ref_logprobs, mask, beta1, clip),
-                                 scores=beta3 * score)
+                                 scores=beta3 * clamp_scores(penalize_unfinished(score, finished, p), 10.0))
     RS-PPO: as RTO with the DPO term passed through `rs_ppo_shaping` first.
 
 Here `kl` is the per-token estimate of `kl_penalty(old_logprobs, ref_logprobs, kind)` (k1 in the
@@ -43,11 +43,12 @@ def penalize_unfinished(scores: Tensor, finished: Tensor, penalty: float) -> Ten
 def dpo_token_reward(
     dpo_logprobs: Tensor | None, ref_logprobs: Tensor, mask: Tensor, beta1: float, clip: float | None = None
 ) -> Tensor:
-    """RTO's dense reward `beta1 * clip(log pi_dpo(y_t) - log pi_ref(y_t), -clip, clip)`, `[B, T]`.
+    """RTO's dense reward `clip(beta1 * (log pi_dpo(y_t) - log pi_ref(y_t)), -clip, clip)`, `[B, T]`.
 
-    `beta1 = 0` turns the term off: zeros, and no DPO model is needed (`dpo_logprobs=None`).
-    `clip=None` means no clipping (the paper); the reference code clips at 0.05, which saturates
-    the term once |log-ratio| exceeds the clip.
+    Scaled first, clipped second, as in the reference code (OpenRLHF fork, `dpo_reward_clip`): the
+    clip bounds the reward itself. `beta1 = 0` turns the term off: zeros, and no DPO model is needed
+    (`dpo_logprobs=None`). `clip=None` means no clipping (the paper); with the reference code's
+    `beta1 = clip = 0.05` the term saturates once |log-ratio| exceeds 1.
     """
     if beta1 == 0:
         checked_mask(mask, ref_logprobs=ref_logprobs)
@@ -57,10 +58,8 @@ def dpo_token_reward(
     real = checked_mask(mask, dpo_logprobs=dpo_logprobs, ref_logprobs=ref_logprobs)
     if clip is not None and clip <= 0:
         raise ValueError(f"the DPO reward clip must be > 0 or None, got {clip}")
-    log_ratio = torch.where(real, dpo_logprobs - ref_logprobs, 0)
-    if clip is not None:
-        log_ratio = log_ratio.clamp(-clip, clip)
-    return beta1 * log_ratio
+    reward = beta1 * torch.where(real, dpo_logprobs - ref_logprobs, 0)
+    return reward if clip is None else reward.clamp(-clip, clip)
 
 
 def rs_ppo_shaping(dense_rewards: Tensor, mask: Tensor) -> Tensor:

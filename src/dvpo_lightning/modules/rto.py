@@ -17,7 +17,7 @@ SHAPINGS = ("rto", "rs-ppo")
 class RTOModule(PPOModule):
     """RTO (the algorithms doc, section 6): PPO with
 
-        r_t = beta1 * clip(log pi_dpo(y_t) - log pi_ref(y_t), +-dpo_clip) - beta2 * KL_t,  + beta3 * r_RM at the end
+        r_t = clip(beta1 * (log pi_dpo(y_t) - log pi_ref(y_t)), +-dpo_clip) - beta2 * KL_t,  + beta3 * r_RM at the end
 
     where beta2 is `ppo.kl_coef`. `beta1 = 0` turns the DPO term off (no DPO model is loaded): plain PPO.
     `shaping="rs-ppo"` subtracts each response's DPO sum at its last token, so the term only moves credit
@@ -26,7 +26,8 @@ class RTOModule(PPOModule):
     Args:
         dpo_model: the DPO-trained policy (the DPO stage's export); required unless beta1 = 0.
         beta1: weight of the dense DPO term.
-        dpo_clip: clip of the DPO log-ratio (the reference code uses 0.05); None = no clip (the paper).
+        dpo_clip: bound of the scaled DPO term `beta1 * log-ratio` (the reference code uses 0.05); None = no clip
+            (the paper).
         beta3: weight of the reward model's score.
         shaping: "rto" or "rs-ppo".
         **kwargs: `reward_model`, `critic`, `critic_optim`, `score_clip` (see `PPOModule`) and everything
