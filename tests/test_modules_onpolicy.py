@@ -430,7 +430,7 @@ def test_greedy_decoding_is_deterministic_and_picks_the_most_likely_allowed_toke
 
 # ------------------------------------------------------------------------------------- gradient accumulation
 @pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean"])  # token and sequence counts
-def test_micro_batches_accumulate_to_the_mini_batch_update(
+def test_micro_batches_accumulate_to_the_mini_batch_update_and_log_its_loss(
     aggregation, monkeypatch, tokenizer, exports, cache, tmp_path
 ):
     rollout = hand_built_rollout(tokenizer)  # micro-batches of 2 rows hold different numbers of tokens
@@ -438,8 +438,8 @@ def test_micro_batches_accumulate_to_the_mini_batch_update(
     # Plain SGD and no gradient clipping: the update is proportional to the gradient, so a micro-batch loss
     # scaled wrongly shows in the weights (Adam's first step and clipping would normalise it away).
     sgd = OptimConfig(optimizer="sgd", lr=0.1)
-    deltas = {}
-    for micro in (4, 2):
+    deltas, logged = {}, {}
+    for micro in (4, 2, 1):
         module = build_onpolicy(
             "ppo",
             tokenizer,
@@ -449,11 +449,14 @@ def test_micro_batches_accumulate_to_the_mini_batch_update(
             micro_batch_size=micro,
             max_grad_norm=None,
             loss_aggregation=aggregation,
+            whiten_advantages=False,  # whitened advantages give a policy loss of ~0 at the first step
         )
         module.configure_model()
         before = {key: parameter.detach().clone() for key, parameter in module.named_parameters()}
         torch.manual_seed(0)
-        quick_trainer(tmp_path / str(micro), max_steps=1).fit(module, datamodule=topics_data(cache))
+        trainer = quick_trainer(tmp_path / str(micro), max_steps=1)
+        trainer.fit(module, datamodule=topics_data(cache))
+        logged[micro] = [float(trainer.callback_metrics[key]) for key in ("policy/loss", "value/loss")]
         deltas[micro] = {
             key: parameter.detach() - before[key]
             for key, parameter in module.named_parameters()
@@ -461,8 +464,12 @@ def test_micro_batches_accumulate_to_the_mini_batch_update(
         }
     largest = max(delta.abs().max() for delta in deltas[4].values())
     assert largest > 1e-3
-    for key, delta in deltas[4].items():
-        torch.testing.assert_close(deltas[2][key], delta, rtol=1e-3, atol=1e-5 * largest, msg=key)
+    for micro in (2, 1):
+        for key, delta in deltas[4].items():
+            torch.testing.assert_close(deltas[micro][key], delta, rtol=1e-3, atol=1e-5 * largest, msg=key)
+        # the logged losses are the mini-batch's, not divided by the number of micro-batches
+        assert logged[micro] == pytest.approx(logged[4], rel=1e-5, abs=1e-7), micro
+    assert all(abs(loss) > 1e-4 for loss in logged[4])
 
 
 # ---------------------------------------------------------------------------------------------------- metrics

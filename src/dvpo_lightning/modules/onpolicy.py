@@ -58,6 +58,9 @@ from dvpo_lightning.modules.policy import PolicyModule
 from dvpo_lightning.modules.scoring import policy_logprobs, state_values
 
 KL_CONTROLLERS = ("fixed", "adaptive")
+#: stats that are a micro-batch's share of its mini-batch's loss: summed over the micro-batches, so that the logged
+#: loss is the mini-batch's whatever the split (the other stats are per-micro-batch means, averaged).
+SUMMED_OVER_MICRO_BATCHES = ("policy/loss", "value/loss")
 
 
 @dataclass
@@ -335,12 +338,19 @@ class OnPolicyModule(PolicyModule):
                 rows = order[start : start + mini]
                 micro_rows = list(rows.split(micro))
                 normalizers = loss_normalizers([experience.mask[r] for r in micro_rows], distributed=True)
+                minibatch_losses: dict[str, float] = {}
                 for rows_of_micro in micro_rows:
                     loss, stats = self.minibatch_loss(experience.select(rows_of_micro), normalizers)
                     self.manual_backward(loss)
                     for name, value in stats.items():
-                        totals.setdefault(name, []).append(float(torch.as_tensor(value).detach()))
+                        value = float(torch.as_tensor(value).detach())
+                        if name in SUMMED_OVER_MICRO_BATCHES:
+                            minibatch_losses[name] = minibatch_losses.get(name, 0.0) + value
+                        else:
+                            totals.setdefault(name, []).append(value)
                     epoch_kl.append(float(stats["policy/approx_kl"]))
+                for name, value in minibatch_losses.items():
+                    totals.setdefault(name, []).append(value)
                 for name, norm in self.clip_gradients_of_models(optimizer).items():
                     totals.setdefault(name, []).append(norm)
                 optimizer.step()
