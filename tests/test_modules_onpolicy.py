@@ -228,6 +228,30 @@ def test_ppo_scores_with_the_reward_at_the_last_token_and_the_critics_state_valu
     assert scores.reward.tolist() == FINAL_POSITIONS
 
 
+@pytest.mark.parametrize(
+    "name, options, expected",
+    [
+        # reward-model scores [6, 5, 4, 8]; rows 1 and 3 are unfinished: 6, 0, 4, 3, then clamped to +-1
+        ("ppo", {"score_clip": 1.0}, [1.0, 0.0, 1.0, 1.0]),
+        ("rto_without_dpo", {"score_clip": 1.0, "beta3": 2.0}, [2.0, 0.0, 2.0, 2.0]),  # scaled with the score
+        ("dvpo_gvm", {}, [0.0, -5.0, 0.0, -5.0]),  # no score: the penalty alone
+    ],
+)
+def test_the_missing_eos_penalty_is_applied_to_the_score_before_it_is_clamped_and_scaled(
+    name, options, expected, tokenizer, exports
+):
+    module = build_onpolicy(name, tokenizer, exports, missing_eos_penalty=5.0)
+    for option, value in options.items():
+        setattr(module, option, value)
+    module.configure_model()
+    for scorer in ("reward_model", "critic_model", "value_model"):
+        if hasattr(module, scorer):
+            setattr(module, scorer, PositionValues())
+    rollout = hand_built_rollout(tokenizer)
+    scores = module.score(rollout, torch.zeros(rollout.response_mask.shape))
+    assert scores.sequence_scores.tolist() == expected
+
+
 # ----------------------------------------------------------------------------------------------- DVPO models
 def hf_models(module: OnPolicyModule) -> set[str]:
     return {name for name, child in module.named_children() if isinstance(child, PreTrainedModel)}

@@ -56,5 +56,6 @@ class DVPOModule(OnPolicyModule):
         return Scores(
             reward=final,
             values=values[:, :-1],
+            sequence_scores=self.penalize_unfinished(None, responses.finished),
             estimator_kwargs={"final_values": final, "terminal": self.terminal},
         )

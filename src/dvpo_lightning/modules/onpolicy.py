@@ -38,6 +38,7 @@ from dvpo_lightning.algos import (
     masked_mean,
     masked_sum,
     masked_whiten,
+    penalize_unfinished,
     ppo_policy_loss,
     value_loss,
 )
@@ -87,7 +88,8 @@ class PPOConfig:
         kl_horizon: adaptive controller's horizon in samples.
         max_grad_norm: clip each trained model's gradient norm; None = no clipping.
         target_kl: stop this rollout's epochs early when the approximate KL of an epoch exceeds it.
-        missing_eos_penalty: subtracted from the terminal reward of responses that never emitted EOS.
+        missing_eos_penalty: subtracted from the sequence score of responses that never emitted EOS, before PPO
+            clamps it and RTO scales it by beta3 (`algos.penalize_unfinished`); DVPO's score is then -penalty.
         scoring_batch_size: rows per forward pass of the frozen scorers; None = the whole rollout.
     """
 
@@ -239,6 +241,16 @@ class OnPolicyModule(PolicyModule):
     def score(self, responses: Responses, ref_logprobs: torch.Tensor) -> Scores:
         raise NotImplementedError
 
+    def penalize_unfinished(self, scores: torch.Tensor | None, finished: torch.Tensor) -> torch.Tensor | None:
+        """Sequence scores `[B]` (None: the algorithm has none) less `ppo.missing_eos_penalty` where a response did
+        not finish; subclasses call it before clamping or scaling, so the penalty is clamped and scaled alike."""
+        penalty = self.ppo.missing_eos_penalty
+        if penalty is None:
+            return scores
+        if scores is None:
+            scores = torch.zeros(finished.shape, device=finished.device)
+        return penalize_unfinished(scores, finished, penalty)
+
     def scoring_rows(self, size: int) -> list[slice]:
         """Row slices of one forward pass of the frozen scorers."""
         step = self.ppo.scoring_batch_size or size
@@ -284,12 +296,8 @@ class OnPolicyModule(PolicyModule):
         scores = self.score(responses, ref_logprobs)
         mask = responses.response_mask
         kl = kl_penalty(old_logprobs, ref_logprobs, self.ppo.kl_estimator, mask=mask)
-        terminal = scores.sequence_scores
-        if self.ppo.missing_eos_penalty is not None:
-            penalty = torch.where(responses.finished, 0.0, -self.ppo.missing_eos_penalty)
-            terminal = penalty if terminal is None else terminal + penalty
         token_rewards = assemble_token_rewards(
-            mask, kl_reward(kl, self.kl_controller.value, mask), *scores.dense_rewards, scores=terminal
+            mask, kl_reward(kl, self.kl_controller.value, mask), *scores.dense_rewards, scores=scores.sequence_scores
         )
         advantages, returns = get_advantage(self.advantage_estimator)(
             token_rewards=token_rewards,

@@ -15,8 +15,8 @@ from dvpo_lightning.modules.scoring import final_values, state_values
 class PPOModule(OnPolicyModule):
     """PPO with a learned critic (the algorithms doc, section 3; OpenRLHF's defaults).
 
-    Per-token reward: the KL penalty, plus the reward model's score (clamped to +-`score_clip`) at the last
-    token; GAE advantages from the critic's values; the critic is trained with the clipped value loss
+    Per-token reward: the KL penalty, plus the reward model's score at the last token (less
+    `ppo.missing_eos_penalty` for an unfinished response, then clamped to +-`score_clip`); GAE advantages from the critic's values; the critic is trained with the clipped value loss
     alongside the actor (one optimiser step updates both; each model's gradient norm is clipped on its own).
 
     Args:
@@ -62,10 +62,11 @@ class PPOModule(OnPolicyModule):
         mask = responses.response_mask
         rewards = torch.cat([state_values(self.reward_model, responses.select(r)) for r in rows])
         values = torch.cat([state_values(self.critic_model, responses.select(r)) for r in rows])
-        scores = final_values(rewards, mask)
+        reward = final_values(rewards, mask)
+        scores = self.penalize_unfinished(reward, responses.finished)
         if self.score_clip is not None:
             scores = clamp_scores(scores, self.score_clip)
-        return Scores(reward=scores, values=values[:, :-1], sequence_scores=scores)
+        return Scores(reward=reward, values=values[:, :-1], sequence_scores=scores)
 
     def trained_parameter_groups(self) -> list[dict]:
         groups = super().trained_parameter_groups()

@@ -19,7 +19,8 @@ class RTOModule(PPOModule):
 
         r_t = clip(beta1 * (log pi_dpo(y_t) - log pi_ref(y_t)), +-dpo_clip) - beta2 * KL_t,  + beta3 * r_RM at the end
 
-    where beta2 is `ppo.kl_coef`. `beta1 = 0` turns the DPO term off (no DPO model is loaded): plain PPO.
+    where beta2 is `ppo.kl_coef` and r_RM is PPO's sequence score (the reward model's, less
+    `ppo.missing_eos_penalty` when unfinished, clamped): the penalty is part of the score, so beta3 scales it too. `beta1 = 0` turns the DPO term off (no DPO model is loaded): plain PPO.
     `shaping="rs-ppo"` subtracts each response's DPO sum at its last token, so the term only moves credit
     between tokens (the RS-PPO ablation).
 
