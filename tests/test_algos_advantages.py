@@ -144,7 +144,8 @@ def test_gvm_terminal_conventions_differ_by_the_discounted_final_value(gamma, la
     principled, principled_returns = _gvm(rewards, values, mask, final_values, "gvm", gamma, lam)
     reference, reference_returns = _gvm(rewards, values, mask, final_values, "zero", gamma, lam)
     real_tokens_after = mask.sum(dim=1, keepdim=True) - mask.long().cumsum(dim=1)  # [B, T]
-    expected = torch.where(mask, final_values.unsqueeze(1) * (gamma * lam) ** real_tokens_after, 0)
+    # the final value is the value of the state after the last token: one discounted step away from it
+    expected = torch.where(mask, gamma * final_values.unsqueeze(1) * (gamma * lam) ** real_tokens_after, 0)
     torch.testing.assert_close(principled - reference, expected)
     torch.testing.assert_close(principled_returns - reference_returns, expected)
 
@@ -158,6 +159,34 @@ def test_gvm_with_gamma_and_lambda_one_is_final_value_minus_value_plus_rewards_t
         for row, n in enumerate(LENGTHS)
     ]
     _assert_rows_close(advantages, mask, expected)
+
+
+def test_gvm_terminal_discounts_the_final_value_by_one_step():
+    """gamma = 0.9, lam = 1, V(s_0) = 0.5, V(s_1) = 0.2, V_final = 1, no token reward:
+    delta_1 = 0.9 * 1 - 0.2 = 0.7, delta_0 = 0.9 * 0.2 - 0.5 = -0.32, A = (-0.32 + 0.9 * 0.7, 0.7)."""
+    advantages, returns = _gvm(
+        torch.zeros(1, 2), torch.tensor([[0.5, 0.2]]), torch.ones(1, 2), torch.tensor([1.0]), "gvm", 0.9, 1.0
+    )
+    torch.testing.assert_close(advantages, torch.tensor([[0.31, 0.7]]))
+    torch.testing.assert_close(returns, torch.tensor([[0.81, 0.9]]))
+
+
+@pytest.mark.parametrize("gamma, lam", [(0.9, 0.8), (0.9, 1.0), (1.0, 0.95)])
+def test_dvpo_returns_are_the_gvms_training_targets_on_the_same_values(gamma, lam):
+    """The GVM is trained on the states s_0..s_T and the complete response, with the terminal reward after the
+    latter (`td_lambda_returns`); DVPO's `gvm` terminal must read its values the same way. On the GVM's own values
+    and with the final value as the terminal reward, DVPO's returns equal the GVM's targets on s_0..s_{T-1}."""
+    mask = layout_mask(LENGTHS, LENGTH, "right", seed=9)  # [B, T]
+    values = spread(_random_rows(11), mask)  # [B, T], V(s_t)
+    final = _random_rows(12)[:, 0]  # [B], the complete response's value
+    lengths = mask.sum(-1)
+    states = torch.cat([values, torch.zeros(len(LENGTHS), 1)], dim=1)  # [B, T + 1]
+    states[torch.arange(len(LENGTHS)), lengths] = final
+    state_mask = torch.cat([mask, torch.zeros(len(LENGTHS), 1, dtype=torch.bool)], dim=1)
+    state_mask[torch.arange(len(LENGTHS)), lengths] = True
+    targets = td_lambda_returns(final, states, state_mask, gamma, lam)[:, :LENGTH]
+    _, returns = _gvm(torch.zeros_like(values), values, mask, final, "gvm", gamma, lam)
+    torch.testing.assert_close(returns, torch.where(mask, targets, 0))
 
 
 def test_gvm_with_a_perfect_gvm_gives_zero_advantages_only_with_the_gvm_terminal():

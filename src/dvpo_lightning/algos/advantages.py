@@ -122,19 +122,21 @@ def gvm_advantages(
 ) -> tuple[Tensor, Tensor]:
     """DVPO: GAE on the frozen Global Value Model's values.
 
-    `final_values [B]` is the GVM's value of the complete response, V(x, y_<=T). It estimates the
-    return of the finished response, so with `terminal="gvm"` (default) it is the terminal reward:
-    the last real token's TD error is `delta_T = r_T + V_final - V(s_T)`. With `terminal="zero"`
-    (the reference code) the value after the last token is 0: `delta_T = r_T - V(s_T)`, which
-    penalises every good ending by its own value. The two differ by exactly
-    `V_final * (gamma * lam)^(number of real tokens after t)` at real token t. With gamma = lam = 1,
-    "gvm" gives `A_t = V_final - V(s_t) + sum_{k >= t} r_k`.
+    `final_values [B]` is the GVM's value of the complete response, V(x, y_<=T): the state after the
+    last token. With `terminal="gvm"` (default) it is that state's value, one discounted step after
+    the last token, exactly as the GVM was trained (`td_lambda_returns` on s_1..s_T and the complete
+    response): the last real token's TD error is `delta_T = r_T + gamma * V_final - V(s_T)`. With
+    `terminal="zero"` (the reference code) the value after the last token is 0:
+    `delta_T = r_T - V(s_T)`, which penalises every good ending by its own value. The two differ by
+    exactly `gamma * V_final * (gamma * lam)^(number of real tokens after t)` at real token t. With
+    gamma = lam = 1, "gvm" gives `A_t = V_final - V(s_t) + sum_{k >= t} r_k`.
     """
     _require_values("gvm", values)
     if terminal not in GVM_TERMINALS:
         raise ValueError(f"unknown terminal {terminal!r}; known: {', '.join(GVM_TERMINALS)}")
     if terminal == "gvm":
-        token_rewards = add_at_last_token(token_rewards, final_values.detach(), mask)
+        # V_final bootstraps the step after the last token: a reward of gamma * V_final on it is the same TD error
+        token_rewards = add_at_last_token(token_rewards, gamma * final_values.detach(), mask)
     elif final_values.shape != token_rewards.shape[:1]:  # "gvm" checks the shape in add_at_last_token
         raise ValueError(f"final_values must have shape [B], got {tuple(final_values.shape)}")
     return gae(token_rewards, values, mask, gamma, lam)

@@ -21,8 +21,9 @@ class DVPOModule(OnPolicyModule):
 
     Args:
         value_model: the pretrained GVM (the GVM stage's export); it must share the policy's tokenizer.
-        terminal: "gvm" (default): the GVM's value of the complete response is the terminal reward, so the last
-            token's TD error is V_gvm(x, y) - V(s_T); "zero": the reference code's bootstrap with 0, so the last
+        terminal: "gvm" (default): the GVM's value of the complete response is the value of the state after the
+            last token, so the last token's TD error is r_T + gamma * V_gvm(x, y) - V(s_T), as the GVM was trained
+            (with `ppo.gamma` equal to the GVM's `gamma`); "zero": the reference code's bootstrap with 0, so the last
             TD error is -V(s_T).
         **kwargs: `sampling`, `ppo`, `optim` (see `OnPolicyModule`), `policy`, `reference`,
             `reference_as_disabled_adapter`, `eval_sampling` (see `PolicyModule`), `tokenizer`, `export_dir`, `fsdp`
