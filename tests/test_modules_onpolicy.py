@@ -19,7 +19,7 @@ import torch
 from transformers import PreTrainedModel
 
 from dvpo_lightning.algos import loss_normalizers
-from dvpo_lightning.models import build_policy, build_value_model, response_logits
+from dvpo_lightning.models import ModelSpec, build_policy, build_value_model, export_model, response_logits
 from dvpo_lightning.modules import (
     DVPOModule,
     OnPolicyModule,
@@ -574,3 +574,34 @@ def test_bad_options_fail_at_construction_naming_the_option(make, option):
 def test_ppo_settings_fail_at_construction_naming_the_option(options, option):
     with pytest.raises(ValueError, match=option):
         PPOConfig(**options)
+
+
+@pytest.mark.parametrize("train_final_value", [True, False])
+def test_dvpo_refuses_a_gvm_whose_final_value_was_never_trained_when_it_reads_it(
+    train_final_value, tokenizer, exports, tmp_path
+):
+    gvm = build_value_model(ModelSpec(name_or_path=exports.gvm), tokenizer)
+    training = {
+        "terminal_reward": "preference",
+        "gamma": 1.0,
+        "lam": 0.95,
+        "train_final_value": train_final_value,
+    }
+    path = export_model(gvm, tokenizer, str(tmp_path / "gvm"), info={"value_training": training})
+    for terminal in ("gvm", "zero"):
+        module = DVPOModule(
+            policy=tiny(), value_model=ModelSpec(name_or_path=path), terminal=terminal, tokenizer=tokenizer
+        )
+        if terminal == "gvm" and not train_final_value:
+            with pytest.raises(ValueError, match="`terminal`='gvm' .* train_final_value=false"):
+                module.check_model_sources()
+        else:
+            module.check_model_sources()
+
+
+def test_dvpo_warns_when_its_gamma_is_not_the_one_its_gvm_was_trained_with(tokenizer, exports, tmp_path):
+    gvm = build_value_model(ModelSpec(name_or_path=exports.gvm), tokenizer)
+    path = export_model(gvm, tokenizer, str(tmp_path / "gvm"), info={"value_training": {"gamma": 0.9}})
+    module = DVPOModule(policy=tiny(), value_model=ModelSpec(name_or_path=path), tokenizer=tokenizer)
+    with pytest.warns(UserWarning, match=r"`ppo.gamma`=1.0 differs from the gamma=0.9"):
+        module.check_model_sources()

@@ -1,6 +1,6 @@
 """Building, loading, adapting and exporting HF models: policies and token-level value models."""
 
-from dvpo_lightning.models.export import export_model
+from dvpo_lightning.models.export import export_model, read_export_info
 from dvpo_lightning.models.factory import (
     build_policy,
     build_value_model,
@@ -29,6 +29,7 @@ __all__ = [
     "freeze",
     "is_lora",
     "is_value_model_config",
+    "read_export_info",
     "response_logits",
     "response_values",
     "tokenizer_difference",

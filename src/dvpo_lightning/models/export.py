@@ -39,3 +39,12 @@ def export_model(
         with open(os.path.join(directory, EXPORT_INFO), "w") as handle:
             json.dump(info, handle, indent=2, sort_keys=True, default=str)
     return directory
+
+
+def read_export_info(directory: str) -> dict:
+    """What `export_model` recorded about the export at `directory` (`{}` for a hub name or a foreign model)."""
+    path = os.path.join(os.path.expanduser(directory), EXPORT_INFO)
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as handle:
+        return json.load(handle)

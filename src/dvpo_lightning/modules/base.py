@@ -183,6 +183,10 @@ class RLHFModule(pl.LightningModule):
         """The spec the exported model was built from (to rebuild an unsharded twin of a sharded LoRA model)."""
         raise NotImplementedError
 
+    def export_info(self) -> dict:
+        """What the export records about how it was made (`dvpo_export.json`); stages add what later stages check."""
+        return {"stage": type(self).__name__, "global_step": self.global_step}
+
     def export(self, directory: str | None = None) -> str:
         """Write the stage's result as an HF directory (rank zero writes; every rank returns the path).
 
@@ -198,8 +202,7 @@ class RLHFModule(pl.LightningModule):
                 model = build(self.exported_model_spec(), self.tokenizer)
                 model.load_state_dict(state)
                 state = None
-            info = {"stage": type(self).__name__, "global_step": self.global_step}
-            export_model(model, self.tokenizer, directory, info=info, state_dict=state)
+            export_model(model, self.tokenizer, directory, info=self.export_info(), state_dict=state)
             rank_zero_info(f"Exported {self.exported_model} to {directory}")
         if self._trainer is not None:
             self.trainer.strategy.barrier("export")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from dvpo_lightning.models import ModelSpec, build_value_model
+from lightning.pytorch.utilities import rank_zero_warn
+
+from dvpo_lightning.models import ModelSpec, build_value_model, read_export_info
 from dvpo_lightning.modules.generation import Responses
 from dvpo_lightning.modules.onpolicy import OnPolicyModule, Scores
 from dvpo_lightning.modules.scoring import final_values, state_values
@@ -45,6 +47,24 @@ class DVPOModule(OnPolicyModule):
         self.value_model_spec = value_model
         self.terminal = terminal
         self.save_hyperparameters(ignore=["tokenizer"])
+
+    def check_model_sources(self) -> None:
+        """Also refuse a GVM trained in a way this run would misread (from its export record; a GVM exported
+        elsewhere has none and is trusted)."""
+        super().check_model_sources()
+        path = self.value_model_spec.name_or_path
+        training = read_export_info(path).get("value_training", {}) if path is not None else {}
+        if self.terminal == "gvm" and training.get("train_final_value") is False:
+            raise ValueError(
+                f"DVPOModule option `terminal`='gvm' reads the GVM's value of the complete response, but the GVM at "
+                f"{path!r} was trained with train_final_value=false, so that value was never fitted: set "
+                "terminal: zero, or retrain the GVM with train_final_value: true"
+            )
+        if "gamma" in training and training["gamma"] != self.ppo.gamma:
+            rank_zero_warn(
+                f"DVPOModule option `ppo.gamma`={self.ppo.gamma} differs from the gamma={training['gamma']} the GVM "
+                f"at {path!r} was trained with: its values are returns discounted with another gamma"
+            )
 
     def build_models(self) -> None:
         self.build_policy_and_reference()

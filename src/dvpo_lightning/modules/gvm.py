@@ -82,6 +82,16 @@ class GVMModule(RLHFModule):
         self.val_score_pearson = PearsonCorrCoef()
         self.save_hyperparameters(ignore=["tokenizer"])
 
+    def export_info(self) -> dict:
+        """Also how the values were trained, so DVPO can refuse a GVM whose values it would misread."""
+        training = {
+            "terminal_reward": self.terminal_reward,
+            "gamma": self.gamma,
+            "lam": self.lam,
+            "train_final_value": self.train_final_value,
+        }
+        return {**super().export_info(), "value_training": training}
+
     def exported_model_spec(self) -> ModelSpec:
         return self.model_spec
 

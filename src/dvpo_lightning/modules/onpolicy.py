@@ -297,7 +297,10 @@ class OnPolicyModule(PolicyModule):
         mask = responses.response_mask
         kl = kl_penalty(old_logprobs, ref_logprobs, self.ppo.kl_estimator, mask=mask)
         token_rewards = assemble_token_rewards(
-            mask, kl_reward(kl, self.kl_controller.value, mask), *scores.dense_rewards, scores=scores.sequence_scores
+            mask,
+            kl_reward(kl, self.kl_controller.value, mask),
+            *scores.dense_rewards,
+            scores=scores.sequence_scores,
         )
         advantages, returns = get_advantage(self.advantage_estimator)(
             token_rewards=token_rewards,
