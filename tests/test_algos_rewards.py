@@ -54,7 +54,9 @@ def test_dpo_term_is_scaled_first_and_clipped_second():
     """The reference code's `clamp(beta1 * log-ratio, -clip, clip)`: with beta1 = clip = 0.05 the reward
     saturates at +-0.05 once |log-ratio| > 1 (clipping the log-ratio first would cap it at +-0.0025)."""
     log_ratios = torch.tensor([[0.0, 0.5, 2.0, -3.0, 0.02]])
-    reward = dpo_token_reward(log_ratios, torch.zeros_like(log_ratios), torch.ones_like(log_ratios), 0.05, 0.05)
+    reward = dpo_token_reward(
+        log_ratios, torch.zeros_like(log_ratios), torch.ones_like(log_ratios), 0.05, 0.05
+    )
     _close(reward, [[0.0, 0.025, 0.05, -0.05, 0.001]])
 
 

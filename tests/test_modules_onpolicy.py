@@ -19,7 +19,14 @@ import torch
 from transformers import PreTrainedModel
 
 from dvpo_lightning.algos import loss_normalizers
-from dvpo_lightning.models import ModelSpec, build_policy, build_value_model, export_model, response_logits
+from dvpo_lightning.models import (
+    LoraSpec,
+    ModelSpec,
+    build_policy,
+    build_value_model,
+    export_model,
+    response_logits,
+)
 from dvpo_lightning.modules import (
     DVPOModule,
     OnPolicyModule,
@@ -44,6 +51,7 @@ from tests.onpolicy_helpers import (
     row_alone,
 )
 from tests.stages import quick_trainer, tiny, topics_data
+from tests.tiny import TINY_ARCH
 
 #: configurations trained in the parametrised tests, and the models each one trains and keeps frozen
 #: (a LoRA policy's base weights are frozen: they are its reference).
@@ -605,3 +613,17 @@ def test_dvpo_warns_when_its_gamma_is_not_the_one_its_gvm_was_trained_with(token
     module = DVPOModule(policy=tiny(), value_model=ModelSpec(name_or_path=path), tokenizer=tokenizer)
     with pytest.warns(UserWarning, match=r"`ppo.gamma`=1.0 differs from the gamma=0.9"):
         module.check_model_sources()
+
+
+def test_lora_dropout_is_off_so_the_first_update_starts_at_a_ratio_of_exactly_one(tokenizer, exports):
+    lora = LoraSpec(r=4, alpha=8, dropout=0.5)
+    with pytest.warns(UserWarning, match=r"lora.dropout=0.5 is switched off by disable_dropout=true"):
+        policy = ModelSpec(arch=TINY_ARCH, lora=lora)
+    module = DVPOModule(policy=policy, value_model=ModelSpec(name_or_path=exports.gvm), tokenizer=tokenizer)
+    module.configure_model()
+    perturb(module.policy)  # non-zero LoRA B matrices: dropout on the adapters' input would show
+    module.train()
+    experience = module.make_experience(hand_built_rollout(tokenizer))
+    normalizers = loss_normalizers(experience.mask)
+    _, stats = module.minibatch_loss(experience, normalizers)
+    assert float(stats["policy/ratio_max"]) == 1.0 and float(stats["policy/ratio_mean"]) == 1.0

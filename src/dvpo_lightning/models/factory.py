@@ -154,15 +154,15 @@ def _fit_to_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
 def _adapt(
     model: PreTrainedModel, spec: ModelSpec, task_type: str, full_modules: tuple[str, ...]
 ) -> nn.Module:
-    if spec.disable_dropout:
-        for module in model.modules():
-            if isinstance(module, nn.Dropout):
-                module.p = 0.0
     if spec.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if spec.lora is not None:
         model = apply_lora(model, spec.lora, task_type, full_modules)
+    if spec.disable_dropout:  # after LoRA, whose adapters bring dropout modules of their own
+        for module in model.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = 0.0
     return model
 
 

@@ -7,6 +7,7 @@ reward model). Either `name_or_path` (an HF directory or hub name, e.g. the expo
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,7 +51,8 @@ class ModelSpec:
             same architecture always starts from the same weights).
         revision: hub revision.
         trust_remote_code: allow custom modelling code from the hub.
-        disable_dropout: set every dropout probability to 0 (RLHF standard: log-probs must be deterministic).
+        disable_dropout: set every dropout probability to 0, the LoRA adapters' included (RLHF standard: the
+            log-probs of a rollout and of its update must be the same function, or PPO's ratio is noise).
     """
 
     name_or_path: str | None = None
@@ -75,6 +77,12 @@ class ModelSpec:
             raise ValueError(f"`arch` must name its `model_type` (e.g. llama, qwen2, gpt2); got {self.arch}")
         if self.dtype not in DTYPES:
             raise ValueError(f"`dtype` must be one of {sorted(DTYPES)}; got {self.dtype!r}")
+        if self.lora is not None and self.lora.dropout > 0 and self.disable_dropout:
+            warnings.warn(
+                f"lora.dropout={self.lora.dropout} is switched off by disable_dropout=true (the default, which "
+                "on-policy stages need); set disable_dropout: false to keep dropout in an offline stage",
+                stacklevel=2,
+            )
 
     @property
     def torch_dtype(self) -> torch.dtype:
