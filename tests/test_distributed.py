@@ -24,7 +24,15 @@ from tests.tiny import TINY_ARCH
 pytestmark = pytest.mark.distributed
 
 SCRIPT = Path(__file__).parent / "distributed" / "scenarios.py"
-TWO_RANK_SCENARIOS = ["gvm-ddp", "gvm-fsdp2", "dvpo-ddp", "dvpo-fsdp2", "gvm-fsdp2-resume"]
+TWO_RANK_SCENARIOS = [
+    "gvm-ddp",
+    "gvm-fsdp2",
+    "dvpo-ddp",
+    "dvpo-fsdp2",
+    "gvm-fsdp2-resume",
+    "dvpo-ddp-room",
+    "dvpo-fsdp2-room",
+]
 LAUNCHER_VARIABLES = (
     "LOCAL_RANK",
     "RANK",
@@ -63,7 +71,7 @@ def runs(tmp_path_factory) -> Path:
         str(root / "cache"),
     ]
     repo = Path(__file__).resolve().parents[1]
-    _launch([sys.executable, str(SCRIPT), *paths, "gvm-single", "dvpo-single"], repo)
+    _launch([sys.executable, str(SCRIPT), *paths, "gvm-single", "dvpo-single", "dvpo-single-room"], repo)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     _launch([*torchrun, str(SCRIPT), *paths, *TWO_RANK_SCENARIOS], repo)
     return root / "out"
@@ -81,11 +89,29 @@ def _result(runs: Path, scenario: str) -> dict:
 def test_two_ranks_train_exactly_like_one_process_on_the_same_global_batch(runs, scenario):
     algorithm = scenario.split("-")[0]
     single, sharded = _weights(runs, f"{algorithm}-single"), _weights(runs, scenario)
-    assert _result(runs, scenario) == {
-        "global_step": _result(runs, f"{algorithm}-single")["global_step"],
-        "world_size": 2,
-    }
+    result = _result(runs, scenario)
+    assert (result["global_step"], result["world_size"]) == (
+        _result(runs, f"{algorithm}-single")["global_step"],
+        2,
+    )
     assert set(sharded) == set(single)
+    worst = max(float((sharded[key] - single[key]).abs().max()) for key in single)
+    assert worst < 1e-6, f"{scenario} differs from the 1-process run by {worst}"
+
+
+@pytest.mark.parametrize("scenario", ["dvpo-ddp-room", "dvpo-fsdp2-room"])
+def test_ranks_that_drop_different_prompts_keep_step_and_train_like_one_process_on_the_kept_ones(
+    runs, scenario
+):
+    """Rank 1 drops a prompt without room; rank 0 keeps as many prompts as rank 1, so both run the same
+    optimiser steps and collectives, and the run equals one process trained on the prompts kept."""
+    single, sharded = _weights(runs, "dvpo-single-room"), _weights(runs, scenario)
+    result, single_result = _result(runs, scenario), _result(runs, "dvpo-single-room")
+    assert result["global_step"] == single_result["global_step"] == 2
+    assert result["logged"]["rollout/prompts_without_room"] == 0.5  # one prompt, averaged over the two ranks
+    assert result["logged"]["rollout/prompts_dropped_to_balance"] == 0.5
+    for name in ("policy/loss", "policy/grad_norm", "rollout/reward"):  # not per-rank means of token counts
+        assert result["logged"][name] == pytest.approx(single_result["logged"][name], abs=1e-6), name
     worst = max(float((sharded[key] - single[key]).abs().max()) for key in single)
     assert worst < 1e-6, f"{scenario} differs from the 1-process run by {worst}"
 

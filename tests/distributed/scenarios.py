@@ -7,6 +7,9 @@
 Every run sees the same global batches: `GLOBAL_BATCH` rows per step, split over the ranks by an unshuffled
 `DistributedSampler`, so 2 ranks and 1 rank must end with the same weights. Each scenario exports its trained
 model to `R/<scenario>/model`; rank 0 writes `R/<scenario>/result.json`.
+
+The `-room` scenarios run one DVPO iteration on rows 0-3 where row 1 (rank 1's first) has no room for a
+response: rank 1 keeps row 3 and rank 0 balances to row 0, so `dvpo-single-room` trains on rows 0 and 3.
 """
 
 from __future__ import annotations
@@ -68,8 +71,23 @@ def build(algorithm: str, args, data: RLHFDataModule, export_dir: Path):
     )
 
 
+def without_room(data: RLHFDataModule, world: int, policy: str) -> None:
+    """Keep rows 0-3 with row 1 as long as the policy's context, or, on one process, the rows 0 and 3 that 2
+    processes keep."""
+    if world == 1:
+        data.train_dataset = data.train_dataset.select([0, 3])
+        return
+    context = json.loads((Path(policy) / "config.json").read_text())["max_position_embeddings"]
+
+    def lengthen(row: dict, index: int) -> dict:
+        return {"prompt_ids": (row["prompt_ids"] * context)[:context] if index == 1 else row["prompt_ids"]}
+
+    data.train_dataset = data.train_dataset.select([0, 1, 2, 3]).map(lengthen, with_indices=True)
+
+
 def run(scenario: str, args, world: int, rank: int) -> None:
-    algorithm, strategy_name, *resume = scenario.split("-")
+    algorithm, strategy_name, *variant = scenario.split("-")
+    resume = variant == ["resume"]
     out = Path(args.root) / scenario
     data = RLHFDataModule(
         "builtin:topics",
@@ -78,6 +96,8 @@ def run(scenario: str, args, world: int, rank: int) -> None:
         cache_dir=args.cache,
     )
     data.setup("fit")
+    if variant == ["room"]:
+        without_room(data, world, args.sft)
 
     def fit(max_steps: int, ckpt_path: str | None = None) -> pl.Trainer:
         pl.seed_everything(0)
@@ -108,10 +128,11 @@ def run(scenario: str, args, world: int, rank: int) -> None:
         fit(max_steps=2)
         trainer = fit(max_steps=STEPS, ckpt_path=str(out / "checkpoints" / "last.ckpt"))
     else:
-        trainer = fit(max_steps=STEPS)
+        trainer = fit(max_steps=2 if variant == ["room"] else STEPS)  # "room": one iteration, 2 PPO epochs
+    logged = {name: float(value) for name, value in trainer.callback_metrics.items() if "/" in name}
     if rank == 0:
         (out / "result.json").write_text(
-            json.dumps({"global_step": trainer.global_step, "world_size": world})
+            json.dumps({"global_step": trainer.global_step, "world_size": world, "logged": logged})
         )
 
 

@@ -11,8 +11,9 @@ estimator and whether a critic is trained. `trainer.global_step` counts optimise
 `--trainer.max_steps` is a budget in optimiser steps, the same unit for every algorithm.
 
 Degenerate rollouts are handled, not crashed on: prompts without room in the policy's context for a whole
-response are dropped (a batch left without prompts is skipped, see `PolicyModule.prompts_with_room`, and an
-epoch's worth of such batches in a row is an error); responses that never emit EOS are scored as unfinished
+response are dropped, and every process keeps as many prompts as the one with the fewest, so that all run the
+same optimiser steps and collectives (a batch left without prompts is skipped, see
+`PolicyModule.prompts_with_room`, and an epoch's worth of such batches in a row is an error); responses that never emit EOS are scored as unfinished
 (`rollout/finished_rate`, `ppo.missing_eos_penalty`); rewards, values, advantages or returns that are not finite
 are reported in `nonfinite_quantities`, so that the `NonFiniteGuard` callback skips that rollout's steps.
 """

@@ -113,8 +113,10 @@ class PolicyModule(RLHFModule):
 
         Past its context a model with learned positions fails with an index error deep inside its embedding, and
         one with rotary positions answers from positions it never saw, so such prompts are dropped, with a warning,
-        and counted in `<prefix>/prompts_without_room`. A batch left empty on any process is skipped by every
-        process (they would otherwise wait for each other in collectives).
+        and counted in `<prefix>/prompts_without_room`. Every process then keeps as many prompts as the process that
+        kept the fewest (the first ones with room; the others counted in `<prefix>/prompts_dropped_to_balance`):
+        equal rollouts give every process the same mini-batches, optimiser steps and collectives, which would
+        otherwise pair up wrongly or hang. A batch left empty on any process is thus skipped by every process.
         """
         ids, mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
         context = self.context_length()
@@ -134,16 +136,31 @@ class PolicyModule(RLHFModule):
                 f"tokens in the policy's context of {context} tokens are dropped (counted in "
                 f"{prefix}/prompts_without_room); lower data.max_prompt_length or {option}.max_new_tokens to keep them"
             )
-        empty = not bool(fits.any())
-        if self._trainer is not None:
-            empty = self.trainer.strategy.reduce_boolean_decision(empty, all=False)
-        if empty:
+        kept = self.fewest_on_any_rank(fits)
+        self.log(
+            f"{prefix}/prompts_dropped_to_balance",
+            float(fits.sum() - kept.sum()),
+            batch_size=len(fits),
+            sync_dist=True,
+        )
+        if not bool(kept.any()):
             rank_zero_warn(
                 f"A {prefix} batch has no prompt with room for a response of {option}.max_new_tokens="
-                f"{sampling.max_new_tokens} tokens in the policy's context of {context} tokens: the batch is skipped"
+                f"{sampling.max_new_tokens} tokens in the policy's context of {context} tokens (on at least one "
+                "process): the batch is skipped"
             )
             return None
-        return ids[fits], mask[fits]
+        return ids[kept], mask[kept]
+
+    def fewest_on_any_rank(self, rows: torch.Tensor) -> torch.Tensor:
+        """`rows [B]` (bool) less its last true rows, so that it has as many as the process with the fewest."""
+        count = rows.sum()
+        fewest = (
+            self.trainer.strategy.reduce(count.clone(), reduce_op="min")
+            if self._trainer is not None
+            else count
+        )
+        return rows & (rows.long().cumsum(0) <= fewest)
 
     @torch.no_grad()
     def evaluate_generations(self, batch: dict, prefix: str = "val") -> None:
