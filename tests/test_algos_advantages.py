@@ -220,6 +220,57 @@ def test_rloo_by_hand():
     assert advantages.tolist() == [[-2.0, -3.0], [2.0, 2.0], [0.0, 0.0], [0.0, -1.0]]
 
 
+# Two groups of three: sequence rewards (1, 2, 3 | 2, 2, 2), rows of 2, 1, 2 | 1, 1, 2 real tokens.
+GROUP_REWARDS = torch.tensor([[0.0, 1.0], [2.0, NAN], [3.0, 0.0], [2.0, NAN], [2.0, NAN], [1.0, 1.0]])
+GROUP_MASK = ~torch.isnan(GROUP_REWARDS)
+
+
+def _rows(tensor: torch.Tensor) -> list[list[float]]:
+    return [[round(value, 4) for value in row] for row in tensor.tolist()]  # eps = 1e-6 moves the 6th digit
+
+
+def test_grpo_by_hand():
+    """Group 1: mean 2, sample std 1, so (-1, 0, 1) / (1 + eps); group 2: no spread, every advantage 0."""
+    advantages, returns = get_advantage("grpo")(
+        token_rewards=GROUP_REWARDS, values=None, mask=GROUP_MASK, gamma=1.0, lam=1.0, group_size=3
+    )
+    assert _rows(advantages) == [[-1.0, -1.0], [0.0, 0.0], [1.0, 1.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]]
+    assert returns.tolist() == [[1.0, 1.0], [2.0, 0.0], [3.0, 3.0], [2.0, 0.0], [2.0, 0.0], [2.0, 2.0]]
+
+
+def test_dr_grpo_does_not_divide_by_the_groups_spread():
+    rewards = GROUP_REWARDS * 4  # group 1: (4, 8, 12), mean 8, std 4
+    advantages, _ = get_advantage("grpo")(
+        token_rewards=rewards,
+        values=None,
+        mask=GROUP_MASK,
+        gamma=1.0,
+        lam=1.0,
+        group_size=3,
+        scale_by_std=False,
+    )
+    assert _rows(advantages)[:3] == [[-4.0, -4.0], [0.0, 0.0], [4.0, 4.0]]
+    scaled, _ = get_advantage("grpo")(
+        token_rewards=rewards, values=None, mask=GROUP_MASK, gamma=1.0, lam=1.0, group_size=3
+    )
+    assert _rows(scaled)[:3] == [[-1.0, -1.0], [0.0, 0.0], [1.0, 1.0]]
+
+
+def test_reinforce_group_baseline_subtracts_the_groups_mean_reward_from_the_return_to_go():
+    """Return-to-go (1, 1 | 2 | 3, 0 || 2 | 2 | 2, 1) less the group means 2 and 2."""
+    advantages, returns = get_advantage("reinforce")(
+        token_rewards=GROUP_REWARDS,
+        values=None,
+        mask=GROUP_MASK,
+        gamma=1.0,
+        lam=1.0,
+        group_size=3,
+        group_baseline=True,
+    )
+    assert returns.tolist() == [[1.0, 1.0], [2.0, 0.0], [3.0, 0.0], [2.0, 0.0], [2.0, 0.0], [2.0, 1.0]]
+    assert advantages.tolist() == [[-1.0, -1.0], [0.0, 0.0], [1.0, -2.0], [0.0, 0.0], [0.0, 0.0], [0.0, -1.0]]
+
+
 def test_rloo_first_token_advantages_average_to_zero_in_each_group():
     """With discounting, a sample's sequence reward is its return from its first real token."""
     lengths = [4, 2, 3, 1, 4, 4]
@@ -235,12 +286,13 @@ def test_rloo_first_token_advantages_average_to_zero_in_each_group():
 
 # Keyword arguments each registered estimator needs besides the common ones; a new estimator must add
 # its case here (test_every_estimator_has_a_case) so the properties below are checked for it.
-CRITIC_FREE = {"reinforce", "rloo"}
+CRITIC_FREE = {"reinforce", "rloo", "grpo"}
 EXTRA_KEYWORDS = {
     "gae": {},
     "gvm": {"final_values": torch.tensor([0.5, -1.0, 2.0, 0.3, 1.5, 0.7])},
-    "reinforce": {},
+    "reinforce": {"group_size": 3, "group_baseline": True},
     "rloo": {"group_size": 3},
+    "grpo": {"group_size": 3},
 }
 CASE_LENGTHS = [5, 1, 3, 0, 6, 2]
 
@@ -305,7 +357,9 @@ def test_estimators_refuse_missing_or_unused_values():
 
 def test_bad_arguments_are_clear_errors():
     rewards, mask = torch.zeros(4, 3), torch.ones(4, 3)
-    with pytest.raises(ValueError, match="group_size >= 2 dividing the batch size 4, got 3"):
+    with pytest.raises(
+        ValueError, match="group_size >= 2 responses per prompt dividing the batch size 4 .* got 3"
+    ):
         get_advantage("rloo")(token_rewards=rewards, values=None, mask=mask, gamma=1.0, lam=1.0, group_size=3)
     with pytest.raises(ValueError, match="unknown terminal 'last'"):
         _gvm(rewards, rewards, mask, torch.zeros(4), "last", 1.0, 0.95)
@@ -317,9 +371,9 @@ def test_bad_arguments_are_clear_errors():
 
 def test_unknown_estimator_lists_the_known_ones():
     with pytest.raises(
-        ValueError, match="unknown advantage estimator 'grpo'; known: gae, gvm, reinforce, rloo"
+        ValueError, match="unknown advantage estimator 'vtrace'; known: gae, grpo, gvm, reinforce, rloo"
     ):
-        get_advantage("grpo")
+        get_advantage("vtrace")
 
 
 def test_a_newly_registered_estimator_is_callable_by_name():

@@ -12,6 +12,7 @@ from dvpo_lightning.algos import (
     bradley_terry_loss,
     dpo_loss,
     get_loss,
+    kl_loss,
     loss_normalizers,
     ppo_policy_loss,
     value_loss,
@@ -167,6 +168,11 @@ def _loss_cases():
             ["logprobs"],
             ["old_logprobs", "advantages"],
         ),
+        "kl": (
+            dict(logprobs=rand(3, 4) - 2, ref_logprobs=rand(3, 4) - 2, mask=mask, kl_coef=0.1),
+            ["logprobs"],
+            ["ref_logprobs"],
+        ),
         "value": (
             dict(values=rand(3, 4), returns=rand(3, 4), mask=mask, old_values=rand(3, 4), clip=0.2),
             ["values"],
@@ -232,5 +238,18 @@ def test_per_token_losses_ignore_nan_padding_and_layout(name):
 
 
 def test_unknown_loss_lists_the_known_ones():
-    with pytest.raises(ValueError, match="unknown loss 'kto'; known: bradley_terry, dpo, ppo_policy, value"):
+    with pytest.raises(
+        ValueError, match="unknown loss 'kto'; known: bradley_terry, dpo, kl, ppo_policy, value"
+    ):
         get_loss("kto")
+
+
+def test_kl_loss_is_the_coefficient_times_the_mean_k3_estimate():
+    """pi = 1/2, pi_ref = 1/4 on every real token: log-ratio ln 2, k3 = 1/2 - 1 + ln 2."""
+    mask = torch.tensor([[True, True, False]])
+    logprobs = torch.full((1, 3), math.log(0.5))
+    ref_logprobs = torch.tensor([[math.log(0.25), math.log(0.25), float("nan")]])
+    loss, stats = kl_loss(logprobs, ref_logprobs, mask, kl_coef=0.1)
+    k3 = 0.5 - 1 + math.log(2)
+    assert loss.item() == pytest.approx(0.1 * k3)
+    assert stats["kl_mean"].item() == pytest.approx(k3)

@@ -3,15 +3,18 @@
 No Lightning, no `nn.Module`, no I/O: every function takes tensors and returns tensors, so it can
 be read, imported in a notebook and unit-tested on its own. Per-token tensors are `[B, T]` with an
 explicit `mask` of real tokens; padding never changes a number. `values[:, t]` is V(s_t), the value
-of the state before token t. See docs/design.md and the shared algorithms reference.
+of the state before token t. See docs/design.md and docs/algorithms.md.
 """
 
 from dvpo_lightning.algos.advantages import (
     ADVANTAGE_ESTIMATORS,
+    ROLLOUT_INPUTS,
+    check_discounts,
     discounted_returns,
     gae,
     gae_advantages,
     get_advantage,
+    grpo_advantages,
     gvm_advantages,
     register_advantage,
     reinforce_advantages,
@@ -22,14 +25,17 @@ from dvpo_lightning.algos.aggregation import (
     AGGREGATION_MODES,
     LossNormalizers,
     aggregate_loss,
+    check_aggregation,
     loss_normalizers,
 )
 from dvpo_lightning.algos.kl import (
+    KL_CONTROLLERS,
     KL_ESTIMATORS,
     AdaptiveKLController,
     FixedKLController,
     KLController,
     build_kl_controller,
+    check_kl_estimator,
     kl_penalty,
 )
 from dvpo_lightning.algos.logprobs import entropy_from_logits, token_logprobs
@@ -38,6 +44,7 @@ from dvpo_lightning.algos.losses import (
     bradley_terry_loss,
     dpo_loss,
     get_loss,
+    kl_loss,
     ppo_policy_loss,
     register_loss,
     value_loss,
@@ -65,8 +72,10 @@ from dvpo_lightning.algos.rewards import (
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
     "AGGREGATION_MODES",
+    "KL_CONTROLLERS",
     "KL_ESTIMATORS",
     "LOSSES",
+    "ROLLOUT_INPUTS",
     "AdaptiveKLController",
     "FixedKLController",
     "KLController",
@@ -77,6 +86,9 @@ __all__ = [
     "assemble_token_rewards",
     "bradley_terry_loss",
     "build_kl_controller",
+    "check_aggregation",
+    "check_discounts",
+    "check_kl_estimator",
     "clamp_scores",
     "discounted_returns",
     "dpo_loss",
@@ -86,7 +98,9 @@ __all__ = [
     "gae_advantages",
     "get_advantage",
     "get_loss",
+    "grpo_advantages",
     "gvm_advantages",
+    "kl_loss",
     "kl_penalty",
     "kl_reward",
     "last_token_mask",

@@ -11,16 +11,19 @@ Every estimator is registered under a name and called the same way, with keyword
 
 - `token_rewards [B, T]`, `mask [B, T]`: the per-token rewards and the real response tokens;
 - `values [B, T] | None`: the critic's V(s_t); estimators with a critic require it, the critic-free
-  ones (`reinforce`, `rloo`) require `None`, so a misconfiguration is an error, not a silent no-op;
+  ones (`reinforce`, `rloo`, `grpo`) require `None`, so a misconfiguration is an error, not a silent
+  no-op;
 - `gamma`, `lam`: discount and GAE lambda (the critic-free estimators take `lam` for the uniform
   call but have no use for it: lambda interpolates between critic values they do not have);
-- estimator-specific keywords: `gvm` needs `final_values [B]` (and takes `terminal`), `rloo` needs
-  `group_size`.
+- the rollout's other facts, taken by the estimators that declare them (`ROLLOUT_INPUTS`):
+  `final_values [B]` (the value of each complete response; `gvm`) and `group_size` (responses per
+  prompt, consecutive rows; `rloo`, `grpo`, `reinforce`);
+- the estimator's own options, from the config (`gvm`'s `terminal`, `grpo`'s `scale_by_std`, ...).
 
 Each returns `(advantages [B, T], returns [B, T])`, detached (nothing here is differentiated), 0 on
 padding. The recursions skip padded positions without breaking the chain, so left, right, interior
 or no padding give the same numbers on the real tokens. A new estimator is one function decorated
-with `@register_advantage("name")` following this convention.
+with `@register_advantage("name")` following this convention; a config then chooses it by name.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ register_advantage = ADVANTAGE_ESTIMATORS.register
 get_advantage = ADVANTAGE_ESTIMATORS.get
 
 GVM_TERMINALS = ("gvm", "zero")
+#: keyword arguments an estimator may declare to receive the rollout's facts beyond its rewards and values.
+ROLLOUT_INPUTS = ("final_values", "group_size")
 
 
 def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
@@ -50,7 +55,7 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float)
     rewards, values, mask `[B, T]` -> (advantages, returns) `[B, T]`, detached, 0 on padding,
     computed in float32 at least (a bf16 critic's values are upcast before the long sums).
     """
-    _check_discounts(gamma, lam)
+    check_discounts(gamma, lam)
     real = checked_mask(mask, rewards=rewards, values=values)
     dtype = torch.promote_types(torch.promote_types(rewards.dtype, values.dtype), torch.float32)
     rewards = torch.where(real, rewards.detach().to(dtype), 0)
@@ -144,13 +149,33 @@ def gvm_advantages(
 
 @register_advantage("reinforce")
 def reinforce_advantages(
-    *, token_rewards: Tensor, values: Tensor | None, mask: Tensor, gamma: float, lam: float
+    *,
+    token_rewards: Tensor,
+    values: Tensor | None,
+    mask: Tensor,
+    gamma: float,
+    lam: float,
+    group_size: int = 1,
+    group_baseline: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """No critic: the advantage is the discounted return-to-go `G_t` (returns are `G_t` too)."""
+    """No critic: the advantage is the discounted return-to-go `G_t` (returns are `G_t` too).
+
+    REINFORCE++ (Hu 2025) is this estimator with the KL penalty in the token rewards and the
+    advantages whitened over the whole global batch (`whiten_advantages`). `group_baseline=True` is its
+    "baseline" variant: each response's return-to-go less the mean sequence reward of its group of
+    `group_size` consecutive samples of one prompt (itself included), before whitening.
+    """
     _require_no_values("reinforce", values)
-    _check_discounts(gamma, lam)
+    check_discounts(gamma, lam)
     returns = discounted_returns(token_rewards, mask, gamma)
-    return returns, returns
+    if not group_baseline:
+        return returns, returns
+    real = checked_mask(mask, token_rewards=token_rewards)
+    groups = _sequence_rewards(token_rewards, real, gamma).view(
+        -1, _group_size(group_size, real, "reinforce")
+    )
+    baselines = groups.mean(dim=-1, keepdim=True).expand_as(groups).reshape(-1)  # [B]
+    return torch.where(real, returns - baselines.unsqueeze(-1), 0), returns
 
 
 @register_advantage("rloo")
@@ -166,22 +191,68 @@ def rloo_advantages(
     Returns are `G_t`.
     """
     _require_no_values("rloo", values)
-    _check_discounts(gamma, lam)
+    check_discounts(gamma, lam)
     real = checked_mask(mask, token_rewards=token_rewards)
-    batch = token_rewards.shape[0]
-    if group_size < 2 or batch % group_size != 0:
-        raise ValueError(f"rloo needs group_size >= 2 dividing the batch size {batch}, got {group_size}")
     returns = discounted_returns(token_rewards, real, gamma)  # [B, T]
-    steps_from_start = real.long().cumsum(dim=-1) - 1  # [B, T], real tokens before t
-    discounts = torch.pow(torch.as_tensor(gamma, dtype=returns.dtype), steps_from_start.to(returns.dtype))
-    sequence_rewards = masked_sum(token_rewards.detach() * discounts, real, dim=-1)  # [B]
-    groups = sequence_rewards.view(-1, group_size)  # [B / k, k]
-    baselines = ((groups.sum(dim=-1, keepdim=True) - groups) / (group_size - 1)).reshape(batch)  # [B]
+    groups = _sequence_rewards(token_rewards, real, gamma).view(-1, _group_size(group_size, real, "rloo"))
+    baselines = ((groups.sum(dim=-1, keepdim=True) - groups) / (group_size - 1)).reshape(-1)  # [B]
     advantages = torch.where(real, returns - baselines.unsqueeze(-1), 0)
     return advantages, returns
 
 
-def _check_discounts(gamma: float, lam: float) -> None:
+@register_advantage("grpo")
+def grpo_advantages(
+    *,
+    token_rewards: Tensor,
+    values: Tensor | None,
+    mask: Tensor,
+    gamma: float,
+    lam: float,
+    group_size: int,
+    scale_by_std: bool = True,
+    eps: float = 1e-6,
+) -> tuple[Tensor, Tensor]:
+    """GRPO (Shao et al. 2024): every token of response i gets `(r_i - mean(r)) / (std(r) + eps)` over its group.
+
+    The batch is made of groups of `group_size` consecutive samples of one prompt; `r_i` is the
+    sequence reward of sample i (its discounted token rewards from the first token: the score, plus the
+    KL penalty when the KL is in the reward). `std` is the group's sample standard deviation (n - 1), as
+    in the paper's code. `scale_by_std=False` is Dr. GRPO (Liu et al. 2025), which drops the division
+    (it favours groups whose rewards barely differ). Returns are `r_i` on every real token.
+    """
+    _require_no_values("grpo", values)
+    check_discounts(gamma, lam)
+    real = checked_mask(mask, token_rewards=token_rewards)
+    groups = _sequence_rewards(token_rewards, real, gamma).view(-1, _group_size(group_size, real, "grpo"))
+    centred = groups - groups.mean(dim=-1, keepdim=True)  # [B / k, k]
+    if scale_by_std:
+        centred = centred / (groups.std(dim=-1, keepdim=True) + eps)
+    advantages = torch.where(real, centred.reshape(-1, 1), 0)  # [B, T]
+    returns = torch.where(real, groups.reshape(-1, 1), 0)  # [B, T]
+    return advantages, returns
+
+
+def _sequence_rewards(token_rewards: Tensor, real: Tensor, gamma: float) -> Tensor:
+    """Each row's discounted sum of token rewards from its first real token, `[B]`."""
+    steps_from_start = real.long().cumsum(dim=-1) - 1  # [B, T], real tokens before t
+    discounts = torch.pow(
+        torch.as_tensor(gamma, dtype=torch.float32), steps_from_start.to(torch.float32)
+    )  # [B, T]
+    return masked_sum(token_rewards.detach().float() * discounts, real, dim=-1)
+
+
+def _group_size(group_size: int, real: Tensor, name: str) -> int:
+    batch = real.shape[0]
+    if group_size < 2 or batch % group_size != 0:
+        raise ValueError(
+            f"{name} needs groups of group_size >= 2 responses per prompt dividing the batch size {batch} "
+            f"(set samples_per_prompt); got {group_size}"
+        )
+    return group_size
+
+
+def check_discounts(gamma: float, lam: float) -> None:
+    """An error unless `gamma` and `lam` lie in [0, 1]."""
     if not (0.0 <= gamma <= 1.0 and 0.0 <= lam <= 1.0):
         raise ValueError(f"gamma and lam must lie in [0, 1], got gamma={gamma}, lam={lam}")
 

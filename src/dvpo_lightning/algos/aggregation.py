@@ -39,6 +39,13 @@ from dvpo_lightning.algos.masked import checked_mask, masked_count, masked_mean,
 AGGREGATION_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 
 
+def check_aggregation(mode: str) -> str:
+    """`mode` if it names an aggregation mode; an error listing the known ones otherwise."""
+    if mode not in AGGREGATION_MODES:
+        raise ValueError(f"unknown loss aggregation mode {mode!r}; known: {', '.join(AGGREGATION_MODES)}")
+    return mode
+
+
 @dataclass(frozen=True)
 class LossNormalizers:
     """Denominators of the whole batch (all micro-batches, all ranks) and the number of ranks."""
@@ -69,6 +76,7 @@ def aggregate_loss(
     loss_mat: Tensor, mask: Tensor, mode: str = "token-mean", normalizers: LossNormalizers | None = None
 ) -> Tensor:
     """The scalar loss of `loss_mat [B, T]` over real tokens (see the module docstring for `mode`)."""
+    check_aggregation(mode)
     real = checked_mask(mask, loss_mat=loss_mat)
     if normalizers is None:
         normalizers = loss_normalizers(real)
@@ -76,9 +84,7 @@ def aggregate_loss(
         total, count = masked_sum(loss_mat, real), normalizers.num_tokens
     elif mode == "seq-mean-token-mean":
         total, count = masked_mean(loss_mat, real, dim=-1).sum(), normalizers.num_sequences
-    elif mode == "seq-mean-token-sum":
+    else:  # "seq-mean-token-sum"
         total, count = masked_sum(loss_mat, real, dim=-1).sum(), normalizers.num_sequences
-    else:
-        raise ValueError(f"unknown loss aggregation mode {mode!r}; known: {', '.join(AGGREGATION_MODES)}")
     count = torch.as_tensor(count, dtype=total.dtype, device=total.device)  # a plain number is fine too
     return total / count.clamp(min=1) * normalizers.world_size

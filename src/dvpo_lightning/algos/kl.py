@@ -17,6 +17,14 @@ from torch import Tensor
 from dvpo_lightning.algos.masked import checked_mask
 
 KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
+KL_CONTROLLERS = ("fixed", "adaptive")
+
+
+def check_kl_estimator(kind: str) -> str:
+    """`kind` if it names a KL estimator; an error listing the known ones otherwise."""
+    if kind not in KL_ESTIMATORS:
+        raise ValueError(f"unknown KL estimator {kind!r}; known: {', '.join(KL_ESTIMATORS)}")
+    return kind
 
 
 def kl_penalty(
@@ -26,6 +34,7 @@ def kl_penalty(
 
     Differentiable in both arguments; callers building rewards pass detached log-probs.
     """
+    check_kl_estimator(kind)
     if logprobs.shape != ref_logprobs.shape:
         raise ValueError(
             f"logprobs {tuple(logprobs.shape)} and ref_logprobs {tuple(ref_logprobs.shape)} differ in shape"
@@ -39,9 +48,7 @@ def kl_penalty(
         return 0.5 * log_ratio**2
     if kind == "k3":
         return torch.exp(-log_ratio) - 1 + log_ratio
-    if kind == "abs":
-        return log_ratio.abs()
-    raise ValueError(f"unknown KL estimator {kind!r}; known: {', '.join(KL_ESTIMATORS)}")
+    return log_ratio.abs()  # "abs"
 
 
 class KLController:
@@ -103,4 +110,4 @@ def build_kl_controller(
         if target is None or horizon is None:
             raise ValueError("an adaptive KL controller needs target and horizon")
         return AdaptiveKLController(kl_coef, target, horizon)
-    raise ValueError(f"unknown KL controller {kind!r}; known: fixed, adaptive")
+    raise ValueError(f"unknown KL controller {kind!r}; known: {', '.join(KL_CONTROLLERS)}")

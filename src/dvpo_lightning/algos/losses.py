@@ -124,6 +124,28 @@ def value_loss(
     return loss, stats
 
 
+@register_loss("kl")
+def kl_loss(
+    logprobs: Tensor,
+    ref_logprobs: Tensor,
+    mask: Tensor,
+    *,
+    kl_coef: float,
+    estimator: str = "k3",
+    mode: str = "token-mean",
+    normalizers: LossNormalizers | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The KL to the reference as a loss term, `kl_coef * kl_t` per token (GRPO puts it here, k3, rather than in the
+    reward); `logprobs` carry the gradient, `ref_logprobs` are detached. All `[B, T]`.
+
+    Stats: `kl_mean`, the mean per-token estimate over real tokens.
+    """
+    real = checked_mask(mask, logprobs=logprobs, ref_logprobs=ref_logprobs)
+    kl = kl_penalty(logprobs, ref_logprobs.detach(), estimator, real)
+    loss = kl_coef * aggregate_loss(kl, real, mode, normalizers)
+    return loss, {"kl_mean": masked_mean(kl.detach(), real)}
+
+
 @register_loss("dpo")
 def dpo_loss(
     policy_chosen_logps: Tensor,
