@@ -30,8 +30,7 @@ from dvpo_lightning.callbacks.memory_probes import make_probe
 from dvpo_lightning.data import RLHFDataModule
 from dvpo_lightning.models import ModelSpec, build_policy, build_value_model, export_model, value_head
 from dvpo_lightning.modules import DVPOModule, OptimConfig, PPOModule
-from dvpo_lightning.modules.generation import SamplingConfig
-from dvpo_lightning.modules.onpolicy import PPOConfig
+from dvpo_lightning.rl import PPOConfig, SamplingConfig
 
 MEMORY_TARGET = 0.62  # DVPO / PPO; the paper measured 0.66 at 3B
 TIME_TARGET = 0.60  # the paper measured 0.57 at 3B

@@ -2,7 +2,7 @@
 
 Both sample from the same random Llama policy, the same prompt batch (the built-in task's, left-padded) and the
 same settings (temperature 1, no top-k / top-p, min_new_tokens = max_new_tokens so every row generates exactly
-`new_tokens` tokens). The engine (`modules.generation.generate_responses`) adds what RL needs on top of the bare
+`new_tokens` tokens). The engine (`rl.generate_responses`) adds what RL needs on top of the bare
 call: the pad token suppressed at every step, and the split layout (response mask cut after the first EOS,
 finished flags). Runs alternate between the two (one warm-up run of each first) and the median is reported.
 """
@@ -21,7 +21,7 @@ from benchmarks.report import Report, Table, verdict
 from benchmarks.timing import alternating, synchronize
 from dvpo_lightning.data import RLHFDataModule
 from dvpo_lightning.models import ModelSpec, build_policy
-from dvpo_lightning.modules.generation import SamplingConfig, generate_responses
+from dvpo_lightning.rl import SamplingConfig, generate_responses
 
 TARGET = 0.95  # engine tokens/s over bare generate tokens/s
 

@@ -1,9 +1,10 @@
-"""`table`: the paper's comparison in miniature — SFT, DPO, PPO, DVPO and RTO on the built-in task, several seeds.
+"""`table`: the paper's comparison in miniature — SFT, DPO, PPO, DVPO, RTO and the critic-free estimators (GRPO, RLOO,
+REINFORCE++, GVM-scored GRPO) and PPO with a GVM-initialised critic on the built-in task, several seeds.
 
 Per seed, every stage runs through the `dvpo` CLI from its config in `configs/` (what a user would type), with
 `--seed_everything <seed>`, its own `--trainer.default_root_dir <output>/runs/seed<seed>/<stage>` and every path
-it reads pointed at that seed's exports: sft, then rm, gvm and dpo (from the SFT export), then ppo (SFT + RM),
-dvpo (SFT + GVM) and rto (SFT + RM + DPO). The SFT model's random initialisation also takes the seed
+it reads pointed at that seed's exports: sft, then rm, gvm and dpo (from the SFT export), then ppo, grpo, rloo and
+reinforce_pp (SFT + RM), dvpo and gvm_grpo (SFT + GVM), ppo_gvm_critic (SFT + RM + GVM) and rto (SFT + RM + DPO). The SFT model's random initialisation also takes the seed
 (`init_seed`), so seeds vary the whole pipeline, not only the RL sampling.
 
 Budgets are the configs' own (a user's `dvpo fit --config configs/<stage>.yaml`): PPO, DVPO and RTO share one
@@ -29,13 +30,14 @@ from benchmarks.report import Report, Table, mean_std
 from benchmarks.timing import accelerator
 from dvpo_lightning.demo import StageRun
 from dvpo_lightning.evaluation import evaluate_policy, evaluation_data, win_rate
-from dvpo_lightning.modules.generation import SamplingConfig
 from dvpo_lightning.plots import reward_vs_kl
+from dvpo_lightning.rl import SamplingConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-STAGES = ("sft", "rm", "gvm", "dpo", "ppo", "dvpo", "rto")
-POLICIES = ("sft", "dpo", "ppo", "dvpo", "rto")
-ON_POLICY = ("ppo", "dvpo", "rto")
+ON_POLICY = ("ppo", "dvpo", "rto", "grpo", "rloo", "reinforce_pp", "gvm_grpo", "ppo_gvm_critic")
+STAGES = ("sft", "rm", "gvm", "dpo", *ON_POLICY)
+POLICIES = ("sft", "dpo", *ON_POLICY)
+LABELS = {"reinforce_pp": "REINFORCE++", "gvm_grpo": "GVM-GRPO", "ppo_gvm_critic": "PPO (GVM critic)"}
 # For each stage, the model arguments that load an earlier stage's export, and which stage that is.
 INPUTS = {
     "sft": {},
@@ -45,7 +47,16 @@ INPUTS = {
     "ppo": {"policy": "sft", "reward_model": "rm"},
     "dvpo": {"policy": "sft", "value_model": "gvm"},
     "rto": {"policy": "sft", "reward_model": "rm", "dpo_model": "dpo"},
+    "grpo": {"policy": "sft", "reward_model": "rm"},
+    "rloo": {"policy": "sft", "reward_model": "rm"},
+    "reinforce_pp": {"policy": "sft", "reward_model": "rm"},
+    "gvm_grpo": {"policy": "sft", "value_model": "gvm"},
+    "ppo_gvm_critic": {"policy": "sft", "reward_model": "rm", "critic": "gvm"},
 }
+
+
+def label(name: str) -> str:
+    return LABELS.get(name, name.upper())
 
 
 @dataclass(frozen=True)
@@ -77,25 +88,26 @@ def budget_note(budget: Budget) -> str:
     """The policy stages' budgets, as their configs set them (the configs give PPO, DVPO and RTO equal ones)."""
     config = {stage: yaml.safe_load((CONFIGS / f"{stage}.yaml").read_text()) for stage in ("dpo", *ON_POLICY)}
     dpo = config["dpo"]
-    on_policy = {
-        stage: (
+    on_policy = {}
+    for stage in ON_POLICY:
+        ppo = config[stage]["model"]["init_args"]["ppo"]
+        responses = config[stage]["data"]["init_args"]["batch_size"] * ppo.get("samples_per_prompt", 1)
+        on_policy[stage] = (
             config[stage]["trainer"]["max_steps"],
-            config[stage]["data"]["init_args"]["batch_size"],
-            config[stage]["model"]["init_args"]["ppo"]["ppo_epochs"],
-            config[stage]["model"]["init_args"]["ppo"]["mini_batch_size"],
-            config[stage]["model"]["init_args"]["ppo"].get("kl_target"),
+            responses,
+            ppo["ppo_epochs"],
+            ppo["mini_batch_size"],
+            ppo.get("kl_target"),
         )
-        for stage in ON_POLICY
-    }
     steps, batch, epochs, mini_batch, kl_target = on_policy["dvpo"]
-    unequal = [stage.upper() for stage, settings in on_policy.items() if settings != on_policy["dvpo"]]
+    unequal = [label(stage) for stage, settings in on_policy.items() if settings != on_policy["dvpo"]]
     rollouts = steps // (epochs * -(-batch // mini_batch))
     note = (
         f"Budgets, from the configs: DPO {dpo['trainer']['max_steps']} optimiser steps of "
-        f"{dpo['data']['init_args']['batch_size']} pairs; PPO, DVPO and RTO {steps} optimiser steps each ({rollouts} "
-        f"rollouts of {batch} prompts, {epochs} PPO epochs, mini-batch {mini_batch}), the KL coefficient steered to "
-        f"{kl_target} nats per response; SFT, RM and GVM as in their configs. Seeds: `--seed_everything` and the "
-        "SFT model's `init_seed`."
+        f"{dpo['data']['init_args']['batch_size']} pairs; every on-policy algorithm {steps} optimiser steps ({rollouts} "
+        f"rollouts of {batch} responses -- GRPO, RLOO and GVM-GRPO: 4 to each of a quarter as many prompts --, "
+        f"{epochs} PPO epochs, mini-batch {mini_batch}), the KL coefficient steered to {kl_target} nats per response; "
+        "SFT, RM and GVM as in their configs. Seeds: `--seed_everything` and the SFT model's `init_seed`."
     )
     if unequal:
         note += f" Unequal on-policy budgets in the configs of {', '.join(unequal)}."
@@ -113,7 +125,7 @@ def run(quick: bool, device: torch.device, output: Path, seeds: list[int] | None
         runs[seed] = run_seed(seed, root, budget, device)
     figure = reward_vs_kl(
         {
-            name.upper(): [
+            label(name): [
                 (seed_run[name]["kl_ref"], seed_run[name]["gold_reward"]) for seed_run in runs.values()
             ]
             for name in POLICIES
@@ -199,7 +211,7 @@ def make_report(runs: dict[int, dict[str, dict]], budget: Budget, figure: Path) 
     for name in POLICIES:
         policies.rows.append(
             [
-                name.upper(),
+                label(name),
                 mean_std(column(name, "gold_reward")),
                 "—" if name == "sft" else mean_std(gains(name)),
                 mean_std(column(name, "gold_fraction")),
@@ -224,7 +236,7 @@ def make_report(runs: dict[int, dict[str, dict]], budget: Budget, figure: Path) 
             per_seed.rows.append(
                 [
                     str(seed),
-                    name.upper(),
+                    label(name),
                     f"{result['gold_reward']:.3f}",
                     f"{result['gold_fraction']:.3f}",
                     f"{result['win_rate_vs_sft']:.3f}",
@@ -248,7 +260,7 @@ def make_report(runs: dict[int, dict[str, dict]], budget: Budget, figure: Path) 
     }
     return Report(
         "table",
-        "table: SFT, DPO, PPO, DVPO and RTO on the built-in task",
+        "table: SFT, DPO and the on-policy algorithms on the built-in task",
         [policies, stages, per_seed],
         raw,
         notes,

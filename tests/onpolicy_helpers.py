@@ -22,10 +22,10 @@ from dvpo_lightning.modules import (
     OptimConfig,
     PPOConfig,
     PPOModule,
-    Responses,
     RTOModule,
     SamplingConfig,
 )
+from dvpo_lightning.rl import AdvantageConfig, Responses
 from tests.stages import LARGE_LR, TINY_GPT2, export_random_value_model, tiny
 from tests.tiny import TINY_ARCH
 
@@ -91,6 +91,11 @@ class OnPolicyConfig:
         )
 
 
+def gvm_terminal(terminal: str) -> AdvantageConfig:
+    """DVPO's estimator with the terminal convention `terminal`."""
+    return AdvantageConfig("gvm", {"terminal": terminal})
+
+
 def _config(
     module_class: type[OnPolicyModule],
     lora: bool = False,
@@ -105,8 +110,8 @@ GVM, REWARD_MODEL, DPO_MODEL = Exported("gvm"), Exported("reward_model"), Export
 
 #: name -> configuration of every on-policy setup under test.
 ONPOLICY: dict[str, OnPolicyConfig] = {
-    "dvpo_gvm": _config(DVPOModule, value_model=GVM, terminal="gvm"),
-    "dvpo_zero": _config(DVPOModule, value_model=GVM, terminal="zero"),
+    "dvpo_gvm": _config(DVPOModule, value_model=GVM, advantage=gvm_terminal("gvm")),
+    "dvpo_zero": _config(DVPOModule, value_model=GVM, advantage=gvm_terminal("zero")),
     "dvpo_lora": _config(DVPOModule, lora=True, value_model=GVM),
     "dvpo_gpt2": _config(DVPOModule, arch=TINY_GPT2, value_model=GVM),
     "ppo": _config(PPOModule, reward_model=REWARD_MODEL),

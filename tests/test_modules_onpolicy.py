@@ -34,17 +34,17 @@ from dvpo_lightning.modules import (
     PPOConfig,
     RTOModule,
     SamplingConfig,
-    generate_responses,
 )
 from dvpo_lightning.modules import dvpo as dvpo_module
 from dvpo_lightning.modules import onpolicy as onpolicy_module
-from dvpo_lightning.modules.scoring import final_values, policy_logprobs, state_values
+from dvpo_lightning.rl import final_values, generate_responses, policy_logprobs, state_values
 from tests.onpolicy_helpers import (
     PositionValues,
     ScriptedPolicy,
     bias_logits,
     build_onpolicy,
     export_frozen_models,
+    gvm_terminal,
     hand_built_rollout,
     pad_rollout,
     perturb,
@@ -151,7 +151,7 @@ def test_extra_padding_changes_no_number_of_the_experience_or_the_loss(name, tok
     perturb(module.policy)  # the policy leaves the reference: KL terms are not all zero
     rollout = hand_built_rollout(tokenizer)
     padded = pad_rollout(rollout, tokenizer.pad_token_id, left=3, right=2)
-    plain, wide = module.make_experience(rollout), module.make_experience(padded)
+    plain, wide = module.experience_maker().make(rollout), module.experience_maker().make(padded)
     mask, width = rollout.response_mask, rollout.response_length
     assert plain.kl[mask].abs().max() > 1e-4
     assert_same_on_real_tokens(wide, plain, padded.response_mask, mask)
@@ -160,8 +160,8 @@ def test_extra_padding_changes_no_number_of_the_experience_or_the_loss(name, tok
     # A policy that moved since the rollout, so the ratios are not all 1 and every token's log-prob counts.
     perturb(module.policy, seed=1)
     with torch.no_grad():
-        loss, stats = module.minibatch_loss(plain, loss_normalizers(mask))
-        padded_loss, padded_stats = module.minibatch_loss(wide, loss_normalizers(padded.response_mask))
+        loss, stats = module.updater().loss(plain, loss_normalizers(mask))
+        padded_loss, padded_stats = module.updater().loss(wide, loss_normalizers(padded.response_mask))
     assert padded_loss.item() == pytest.approx(loss.item(), abs=1e-5)
     assert padded_stats["policy/entropy"].item() == pytest.approx(stats["policy/entropy"].item(), abs=1e-5)
 
@@ -172,8 +172,8 @@ def test_a_heavily_padded_batch_matches_its_rows_scored_one_at_a_time(name, toke
     module.configure_model()
     perturb(module.policy)
     padded = pad_rollout(hand_built_rollout(tokenizer), tokenizer.pad_token_id, left=6, right=5)
-    batch = module.make_experience(padded)
-    rows = [module.make_experience(row_alone(padded, row)) for row in range(len(batch))]
+    batch = module.experience_maker().make(padded)
+    rows = [module.experience_maker().make(row_alone(padded, row)) for row in range(len(batch))]
     for row, alone in enumerate(rows):
         assert alone.mask.all()  # no padding at all
         this_row = torch.zeros_like(batch.mask)
@@ -182,8 +182,8 @@ def test_a_heavily_padded_batch_matches_its_rows_scored_one_at_a_time(name, toke
     perturb(module.policy, seed=1)
     normalizers = loss_normalizers(batch.mask)  # the batch's counts: the rows' losses sum to the batch loss
     with torch.no_grad():
-        total = sum(module.minibatch_loss(alone, normalizers)[0] for alone in rows)
-        loss = module.minibatch_loss(batch, normalizers)[0]
+        total = sum(module.updater().loss(alone, normalizers)[0] for alone in rows)
+        loss = module.updater().loss(batch, normalizers)[0]
     assert total.item() == pytest.approx(loss.item(), abs=1e-5)
 
 
@@ -214,14 +214,14 @@ def test_dvpo_gives_its_estimator_the_gvm_state_values_and_final_values(tokenize
     module.configure_model()
     module.value_model = PositionValues()
     rollout = hand_built_rollout(tokenizer)
-    scores = module.score(rollout, torch.zeros(rollout.response_mask.shape))
-    # [B, R]: the complete response's column is dropped
-    assert scores.values.shape == rollout.response_mask.shape
-    assert_state_positions(scores.values)
-    assert scores.estimator_kwargs["final_values"].tolist() == FINAL_POSITIONS
-    assert scores.estimator_kwargs["terminal"] == "gvm"
-    assert scores.reward.tolist() == FINAL_POSITIONS
-    assert scores.sequence_scores is None and scores.dense_rewards == []  # no reward model, no score
+    scorers = module.scorers()
+    values, final = scorers.values(rollout)
+    assert values.shape == rollout.response_mask.shape  # [B, R]: the complete response's column is dropped
+    assert_state_positions(values)
+    assert final.tolist() == FINAL_POSITIONS
+    assert (module.advantage.estimator, module.advantage.option("terminal")) == ("gvm", "gvm")
+    assert scorers.score is None and scorers.dense == ()  # no reward model, no score
+    assert module.experience_maker().make(rollout).reward.tolist() == FINAL_POSITIONS
 
 
 def test_ppo_scores_with_the_reward_at_the_last_token_and_the_critics_state_values(tokenizer, exports):
@@ -229,11 +229,11 @@ def test_ppo_scores_with_the_reward_at_the_last_token_and_the_critics_state_valu
     module.configure_model()
     module.reward_model, module.critic_model = PositionValues(), PositionValues(offset=0.5)
     rollout = hand_built_rollout(tokenizer)
-    scores = module.score(rollout, torch.zeros(rollout.response_mask.shape))
-    assert scores.values.shape == rollout.response_mask.shape
-    assert_state_positions(scores.values, offset=0.5)
-    assert scores.sequence_scores.tolist() == FINAL_POSITIONS
-    assert scores.reward.tolist() == FINAL_POSITIONS
+    scorers = module.scorers()
+    values, _ = scorers.values(rollout)
+    assert values.shape == rollout.response_mask.shape
+    assert_state_positions(values, offset=0.5)
+    assert scorers.score(rollout, torch.zeros(rollout.response_mask.shape)).tolist() == FINAL_POSITIONS
 
 
 @pytest.mark.parametrize(
@@ -252,12 +252,14 @@ def test_the_missing_eos_penalty_is_applied_to_the_score_before_it_is_clamped_an
     for option, value in options.items():
         setattr(module, option, value)
     module.configure_model()
-    for scorer in ("reward_model", "critic_model", "value_model"):
+    for scorer in ("reward_model", "critic_model", "value_model", "scorer"):
         if hasattr(module, scorer):
             setattr(module, scorer, PositionValues())
     rollout = hand_built_rollout(tokenizer)
-    scores = module.score(rollout, torch.zeros(rollout.response_mask.shape))
-    assert scores.sequence_scores.tolist() == expected
+    maker = module.experience_maker()
+    score = maker.scorers.score
+    raw = score(rollout, torch.zeros(rollout.response_mask.shape)) if score is not None else None
+    assert maker.sequence_scores(raw, rollout.finished).tolist() == expected
 
 
 # ----------------------------------------------------------------------------------------------- DVPO models
@@ -321,7 +323,7 @@ def test_dvpo_terminal_gvm_adds_the_final_value_to_every_advantage_of_its_row(to
         )
         module.configure_model()
         perturb(module.policy)  # KL rewards too, the same in both
-        experiences[name] = module.make_experience(rollout)
+        experiences[name] = module.experience_maker().make(rollout)
     with torch.no_grad():
         final = final_values(state_values(modules["dvpo_gvm"].value_model, rollout), mask)  # [B]
     assert final.abs().min() > 1e-3
@@ -538,7 +540,10 @@ def test_one_iteration_logs_the_rl_metrics(name, runs):
     [
         (lambda: RTOModule(policy=tiny(), reward_model=tiny(), beta1=0.1), "dpo_model"),
         (lambda: RTOModule(policy=tiny(), reward_model=tiny(), beta1=0.0, shaping="reward"), "shaping"),
-        (lambda: DVPOModule(policy=tiny(), value_model=tiny(), terminal="bootstrap"), "terminal"),
+        (
+            lambda: DVPOModule(policy=tiny(), value_model=tiny(), advantage=gvm_terminal("bootstrap")),
+            "terminal",
+        ),
         (
             lambda: DVPOModule(policy=tiny(), value_model=tiny(), reference_as_disabled_adapter=True),
             "reference_as_disabled_adapter",
@@ -598,10 +603,13 @@ def test_dvpo_refuses_a_gvm_whose_final_value_was_never_trained_when_it_reads_it
     path = export_model(gvm, tokenizer, str(tmp_path / "gvm"), info={"value_training": training})
     for terminal in ("gvm", "zero"):
         module = DVPOModule(
-            policy=tiny(), value_model=ModelSpec(name_or_path=path), terminal=terminal, tokenizer=tokenizer
+            policy=tiny(),
+            value_model=ModelSpec(name_or_path=path),
+            advantage=gvm_terminal(terminal),
+            tokenizer=tokenizer,
         )
         if terminal == "gvm" and not train_final_value:
-            with pytest.raises(ValueError, match="`terminal`='gvm' .* train_final_value=false"):
+            with pytest.raises(ValueError, match="terminal`='gvm' .* train_final_value=false"):
                 module.check_model_sources()
         else:
             module.check_model_sources()
@@ -623,7 +631,7 @@ def test_lora_dropout_is_off_so_the_first_update_starts_at_a_ratio_of_exactly_on
     module.configure_model()
     perturb(module.policy)  # non-zero LoRA B matrices: dropout on the adapters' input would show
     module.train()
-    experience = module.make_experience(hand_built_rollout(tokenizer))
+    experience = module.experience_maker().make(hand_built_rollout(tokenizer))
     normalizers = loss_normalizers(experience.mask)
-    _, stats = module.minibatch_loss(experience, normalizers)
+    _, stats = module.updater().loss(experience, normalizers)
     assert float(stats["policy/ratio_max"]) == 1.0 and float(stats["policy/ratio_mean"]) == 1.0

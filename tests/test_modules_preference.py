@@ -26,7 +26,7 @@ from dvpo_lightning.models import (
 )
 from dvpo_lightning.models.export import EXPORT_INFO
 from dvpo_lightning.modules import DPOModule, GVMModule, PolicyModule, RewardModelModule, RLHFModule
-from dvpo_lightning.modules.scoring import pair_sequences, policy_logprobs, sft_sequences, state_values
+from dvpo_lightning.rl import pair_sequences, policy_logprobs, sft_sequences, state_values
 from tests.stages import (
     STAGES,
     TINY_GPT2,

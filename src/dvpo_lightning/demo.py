@@ -21,8 +21,8 @@ import transformers
 from dvpo_lightning.callbacks import PeakMemoryMonitor
 from dvpo_lightning.cli import run_cli
 from dvpo_lightning.evaluation import PolicyReport, dvpo_token_credit, evaluate_policy, evaluation_data
-from dvpo_lightning.modules.generation import SamplingConfig
 from dvpo_lightning.plots import learning_curves, token_heatmap
+from dvpo_lightning.rl import SamplingConfig
 
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 STAGES = ("sft", "gvm", "dvpo")

@@ -13,9 +13,18 @@ import torch
 
 from dvpo_lightning.algos import kl_penalty, masked_sum
 from dvpo_lightning.data import RLHFDataModule
-from dvpo_lightning.models import ModelSpec, build_policy
-from dvpo_lightning.modules.generation import SamplingConfig, generate_responses, gold_rewards
-from dvpo_lightning.modules.scoring import policy_logprobs
+from dvpo_lightning.models import ModelSpec, build_policy, build_value_model, freeze
+from dvpo_lightning.rl import (
+    AdvantageConfig,
+    ExperienceMaker,
+    PPOConfig,
+    SamplingConfig,
+    Scorers,
+    StateValues,
+    generate_responses,
+    gold_rewards,
+    policy_logprobs,
+)
 
 
 @dataclass
@@ -125,31 +134,31 @@ def dvpo_token_credit(
     Returns one dict per response: `prompt`, `tokens`, `value`, `advantage`, `gold` (lists aligned with `tokens`;
     an unfinished response gets a final "(cut)" entry carrying the gold penalty for not finishing).
     """
-    from dvpo_lightning.modules.dvpo import DVPOModule
-    from dvpo_lightning.modules.onpolicy import PPOConfig
-
     tokenizer, task = datamodule.tokenizer, datamodule.task
-    module = DVPOModule(
-        policy=ModelSpec(name_or_path=policy_dir),
-        value_model=ModelSpec(name_or_path=value_model_dir),
-        reference=ModelSpec(name_or_path=reference_dir),
-        sampling=sampling,
-        ppo=PPOConfig(gamma=gamma, lam=lam, whiten_advantages=False),
-        tokenizer=tokenizer,
+    policy = build_policy(ModelSpec(name_or_path=policy_dir), tokenizer, role="policy").eval()
+    reference = freeze(build_policy(ModelSpec(name_or_path=reference_dir), tokenizer, role="reference"))
+    gvm = freeze(build_value_model(ModelSpec(name_or_path=value_model_dir), tokenizer, role="GVM"))
+    ppo = PPOConfig(gamma=gamma, lam=lam, whiten_advantages=False)
+    maker = ExperienceMaker(
+        policy,
+        reference,
+        Scorers(values=StateValues(gvm)),
+        ppo,
+        AdvantageConfig("gvm"),
+        kl_coef=lambda: ppo.kl_coef,
+        temperature=sampling.temperature,
     )
-    module.configure_model()
-    module.eval()
     batch = next(iter(datamodule.val_dataloader()))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         responses = generate_responses(
-            module.policy,
+            policy,
             batch["prompt_input_ids"][:count],
             batch["prompt_attention_mask"][:count],
             sampling,
             tokenizer,
         )
-    experience = module.make_experience(responses)
+    experience = maker.make(responses)
     rows = []
     for row in range(len(responses.finished)):
         mask = responses.response_mask[row]

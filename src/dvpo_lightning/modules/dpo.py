@@ -9,7 +9,7 @@ from dvpo_lightning.algos import dpo_loss, masked_sum
 from dvpo_lightning.algos.losses import DPO_LOSS_TYPES
 from dvpo_lightning.modules.optim import OptimConfig
 from dvpo_lightning.modules.policy import PolicyModule
-from dvpo_lightning.modules.scoring import Sequences, pair_sequences, policy_logprobs
+from dvpo_lightning.rl import Sequences, pair_sequences, policy_logprobs
 
 
 class DPOModule(PolicyModule):

@@ -18,7 +18,7 @@ from dvpo_lightning.algos import loss_normalizers, masked_mean, td_lambda_return
 from dvpo_lightning.models import ModelSpec, build_value_model
 from dvpo_lightning.modules.base import RLHFModule
 from dvpo_lightning.modules.optim import OptimConfig
-from dvpo_lightning.modules.scoring import Sequences, final_values, pair_sequences, state_mask, state_values
+from dvpo_lightning.rl import Sequences, final_values, pair_sequences, state_mask, state_values
 
 TERMINAL_REWARDS = ("preference", "score", "reward_model")
 

@@ -8,11 +8,17 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from dvpo_lightning.algos import kl_penalty, masked_sum
-from dvpo_lightning.models import ModelSpec, build_policy, is_lora
+from dvpo_lightning.models import ModelSpec, build_policy
 from dvpo_lightning.modules.base import RLHFModule
-from dvpo_lightning.modules.generation import SamplingConfig, generate_responses, gold_rewards
-from dvpo_lightning.modules.scoring import Sequences, policy_logprobs
 from dvpo_lightning.modules.sharding import gathered
+from dvpo_lightning.rl import (
+    SamplingConfig,
+    Sequences,
+    generate_responses,
+    gold_rewards,
+    policy_logprobs,
+    reference_logprobs,
+)
 
 
 class PolicyModule(RLHFModule):
@@ -85,15 +91,9 @@ class PolicyModule(RLHFModule):
     def has_reference(self) -> bool:
         return getattr(self, "reference", None) is not None or self.reference_as_disabled_adapter
 
-    @torch.no_grad()
     def reference_logprobs(self, sequences: Sequences, temperature: float = 1.0) -> torch.Tensor:
         """Log-probs `[B, R]` of the response tokens under the reference policy."""
-        if self.reference is not None:
-            return policy_logprobs(self.reference, sequences, temperature)[0]
-        if not is_lora(self.policy):
-            raise RuntimeError("the policy has no LoRA adapter to disable and no reference model was built")
-        with self.policy.disable_adapter():
-            return policy_logprobs(self.policy, sequences, temperature)[0]
+        return reference_logprobs(self.policy, self.reference, sequences, temperature)
 
     @property
     def gold_task(self):

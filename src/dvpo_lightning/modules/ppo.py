@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import torch
 
-from dvpo_lightning.algos import clamp_scores
 from dvpo_lightning.models import ModelSpec, build_value_model
-from dvpo_lightning.modules.generation import Responses
-from dvpo_lightning.modules.onpolicy import OnPolicyModule, Scores
+from dvpo_lightning.modules.onpolicy import OnPolicyModule
 from dvpo_lightning.modules.optim import OptimConfig, trainable_parameter_groups
-from dvpo_lightning.modules.scoring import final_values, state_values
+from dvpo_lightning.rl import Scorers, SequenceValue, StateValues
 
 
 class PPOModule(OnPolicyModule):
-    """PPO with a learned critic (the algorithms doc, section 3; OpenRLHF's defaults).
+    """PPO with a learned critic (docs/algorithms.md §6; OpenRLHF's defaults).
 
     Per-token reward: the KL penalty, plus the reward model's score at the last token (less
-    `ppo.missing_eos_penalty` for an unfinished response, then clamped to +-`score_clip`); GAE advantages from the critic's values; the critic is trained with the clipped value loss
-    alongside the actor (one optimiser step updates both; each model's gradient norm is clipped on its own).
+    `ppo.missing_eos_penalty` for an unfinished response, then clamped to +-`score_clip`); GAE advantages from the
+    critic's values; the critic is trained with the clipped value loss alongside the actor (one optimiser step
+    updates both; each model's gradient norm is clipped on its own).
+
+    The critic starts from the reward model's weights, or from any value model given as `critic` -- a GVM export
+    makes a pretrained critic (NeMo-RL's value warm start) -- and `critic_warmup_iterations` first train the critic
+    alone on the initial policy's rollouts (verl's critic warm-up).
 
     Args:
         reward_model: the frozen reward model (the RM stage's export).
@@ -25,12 +28,13 @@ class PPOModule(OnPolicyModule):
         critic_optim: the critic's learning rate, betas, eps and weight decay (its optimiser type and schedule
             are the actor's, `optim`).
         score_clip: clamp of the reward model's score; None = no clamp.
-        **kwargs: `sampling`, `ppo`, `optim` (see `OnPolicyModule`), `policy`, `reference`,
+        critic_warmup_iterations: RL iterations at the start of training that update the critic only.
+        **kwargs: `sampling`, `ppo`, `advantage`, `optim` (see `OnPolicyModule`), `policy`, `reference`,
             `reference_as_disabled_adapter`, `eval_sampling` (see `PolicyModule`), `tokenizer`, `export_dir`, `fsdp`
             (see `RLHFModule`).
     """
 
-    advantage_estimator = "gae"
+    default_estimator = "gae"
     frozen_models = ("reference", "reward_model")
 
     def __init__(
@@ -39,13 +43,17 @@ class PPOModule(OnPolicyModule):
         critic: ModelSpec | None = None,
         critic_optim: OptimConfig | None = None,
         score_clip: float | None = 10.0,
+        critic_warmup_iterations: int = 0,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if critic_warmup_iterations < 0:
+            raise ValueError(f"critic_warmup_iterations must be >= 0; got {critic_warmup_iterations}")
         self.reward_model_spec = reward_model
         self.critic_spec = critic or reward_model
         self.critic_optim = critic_optim or OptimConfig(lr=1e-5)
         self.score_clip = score_clip
+        self.critic_warmup_iterations = critic_warmup_iterations
         self.save_hyperparameters(ignore=["tokenizer"])
 
     def build_models(self) -> None:
@@ -57,16 +65,16 @@ class PPOModule(OnPolicyModule):
     def critic(self) -> torch.nn.Module:
         return self.critic_model
 
-    def score(self, responses: Responses, ref_logprobs: torch.Tensor) -> Scores:
-        rows = self.scoring_rows(len(responses.finished))
-        mask = responses.response_mask
-        rewards = torch.cat([state_values(self.reward_model, responses.select(r)) for r in rows])
-        values = torch.cat([state_values(self.critic_model, responses.select(r)) for r in rows])
-        reward = final_values(rewards, mask)
-        scores = self.penalize_unfinished(reward, responses.finished)
-        if self.score_clip is not None:
-            scores = clamp_scores(scores, self.score_clip)
-        return Scores(reward=reward, values=values[:, :-1], sequence_scores=scores)
+    def scorers(self) -> Scorers:
+        return Scorers(
+            score=SequenceValue(self.reward_model),
+            values=StateValues(self.critic_model),
+            score_clip=self.score_clip,
+        )
+
+    def trains_policy(self) -> bool:
+        """The policy waits for the first `critic_warmup_iterations` iterations (counted in training batches)."""
+        return self.trainer.fit_loop.epoch_loop.total_batch_idx >= self.critic_warmup_iterations
 
     def trained_parameter_groups(self) -> list[dict]:
         groups = super().trained_parameter_groups()

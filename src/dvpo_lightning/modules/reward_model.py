@@ -10,7 +10,7 @@ from dvpo_lightning.algos import bradley_terry_loss
 from dvpo_lightning.models import ModelSpec, build_value_model
 from dvpo_lightning.modules.base import RLHFModule
 from dvpo_lightning.modules.optim import OptimConfig
-from dvpo_lightning.modules.scoring import final_values, pair_sequences, state_values
+from dvpo_lightning.rl import final_values, pair_sequences, state_values
 
 
 class RewardModelModule(RLHFModule):

@@ -7,10 +7,9 @@ from torchmetrics import MeanMetric
 
 from dvpo_lightning.algos import aggregate_loss, loss_normalizers
 from dvpo_lightning.models import ModelSpec, build_policy
-from dvpo_lightning.modules.generation import SamplingConfig
 from dvpo_lightning.modules.optim import OptimConfig
 from dvpo_lightning.modules.policy import PolicyModule
-from dvpo_lightning.modules.scoring import policy_logprobs, sft_sequences
+from dvpo_lightning.rl import SamplingConfig, policy_logprobs, sft_sequences
 
 
 class SFTModule(PolicyModule):

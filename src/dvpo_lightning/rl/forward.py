@@ -1,68 +1,13 @@
-"""Running models on split-layout batches: per-token log-probs and values of the response block.
-
-The layout (docs/design.md): `prompt_input_ids` / `prompt_attention_mask` `[B, P]` left-padded, then
-`response_input_ids` / `response_mask` `[B, R]` right-padded. Everything returned is aligned with the
-response block.
-"""
+"""Running models on `Sequences`: per-token log-probs and values of the response block, aligned with it."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from dvpo_lightning.algos import entropy_from_logits, last_token_values, token_logprobs
-from dvpo_lightning.data.collate import concat_prompt_response
-from dvpo_lightning.models import response_logits, response_values
-
-
-@dataclass
-class Sequences:
-    """A prompt block and a response block, the unit every model call takes."""
-
-    prompt_input_ids: torch.Tensor  # [B, P]
-    prompt_attention_mask: torch.Tensor  # [B, P] bool
-    response_input_ids: torch.Tensor  # [B, R]
-    response_mask: torch.Tensor  # [B, R] bool
-
-    def model_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(input_ids, attention_mask)` `[B, P + R]`."""
-        return concat_prompt_response(
-            self.prompt_input_ids, self.prompt_attention_mask, self.response_input_ids, self.response_mask
-        )
-
-    @property
-    def response_length(self) -> int:
-        return self.response_input_ids.shape[1]
-
-    def select(self, rows: torch.Tensor | slice) -> Sequences:
-        return Sequences(
-            self.prompt_input_ids[rows],
-            self.prompt_attention_mask[rows],
-            self.response_input_ids[rows],
-            self.response_mask[rows],
-        )
-
-
-def sft_sequences(batch: dict) -> Sequences:
-    return Sequences(
-        batch["prompt_input_ids"],
-        batch["prompt_attention_mask"],
-        batch["response_input_ids"],
-        batch["response_mask"],
-    )
-
-
-def pair_sequences(batch: dict) -> Sequences:
-    """Chosen and rejected responses of a pairs batch as one `[2B]` batch: rows `:B` chosen, `B:` rejected."""
-    prompt_ids, prompt_mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
-    return Sequences(
-        torch.cat([prompt_ids, prompt_ids]),
-        torch.cat([prompt_mask, prompt_mask]),
-        torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]]),
-        torch.cat([batch["chosen_mask"], batch["rejected_mask"]]),
-    )
+from dvpo_lightning.models import is_lora, response_logits, response_values
+from dvpo_lightning.rl.sequences import Sequences
 
 
 def policy_logprobs(
@@ -106,3 +51,17 @@ def state_mask(response_mask: torch.Tensor, include_final: bool = True) -> torch
 def final_values(values: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
     """The value `[B]` of each complete response (the output at its last real token) from `[B, R + 1]` values."""
     return last_token_values(values[:, 1:], response_mask)
+
+
+@torch.no_grad()
+def reference_logprobs(
+    policy: nn.Module, reference: nn.Module | None, sequences: Sequences, temperature: float = 1.0
+) -> torch.Tensor:
+    """Log-probs `[B, R]` of the response tokens under the reference: `reference`, or, when it is None, the LoRA
+    `policy` with its adapter disabled (its base weights are the reference; no second copy in memory)."""
+    if reference is not None:
+        return policy_logprobs(reference, sequences, temperature)[0]
+    if not is_lora(policy):
+        raise RuntimeError("the policy has no LoRA adapter to disable and no reference model was built")
+    with policy.disable_adapter():
+        return policy_logprobs(policy, sequences, temperature)[0]

@@ -1,4 +1,10 @@
-"""Sampling responses with HF `generate` (KV cache) into the split layout, and scoring them with a gold reward."""
+"""Rollout: sampling responses to prompts into the split layout, behind one small interface.
+
+A rollout backend is a function `(policy, prompt_input_ids [B, P], prompt_attention_mask [B, P], sampling,
+tokenizer) -> Responses` registered under a name in `ROLLOUT_BACKENDS`; `SamplingConfig.backend` chooses it. The
+default, `generate`, is HF `generate` with its KV cache. A faster backend is one more registered function: no
+algorithm changes.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +15,11 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from dvpo_lightning.modules.scoring import Sequences
+from dvpo_lightning.algos import Registry
+from dvpo_lightning.rl.sequences import Responses
+
+ROLLOUT_BACKENDS = Registry("rollout backend")
+register_rollout_backend = ROLLOUT_BACKENDS.register
 
 
 @dataclass
@@ -23,6 +33,7 @@ class SamplingConfig:
         top_p: nucleus sampling mass (1.0 = off).
         top_k: keep the k most likely tokens (0 = off).
         do_sample: False for greedy decoding (evaluation).
+        backend: the registered rollout backend that samples (`ROLLOUT_BACKENDS`); "generate" is HF `generate`.
     """
 
     max_new_tokens: int = 64
@@ -31,8 +42,10 @@ class SamplingConfig:
     top_p: float = 1.0
     top_k: int = 0
     do_sample: bool = True
+    backend: str = "generate"
 
     def __post_init__(self) -> None:
+        ROLLOUT_BACKENDS.get(self.backend)  # an unknown name fails here, listing the known ones
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1; got {self.max_new_tokens}")
         if self.temperature <= 0:
@@ -41,18 +54,6 @@ class SamplingConfig:
             )
 
 
-@dataclass
-class Responses(Sequences):
-    """Sampled responses: prompts left-padded, responses right-padded and cut after the first EOS."""
-
-    finished: torch.Tensor  # [B] bool, the response ended with EOS
-
-    @property
-    def lengths(self) -> torch.Tensor:  # [B]
-        return self.response_mask.sum(-1)
-
-
-@torch.no_grad()
 def generate_responses(
     policy: nn.Module,
     prompt_input_ids: torch.Tensor,
@@ -60,7 +61,22 @@ def generate_responses(
     sampling: SamplingConfig,
     tokenizer: PreTrainedTokenizerBase,
 ) -> Responses:
-    """Sample one response per prompt with the policy's KV cache.
+    """Sample one response per prompt `[B, P]` with the backend `sampling.backend` names."""
+    return ROLLOUT_BACKENDS.get(sampling.backend)(
+        policy, prompt_input_ids, prompt_attention_mask, sampling, tokenizer
+    )
+
+
+@register_rollout_backend("generate")
+@torch.no_grad()
+def hf_generate(
+    policy: nn.Module,
+    prompt_input_ids: torch.Tensor,
+    prompt_attention_mask: torch.Tensor,
+    sampling: SamplingConfig,
+    tokenizer: PreTrainedTokenizerBase,
+) -> Responses:
+    """Sample one response per prompt with HF `generate` and the policy's KV cache.
 
     The pad token is never sampled (it would be indistinguishable from padding), and everything after the
     first EOS is padding.
@@ -113,16 +129,6 @@ def decode_responses(tokenizer: PreTrainedTokenizerBase, responses: Responses) -
         skip_special_tokens=True,
     )
     return prompts, texts
-
-
-def gold_rewards(
-    task, tokenizer: PreTrainedTokenizerBase, responses: Responses
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The built-in task's gold reward of each response and its fraction of the prompt's optimum, `[B]` each."""
-    prompts, texts = decode_responses(tokenizer, responses)
-    scores = torch.tensor(task.score(prompts, texts, responses.finished.tolist()), dtype=torch.float32)
-    optimum = torch.tensor(task.optimum(prompts), dtype=torch.float32)
-    return scores, scores / optimum.clamp(min=1e-8)
 
 
 @contextlib.contextmanager

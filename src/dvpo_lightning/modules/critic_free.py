@@ -1,0 +1,59 @@
+"""Critic-free policy gradient (GRPO, RLOO, REINFORCE++): policy and reference trained against one sequence score."""
+
+from __future__ import annotations
+
+from dvpo_lightning.models import ModelSpec, build_value_model
+from dvpo_lightning.modules.onpolicy import OnPolicyModule
+from dvpo_lightning.rl import Scorers, SequenceValue
+
+
+class CriticFreeModule(OnPolicyModule):
+    """GRPO, Dr. GRPO, RLOO and REINFORCE++ (docs/algorithms.md §10-11), chosen by `advantage.estimator`.
+
+    No critic: each response's score -- a reward model's (`reward_model`), or a GVM's value of the complete
+    response (`value_model`: GVM-scored GRPO, DVPO without a critic at all) -- is placed at its last token, and the
+    estimator compares responses to the same prompt (`ppo.samples_per_prompt` of them) or whitens return-to-go over
+    the batch. Three models: the trained policy, the frozen reference and the frozen scorer.
+
+    Args:
+        reward_model: a frozen reward model (the RM stage's export) whose score is the reward.
+        value_model: a frozen GVM (the GVM stage's export) whose value of the complete response is the reward.
+        score_clip: clamp of the score; None = no clamp.
+        **kwargs: `sampling`, `ppo`, `advantage`, `optim` (see `OnPolicyModule`), `policy`, `reference`,
+            `reference_as_disabled_adapter`, `eval_sampling` (see `PolicyModule`), `tokenizer`, `export_dir`, `fsdp`
+            (see `RLHFModule`).
+    """
+
+    default_estimator = "grpo"
+    has_values = False
+    frozen_models = ("reference", "scorer")
+
+    def __init__(
+        self,
+        reward_model: ModelSpec | None = None,
+        value_model: ModelSpec | None = None,
+        score_clip: float | None = None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if (reward_model is None) == (value_model is None):
+            raise ValueError(
+                "CriticFreeModule scores responses with exactly one of `reward_model` (a reward model's score) or "
+                f"`value_model` (a GVM's value of the complete response); got reward_model={reward_model}, "
+                f"value_model={value_model}"
+            )
+        self.reward_model_spec, self.value_model_spec = reward_model, value_model
+        self.score_clip = score_clip
+        self.save_hyperparameters(ignore=["tokenizer"])
+
+    def build_models(self) -> None:
+        self.build_policy_and_reference()
+        spec, role = (
+            (self.reward_model_spec, "reward model")
+            if self.reward_model_spec is not None
+            else (self.value_model_spec, "global value model")
+        )
+        self.scorer = build_value_model(spec, self.tokenizer, role=role)
+
+    def scorers(self) -> Scorers:
+        return Scorers(score=SequenceValue(self.scorer), score_clip=self.score_clip)

@@ -1,0 +1,62 @@
+"""The RL engine, without Lightning: rollout, scorers, the experience maker, the PPO-style update, KL control.
+
+    responses  = generate_responses(policy, prompt_ids, prompt_mask, sampling, tokenizer)   # rollout
+    experience = ExperienceMaker(policy, reference, Scorers(...), ppo, advantage, kl_coef).make(responses)
+    stats      = PPOUpdate(policy, critic, ppo, kl_coef).run(experience, backward, step)
+
+Every formula comes from `dvpo_lightning.algos`; this layer runs models and moves tensors between them. The
+on-policy LightningModules only choose models, scorers and the estimator, and hand Lightning's optimiser hooks to
+`PPOUpdate`; a notebook or `dvpo_lightning.evaluation` uses the same pieces without a Trainer.
+"""
+
+from dvpo_lightning.rl.config import AdvantageConfig, PPOConfig
+from dvpo_lightning.rl.experience import Experience, ExperienceMaker, Scorers
+from dvpo_lightning.rl.forward import (
+    final_values,
+    policy_logprobs,
+    reference_logprobs,
+    state_mask,
+    state_values,
+)
+from dvpo_lightning.rl.metrics import experience_metrics, sample_rows
+from dvpo_lightning.rl.rollout import (
+    ROLLOUT_BACKENDS,
+    SamplingConfig,
+    decode_responses,
+    generate_responses,
+    register_rollout_backend,
+)
+from dvpo_lightning.rl.scorers import DPOTokenReward, GoldReward, SequenceValue, StateValues, gold_rewards
+from dvpo_lightning.rl.sequences import Responses, Sequences, pair_sequences, sft_sequences
+from dvpo_lightning.rl.update import PPOUpdate, clip_grad_norms
+
+__all__ = [
+    "ROLLOUT_BACKENDS",
+    "AdvantageConfig",
+    "DPOTokenReward",
+    "Experience",
+    "ExperienceMaker",
+    "GoldReward",
+    "PPOConfig",
+    "PPOUpdate",
+    "Responses",
+    "SamplingConfig",
+    "Scorers",
+    "SequenceValue",
+    "Sequences",
+    "StateValues",
+    "clip_grad_norms",
+    "decode_responses",
+    "experience_metrics",
+    "final_values",
+    "generate_responses",
+    "gold_rewards",
+    "pair_sequences",
+    "policy_logprobs",
+    "reference_logprobs",
+    "register_rollout_backend",
+    "sample_rows",
+    "sft_sequences",
+    "state_mask",
+    "state_values",
+]
