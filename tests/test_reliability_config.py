@@ -1,6 +1,6 @@
 """Bad configuration fails at start-up, before any model is loaded, with a message naming the option and the fix:
 missing paths (and the config that writes them), FSDP1 on a CPU, a model trained with another tokenizer, a
-disabled-adapter reference without LoRA.
+disabled-adapter reference without LoRA, a mistyped loss.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import transformers
 
+from dvpo_lightning.algos import PREFERENCE_LOSSES
 from dvpo_lightning.cli import main
 from dvpo_lightning.models import ModelSpec, TokenizerMismatchError, build_policy, export_model
 from dvpo_lightning.modules import DVPOModule
@@ -135,3 +136,23 @@ def test_a_missing_model_path_given_in_python_is_refused_naming_the_option(token
     ):
         module.configure_model()
     assert not hasattr(module, "policy")
+
+
+def test_a_mistyped_loss_fails_before_any_model_loads_listing_the_known_ones(
+    tmp_path, sft_export, monkeypatch
+):
+    refuse_loading(monkeypatch, transformers.AutoModelForCausalLM)
+    with pytest.raises(ValueError) as error:
+        main(
+            [
+                "fit",
+                "--config",
+                DPO,
+                f"--trainer.default_root_dir={tmp_path}",
+                f"--model.init_args.policy.name_or_path={sft_export}",
+                f"--data.init_args.tokenizer={sft_export}",
+                "--model.init_args.loss_type=[sigmoid,hnge]",
+            ]
+        )
+    known = ", ".join(sorted(PREFERENCE_LOSSES))
+    assert str(error.value) == f"loss_type: unknown preference loss 'hnge'; known: {known}"
