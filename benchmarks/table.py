@@ -1,9 +1,10 @@
-"""`table`: the paper's comparison in miniature — SFT, DPO, PPO, DVPO and RTO on the built-in task, several seeds.
+"""`table`: the paper's comparison in miniature — SFT, the offline DPO, SimPO and ORPO, and PPO, DVPO and RTO on the
+built-in task, several seeds.
 
 Per seed, every stage runs through the `dvpo` CLI from its config in `configs/` (what a user would type), with
 `--seed_everything <seed>`, its own `--trainer.default_root_dir <output>/runs/seed<seed>/<stage>` and every path
-it reads pointed at that seed's exports: sft, then rm, gvm and dpo (from the SFT export), then ppo (SFT + RM),
-dvpo (SFT + GVM) and rto (SFT + RM + DPO). The SFT model's random initialisation also takes the seed
+it reads pointed at that seed's exports: sft, then rm, gvm, dpo, simpo and orpo (from the SFT export), then ppo
+(SFT + RM), dvpo (SFT + GVM) and rto (SFT + RM + DPO). The SFT model's random initialisation also takes the seed
 (`init_seed`), so seeds vary the whole pipeline, not only the RL sampling.
 
 Budgets are the configs' own (a user's `dvpo fit --config configs/<stage>.yaml`): PPO, DVPO and RTO share one
@@ -33,15 +34,19 @@ from dvpo_lightning.modules.generation import SamplingConfig
 from dvpo_lightning.plots import reward_vs_kl
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-STAGES = ("sft", "rm", "gvm", "dpo", "ppo", "dvpo", "rto")
-POLICIES = ("sft", "dpo", "ppo", "dvpo", "rto")
+STAGES = ("sft", "rm", "gvm", "dpo", "simpo", "orpo", "ppo", "dvpo", "rto")
+POLICIES = ("sft", "dpo", "simpo", "orpo", "ppo", "dvpo", "rto")
+OFFLINE = ("dpo", "simpo", "orpo")
 ON_POLICY = ("ppo", "dvpo", "rto")
+LABELS = {"simpo": "SimPO"}  # how a stage is named in the report; the others upper-cased
 # For each stage, the model arguments that load an earlier stage's export, and which stage that is.
 INPUTS = {
     "sft": {},
     "rm": {"model": "sft"},
     "gvm": {"model": "sft"},
     "dpo": {"policy": "sft"},
+    "simpo": {"policy": "sft"},
+    "orpo": {"policy": "sft"},
     "ppo": {"policy": "sft", "reward_model": "rm"},
     "dvpo": {"policy": "sft", "value_model": "gvm"},
     "rto": {"policy": "sft", "reward_model": "rm", "dpo_model": "dpo"},
@@ -73,10 +78,19 @@ QUICK = Budget(
 )
 
 
+def label(stage: str) -> str:
+    return LABELS.get(stage, stage.upper())
+
+
 def budget_note(budget: Budget) -> str:
     """The policy stages' budgets, as their configs set them (the configs give PPO, DVPO and RTO equal ones)."""
-    config = {stage: yaml.safe_load((CONFIGS / f"{stage}.yaml").read_text()) for stage in ("dpo", *ON_POLICY)}
-    dpo = config["dpo"]
+    config = {
+        stage: yaml.safe_load((CONFIGS / f"{stage}.yaml").read_text()) for stage in (*OFFLINE, *ON_POLICY)
+    }
+    offline = {
+        stage: (config[stage]["trainer"]["max_steps"], config[stage]["data"]["init_args"]["batch_size"])
+        for stage in OFFLINE
+    }
     on_policy = {
         stage: (
             config[stage]["trainer"]["max_steps"],
@@ -87,12 +101,21 @@ def budget_note(budget: Budget) -> str:
         )
         for stage in ON_POLICY
     }
+    if len(set(offline.values())) == 1:
+        offline_note = (
+            f"{', '.join(map(label, OFFLINE[:-1]))} and {label(OFFLINE[-1])} {offline['dpo'][0]} optimiser steps of "
+            f"{offline['dpo'][1]} pairs each"
+        )
+    else:
+        offline_note = "; ".join(
+            f"{label(stage)} {steps} optimiser steps of {batch} pairs"
+            for stage, (steps, batch) in offline.items()
+        )
     steps, batch, epochs, mini_batch, kl_target = on_policy["dvpo"]
-    unequal = [stage.upper() for stage, settings in on_policy.items() if settings != on_policy["dvpo"]]
+    unequal = [label(stage) for stage, settings in on_policy.items() if settings != on_policy["dvpo"]]
     rollouts = steps // (epochs * -(-batch // mini_batch))
     note = (
-        f"Budgets, from the configs: DPO {dpo['trainer']['max_steps']} optimiser steps of "
-        f"{dpo['data']['init_args']['batch_size']} pairs; PPO, DVPO and RTO {steps} optimiser steps each ({rollouts} "
+        f"Budgets, from the configs: {offline_note}; PPO, DVPO and RTO {steps} optimiser steps each ({rollouts} "
         f"rollouts of {batch} prompts, {epochs} PPO epochs, mini-batch {mini_batch}), the KL coefficient steered to "
         f"{kl_target} nats per response; SFT, RM and GVM as in their configs. Seeds: `--seed_everything` and the "
         "SFT model's `init_seed`."
@@ -113,7 +136,7 @@ def run(quick: bool, device: torch.device, output: Path, seeds: list[int] | None
         runs[seed] = run_seed(seed, root, budget, device)
     figure = reward_vs_kl(
         {
-            name.upper(): [
+            label(name): [
                 (seed_run[name]["kl_ref"], seed_run[name]["gold_reward"]) for seed_run in runs.values()
             ]
             for name in POLICIES
@@ -199,7 +222,7 @@ def make_report(runs: dict[int, dict[str, dict]], budget: Budget, figure: Path) 
     for name in POLICIES:
         policies.rows.append(
             [
-                name.upper(),
+                label(name),
                 mean_std(column(name, "gold_reward")),
                 "—" if name == "sft" else mean_std(gains(name)),
                 mean_std(column(name, "gold_fraction")),
@@ -224,7 +247,7 @@ def make_report(runs: dict[int, dict[str, dict]], budget: Budget, figure: Path) 
             per_seed.rows.append(
                 [
                     str(seed),
-                    name.upper(),
+                    label(name),
                     f"{result['gold_reward']:.3f}",
                     f"{result['gold_fraction']:.3f}",
                     f"{result['win_rate_vs_sft']:.3f}",
@@ -248,7 +271,7 @@ def make_report(runs: dict[int, dict[str, dict]], budget: Budget, figure: Path) 
     }
     return Report(
         "table",
-        "table: SFT, DPO, PPO, DVPO and RTO on the built-in task",
+        "table: SFT, DPO, SimPO, ORPO, PPO, DVPO and RTO on the built-in task",
         [policies, stages, per_seed],
         raw,
         notes,
