@@ -27,6 +27,7 @@ from pathlib import Path
 from tempfile import TemporaryDirectory
 
 import torch
+from datasets import Dataset
 
 from benchmarks.cost import llama
 from benchmarks.report import Report, Table, verdict
@@ -62,26 +63,30 @@ FULL = Scale(arch=llama(64, 2), pairs=512, batch=32, steps=50, warmup=5, rounds=
 QUICK = Scale(arch=llama(32, 2), pairs=16, batch=4, steps=4, warmup=1, rounds=1)
 
 
+@dataclass(frozen=True)
+class Job:
+    """What both trainers get: the policy and reference exports and the pairs (ours as a data module)."""
+
+    policy_dir: str
+    reference_dir: str
+    pairs: Dataset
+    data: RLHFDataModule
+
+    def order(self) -> list[int]:
+        """The pairs' indices in the order our loader draws them (TRL is fed them in this order)."""
+        return [int(index) for batch in self.data.train_dataloader() for index in batch["index"]]
+
+
 def run(quick: bool, device: torch.device) -> Report:
     if importlib.util.find_spec("trl") is None:
         raise Skipped("TRL is not installed: `pip install -e '.[bench]'` (or `make install`) brings it in")
     scale = QUICK if quick else FULL
     with TemporaryDirectory(prefix="dvpo-bench-peer-") as tmp:
         tmp = Path(tmp)
-        tokenizer = RLHFDataModule("builtin:topics").tokenizer
-        policy_dir, reference_dir = (
-            export_model(
-                build_policy(ModelSpec(arch=dict(scale.arch), init_seed=seed), tokenizer),
-                tokenizer,
-                str(tmp / name),
-            )
-            for seed, name in enumerate(("policy", "reference"))
-        )
-        pairs = get_task("topics", 0).preference_dataset(scale.pairs)
-        data = our_data(pairs, policy_dir, scale, tmp)
+        job = prepare_job(scale, tmp)
         trainers = {
-            "ours": partial(run_ours, data, policy_dir, reference_dir, scale, device),
-            "trl": partial(run_trl, data, pairs, policy_dir, reference_dir, scale, device),
+            "ours": partial(run_ours, job, scale, device),
+            "trl": partial(run_trl, job, scale, device),
         }
         runs = {name: [] for name in trainers}
         for round_index in range(scale.rounds):
@@ -89,6 +94,21 @@ def run(quick: bool, device: torch.device) -> Report:
                 print(f"[peer] round {round_index + 1}/{scale.rounds}: {name}, {scale.steps} DPO steps")
                 runs[name].append(trainers[name](tmp / f"{name}{round_index}"))
     return make_report(runs, scale)
+
+
+def prepare_job(scale: Scale, tmp: Path) -> Job:
+    """Export a random policy (init seed 0) and reference (seed 1) of `scale.arch`, and `scale.pairs` built-in pairs."""
+    tokenizer = RLHFDataModule("builtin:topics").tokenizer
+    policy_dir, reference_dir = (
+        export_model(
+            build_policy(ModelSpec(arch=dict(scale.arch), init_seed=seed), tokenizer),
+            tokenizer,
+            str(tmp / name),
+        )
+        for seed, name in enumerate(("policy", "reference"))
+    )
+    pairs = get_task("topics", 0).preference_dataset(scale.pairs)
+    return Job(policy_dir, reference_dir, pairs, our_data(pairs, policy_dir, scale, tmp))
 
 
 def our_data(pairs, tokenizer_dir: str, scale: Scale, tmp: Path) -> RLHFDataModule:
@@ -111,35 +131,24 @@ def our_data(pairs, tokenizer_dir: str, scale: Scale, tmp: Path) -> RLHFDataModu
     return data
 
 
-def run_ours(
-    data: RLHFDataModule, policy_dir: str, reference_dir: str, scale: Scale, device: torch.device, root: Path
-) -> dict:
+def run_ours(job: Job, scale: Scale, device: torch.device, root: Path) -> dict:
     module = DPOModule(
-        policy=ModelSpec(name_or_path=policy_dir),
-        reference=ModelSpec(name_or_path=reference_dir),
+        policy=ModelSpec(name_or_path=job.policy_dir),
+        reference=ModelSpec(name_or_path=job.reference_dir),
         beta=BETA,
         optim=OptimConfig(lr=LR, betas=BETAS),
-        tokenizer=data.tokenizer,
+        tokenizer=job.data.tokenizer,
         export_dir=str(root / "model"),
     )
     clock = StepClock()
     trainer = bare_trainer(device, root, scale.steps, [clock], gradient_clip_val=1.0)
-    trainer.fit(module, datamodule=data)
+    trainer.fit(module, datamodule=job.data)
     return {"first_loss": clock.first_loss, "step_seconds": clock.intervals}
 
 
-def run_trl(
-    data: RLHFDataModule,
-    pairs,
-    policy_dir: str,
-    reference_dir: str,
-    scale: Scale,
-    device: torch.device,
-    root: Path,
-) -> dict:
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import DPOConfig, DPOTrainer
+def run_trl(job: Job, scale: Scale, device: torch.device, root: Path) -> dict:
+    from transformers import TrainerCallback
+    from trl import DPOTrainer
 
     class RecordingDPOTrainer(DPOTrainer):
         """TRL's trainer, unchanged, that remembers the loss of its first step."""
@@ -161,16 +170,39 @@ def run_trl(
             synchronize(device)
             self.ends.append(time.perf_counter())
 
-    order = [int(index) for batch in data.train_dataloader() for index in batch["index"]]
-    # TRL joins prompt and completion as text: the space keeps the word-level tokens apart.
-    rows = [
-        {
-            "prompt": pairs[i]["prompt"],
-            "chosen": " " + pairs[i]["chosen"],
-            "rejected": " " + pairs[i]["rejected"],
-        }
-        for i in order
-    ]
+    step_ends = StepEnds()
+    trainer = trl_trainer(
+        job,
+        job.order(),
+        scale,
+        device,
+        root,
+        RecordingDPOTrainer,
+        [step_ends],
+        beta=BETA,
+        loss_type=["sigmoid"],
+    )
+    trainer.train()
+    intervals = [later - earlier for earlier, later in zip(step_ends.ends, step_ends.ends[1:])]
+    return {"first_loss": trainer.first_loss, "step_seconds": intervals}
+
+
+def trl_trainer(
+    job: Job,
+    order: list[int],
+    scale: Scale,
+    device: torch.device,
+    root: Path,
+    trainer_class: type | None = None,
+    callbacks: list | None = None,
+    **loss_options,
+):
+    """TRL's `DPOTrainer` (or `trainer_class`) on `job`'s pairs in `order`, with our training settings and
+    `loss_options` (`beta`, `loss_type`, `loss_weights`, ...) for its `DPOConfig`; every pair's token ids are
+    checked to be ours."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
     args = DPOConfig(
         output_dir=str(root),
         per_device_train_batch_size=scale.batch,
@@ -182,8 +214,6 @@ def run_trl(
         weight_decay=0.0,
         lr_scheduler_type="constant",
         max_grad_norm=1.0,
-        beta=BETA,
-        loss_type=["sigmoid"],
         max_length=None,
         train_sampling_strategy="sequential",
         bf16=False,
@@ -195,20 +225,32 @@ def run_trl(
         logging_steps=scale.steps,
         disable_tqdm=True,
         seed=0,
+        **loss_options,
     )
-    step_ends = StepEnds()
-    trainer = RecordingDPOTrainer(
-        model=AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32),
-        ref_model=AutoModelForCausalLM.from_pretrained(reference_dir, dtype=torch.float32),
+    trainer = (trainer_class or DPOTrainer)(
+        model=AutoModelForCausalLM.from_pretrained(job.policy_dir, dtype=torch.float32),
+        ref_model=AutoModelForCausalLM.from_pretrained(job.reference_dir, dtype=torch.float32),
         args=args,
-        train_dataset=Dataset.from_list(rows),
-        processing_class=AutoTokenizer.from_pretrained(policy_dir),
-        callbacks=[step_ends],
+        train_dataset=trl_rows(job, order),
+        processing_class=AutoTokenizer.from_pretrained(job.policy_dir),
+        callbacks=callbacks or [],
     )
-    check_same_tokens(data, order, trainer.train_dataset)
-    trainer.train()
-    intervals = [later - earlier for earlier, later in zip(step_ends.ends, step_ends.ends[1:])]
-    return {"first_loss": trainer.first_loss, "step_seconds": intervals}
+    check_same_tokens(job.data, order, trainer.train_dataset)
+    return trainer
+
+
+def trl_rows(job: Job, order: list[int]) -> Dataset:
+    """`job`'s pairs in `order` as TRL reads them: it joins prompt and completion as text, so a space keeps the
+    word-level tokens apart."""
+    rows = [
+        {
+            "prompt": job.pairs[i]["prompt"],
+            "chosen": " " + job.pairs[i]["chosen"],
+            "rejected": " " + job.pairs[i]["rejected"],
+        }
+        for i in order
+    ]
+    return Dataset.from_list(rows)
 
 
 def check_same_tokens(data: RLHFDataModule, order: list[int], trl_rows) -> None:

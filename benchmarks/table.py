@@ -1,9 +1,10 @@
-"""`table`: the paper's comparison in miniature — SFT, DPO, PPO, DVPO, RTO and the critic-free estimators (GRPO, RLOO,
-REINFORCE++, GVM-scored GRPO) and PPO with a GVM-initialised critic on the built-in task, several seeds.
+"""`table`: the paper's comparison in miniature — SFT, the offline DPO, SimPO and ORPO, PPO, DVPO, RTO, the critic-free
+estimators (GRPO, RLOO, REINFORCE++, GVM-scored GRPO) and PPO with a GVM-initialised critic on the built-in task,
+several seeds.
 
 Per seed, every stage runs through the `dvpo` CLI from its config in `configs/` (what a user would type), with
 `--seed_everything <seed>`, its own `--trainer.default_root_dir <output>/runs/seed<seed>/<stage>` and every path
-it reads pointed at that seed's exports: sft, then rm, gvm and dpo (from the SFT export), then ppo, grpo, rloo and
+it reads pointed at that seed's exports: sft, then rm, gvm, dpo, simpo and orpo (from the SFT export), then ppo, grpo, rloo and
 reinforce_pp (SFT + RM), dvpo and gvm_grpo (SFT + GVM), ppo_gvm_critic (SFT + RM + GVM) and rto (SFT + RM + DPO). The SFT model's random initialisation also takes the seed
 (`init_seed`), so seeds vary the whole pipeline, not only the RL sampling.
 
@@ -35,15 +36,24 @@ from dvpo_lightning.rl import SamplingConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 ON_POLICY = ("ppo", "dvpo", "rto", "grpo", "rloo", "reinforce_pp", "gvm_grpo", "ppo_gvm_critic")
-STAGES = ("sft", "rm", "gvm", "dpo", *ON_POLICY)
-POLICIES = ("sft", "dpo", *ON_POLICY)
-LABELS = {"reinforce_pp": "REINFORCE++", "gvm_grpo": "GVM-GRPO", "ppo_gvm_critic": "PPO (GVM critic)"}
+OFFLINE = ("dpo", "simpo", "orpo")
+STAGES = ("sft", "rm", "gvm", *OFFLINE, *ON_POLICY)
+POLICIES = ("sft", *OFFLINE, *ON_POLICY)
+#: how a stage is named in the report; the others upper-cased
+LABELS = {
+    "simpo": "SimPO",
+    "reinforce_pp": "REINFORCE++",
+    "gvm_grpo": "GVM-GRPO",
+    "ppo_gvm_critic": "PPO (GVM critic)",
+}
 # For each stage, the model arguments that load an earlier stage's export, and which stage that is.
 INPUTS = {
     "sft": {},
     "rm": {"model": "sft"},
     "gvm": {"model": "sft"},
     "dpo": {"policy": "sft"},
+    "simpo": {"policy": "sft"},
+    "orpo": {"policy": "sft"},
     "ppo": {"policy": "sft", "reward_model": "rm"},
     "dvpo": {"policy": "sft", "value_model": "gvm"},
     "rto": {"policy": "sft", "reward_model": "rm", "dpo_model": "dpo"},
@@ -86,8 +96,23 @@ QUICK = Budget(
 
 def budget_note(budget: Budget) -> str:
     """The policy stages' budgets, as their configs set them (the configs give PPO, DVPO and RTO equal ones)."""
-    config = {stage: yaml.safe_load((CONFIGS / f"{stage}.yaml").read_text()) for stage in ("dpo", *ON_POLICY)}
-    dpo = config["dpo"]
+    config = {
+        stage: yaml.safe_load((CONFIGS / f"{stage}.yaml").read_text()) for stage in (*OFFLINE, *ON_POLICY)
+    }
+    offline = {
+        stage: (config[stage]["trainer"]["max_steps"], config[stage]["data"]["init_args"]["batch_size"])
+        for stage in OFFLINE
+    }
+    if len(set(offline.values())) == 1:
+        offline_note = (
+            f"{', '.join(map(label, OFFLINE[:-1]))} and {label(OFFLINE[-1])} {offline['dpo'][0]} optimiser steps of "
+            f"{offline['dpo'][1]} pairs each"
+        )
+    else:
+        offline_note = "; ".join(
+            f"{label(stage)} {steps} optimiser steps of {batch} pairs"
+            for stage, (steps, batch) in offline.items()
+        )
     on_policy = {}
     for stage in ON_POLICY:
         ppo = config[stage]["model"]["init_args"]["ppo"]
@@ -103,8 +128,7 @@ def budget_note(budget: Budget) -> str:
     unequal = [label(stage) for stage, settings in on_policy.items() if settings != on_policy["dvpo"]]
     rollouts = steps // (epochs * -(-batch // mini_batch))
     note = (
-        f"Budgets, from the configs: DPO {dpo['trainer']['max_steps']} optimiser steps of "
-        f"{dpo['data']['init_args']['batch_size']} pairs; every on-policy algorithm {steps} optimiser steps ({rollouts} "
+        f"Budgets, from the configs: {offline_note}; every on-policy algorithm {steps} optimiser steps ({rollouts} "
         f"rollouts of {batch} responses -- GRPO, RLOO and GVM-GRPO: 4 to each of a quarter as many prompts --, "
         f"{epochs} PPO epochs, mini-batch {mini_batch}), the KL coefficient steered to {kl_target} nats per response; "
         "SFT, RM and GVM as in their configs. Seeds: `--seed_everything` and the SFT model's `init_seed`."
@@ -260,7 +284,7 @@ def make_report(runs: dict[int, dict[str, dict]], budget: Budget, figure: Path) 
     }
     return Report(
         "table",
-        "table: SFT, DPO and the on-policy algorithms on the built-in task",
+        "table: SFT, the offline and the on-policy algorithms on the built-in task",
         [policies, stages, per_seed],
         raw,
         notes,

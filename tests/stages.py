@@ -116,6 +116,9 @@ STAGES: dict[str, Callable[..., RLHFModule]] = {
     "dpo_label_smoothing": _stage(DPOModule, label_smoothing=0.2),
     "dpo_precompute_reference": _stage(DPOModule, precompute_reference=True),
     "dpo_lora": _stage(DPOModule, {"lora": LoraSpec(r=4, alpha=8)}),
+    "dpo_rpo": _stage(DPOModule, loss_type=["sigmoid", "nll"], loss_weights=[1.0, 0.5]),
+    "simpo": _stage(DPOModule, loss_type="simpo", beta=2.0, simpo_gamma=1.0),
+    "orpo": _stage(DPOModule, loss_type="orpo"),
 }
 
 

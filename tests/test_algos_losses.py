@@ -136,9 +136,9 @@ def test_dpo_sigmoid_ipo_and_label_smoothing_by_hand():
 
 def test_dpo_bad_arguments():
     pair = (torch.zeros(1),) * 4
-    with pytest.raises(ValueError, match="unknown DPO loss_type 'hinge'"):
-        dpo_loss(*pair, beta=0.1, loss_type="hinge")
-    with pytest.raises(ValueError, match="label_smoothing applies to loss_type='sigmoid' only"):
+    with pytest.raises(ValueError, match="unknown preference loss 'hnge'"):
+        dpo_loss(*pair, beta=0.1, loss_type="hnge")
+    with pytest.raises(ValueError, match=r"label_smoothing=0.1 is read by none of loss_type \['ipo'\]"):
         dpo_loss(*pair, beta=0.1, loss_type="ipo", label_smoothing=0.1)
     with pytest.raises(ValueError, match="beta must be > 0"):
         dpo_loss(*pair, beta=0.0)

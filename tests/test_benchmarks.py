@@ -12,6 +12,7 @@ import torch
 import transformers
 
 from benchmarks import cost, run
+from benchmarks import table as table_benchmark
 from benchmarks.report import Table, mean_std, write_index
 from benchmarks.timing import alternating, resolve_device
 
@@ -89,12 +90,12 @@ def test_index_shows_every_latest_report(quick_run):
 def test_table_evaluates_every_policy_on_the_same_prompts(quick_run):
     output, _ = quick_run
     seed_run = json.loads((output / "table.json").read_text())["results"]["seeds"]["0"]
-    assert {seed_run[name]["prompts"] for name in ("sft", "dpo", "ppo", "dvpo", "rto")} == {
-        seed_run["sft"]["prompts"]
-    }
+    assert set(seed_run) == set(table_benchmark.STAGES)
+    assert {"simpo", "orpo"} <= set(table_benchmark.POLICIES)
+    assert {seed_run[name]["prompts"] for name in table_benchmark.POLICIES} == {seed_run["sft"]["prompts"]}
     # The SFT policy against itself: the same seed gives the same answers, so every prompt is a tie.
     assert seed_run["sft"]["win_rate_vs_sft"] == 0.5
-    for stage in ("sft", "rm", "gvm", "dpo", "ppo", "dvpo", "rto"):
+    for stage in table_benchmark.STAGES:
         assert (output / "runs" / "seed0" / stage / "model" / "config.json").exists()
 
 

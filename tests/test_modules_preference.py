@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch.utils.data import DataLoader
+from transformers import PreTrainedModel
 
 from dvpo_lightning.data import RLHFDataModule
 from dvpo_lightning.models import (
@@ -126,6 +127,10 @@ def test_frozen_models_are_the_ones_each_configuration_promises(fitted):
         assert module.reference is None and "reference" not in names
         base = [name for name in fitted.before if "lora_" not in name]
         assert base and not any(dict(module.named_parameters())[name].requires_grad for name in base)
+    elif isinstance(module, DPOModule) and not module.objective.needs_reference:
+        assert module.reference is None and "reference" not in names  # SimPO, ORPO: no reference at all
+        models = [name for name, child in module.named_children() if isinstance(child, PreTrainedModel)]
+        assert models == ["policy"]
     elif isinstance(module, DPOModule):
         assert "reference" in names
     elif isinstance(module, GVMModule):
@@ -271,7 +276,13 @@ def test_a_model_trained_with_another_tokenizer_is_refused_by_path(
         (lambda: GVMModule(tiny(), terminal_reward="reward_model"), "reward_model"),
         (lambda: GVMModule(tiny(), reward_model=tiny()), "terminal_reward"),
         (lambda: GVMModule(tiny(), terminal_reward="gold"), "terminal_reward"),
-        (lambda: DPOModule(policy=tiny(), loss_type="hinge"), "loss_type"),
+        (lambda: DPOModule(policy=tiny(), loss_type="hnge"), "loss_type"),
+        (lambda: DPOModule(policy=tiny(), loss_type="ipo", label_smoothing=0.1), "label_smoothing"),
+        (lambda: DPOModule(policy=tiny(), loss_type="simpo", reference=tiny()), "`reference`"),
+        (
+            lambda: DPOModule(policy=tiny(), loss_type="orpo", precompute_reference=True),
+            "precompute_reference",
+        ),
     ],
     ids=[
         "disabled_adapter_without_lora",
@@ -280,6 +291,9 @@ def test_a_model_trained_with_another_tokenizer_is_refused_by_path(
         "rm_without_rm_reward",
         "unknown_terminal_reward",
         "unknown_loss_type",
+        "option_of_another_loss",
+        "reference_with_reference_free_loss",
+        "precompute_with_reference_free_loss",
     ],
 )
 def test_incompatible_options_fail_at_construction_naming_the_option(make, option):

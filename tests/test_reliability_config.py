@@ -1,6 +1,6 @@
 """Bad configuration fails at start-up, before any model is loaded, with a message naming the option and the fix:
 missing paths (and the config that writes them), FSDP1 on a CPU, a model trained with another tokenizer, a
-disabled-adapter reference without LoRA.
+disabled-adapter reference without LoRA, a mistyped loss.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import transformers
 
+from dvpo_lightning.algos import PREFERENCE_LOSSES
 from dvpo_lightning.cli import main
 from dvpo_lightning.models import ModelSpec, TokenizerMismatchError, build_policy, export_model
 from dvpo_lightning.modules import DVPOModule
@@ -44,6 +45,21 @@ def nothing_loads(monkeypatch):
 def sft_export(tmp_path_factory, tokenizer) -> str:
     directory = tmp_path_factory.mktemp("sft")
     return export_model(build_policy(tiny(), tokenizer), tokenizer, str(directory))
+
+
+def fit_dpo_from(sft_export: str, root, *overrides: str) -> None:
+    """`dvpo fit --config configs/dpo.yaml` from `sft_export`, writing under `root`, with `overrides`."""
+    main(
+        [
+            "fit",
+            "--config",
+            DPO,
+            f"--trainer.default_root_dir={root}",
+            f"--model.init_args.policy.name_or_path={sft_export}",
+            f"--data.init_args.tokenizer={sft_export}",
+            *overrides,
+        ]
+    )
 
 
 def test_a_stage_run_before_the_stages_it_reads_names_each_missing_path_and_the_config_to_run(
@@ -102,17 +118,7 @@ def test_a_disabled_adapter_reference_without_lora_fails_before_any_model_loads(
     with pytest.raises(
         ValueError, match=r"reference_as_disabled_adapter=true needs a LoRA policy .* set `policy.lora`"
     ):
-        main(
-            [
-                "fit",
-                "--config",
-                DPO,
-                f"--trainer.default_root_dir={tmp_path}",
-                f"--model.init_args.policy.name_or_path={sft_export}",
-                f"--data.init_args.tokenizer={sft_export}",
-                "--model.init_args.reference_as_disabled_adapter=true",
-            ]
-        )
+        fit_dpo_from(sft_export, tmp_path, "--model.init_args.reference_as_disabled_adapter=true")
 
 
 def test_a_value_model_of_another_tokenizer_is_refused_before_any_model_is_built(tmp_path, tokenizer):
@@ -135,3 +141,13 @@ def test_a_missing_model_path_given_in_python_is_refused_naming_the_option(token
     ):
         module.configure_model()
     assert not hasattr(module, "policy")
+
+
+def test_a_mistyped_loss_fails_before_any_model_loads_listing_the_known_ones(
+    tmp_path, sft_export, monkeypatch
+):
+    refuse_loading(monkeypatch, transformers.AutoModelForCausalLM)
+    with pytest.raises(ValueError) as error:
+        fit_dpo_from(sft_export, tmp_path, "--model.init_args.loss_type=[sigmoid,hnge]")
+    known = ", ".join(sorted(PREFERENCE_LOSSES))
+    assert str(error.value) == f"loss_type: unknown preference loss 'hnge'; known: {known}"

@@ -15,6 +15,7 @@ Reliability, also by default:
 
 - the configuration is checked before anything is loaded (`dvpo_lightning.preflight`): missing paths name the
   config that writes them, FSDP1 without CUDA points at FSDP2;
+- an option refused by a module's own checks is reported with that check's message alone;
 - checkpoint files are written atomically (`AtomicCheckpointIO`), so a run killed while saving keeps its previous
   `last.ckpt`. FSDP2 (and sharded FSDP1) checkpoints are directories written in place by torch's distributed
   checkpointing, outside any `CheckpointIO`: there `last.ckpt` is a link to the newest step-named checkpoint,
@@ -65,6 +66,19 @@ class DVPOCLI(LightningCLI):
             config.checkpoint.dirpath = os.path.join(root, "checkpoints")
         self._default_loggers = config.trainer.logger in (None, True)
         self._root = root
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except ValueError as error:
+            # An option check in a module's or data module's __init__ reaches jsonargparse as one failed
+            # alternative of the `class | None` union, reported among every alternative and the whole parsed
+            # configuration; the check's own message is the one worth reading.
+            if error.__cause__ is not None and str(error).startswith(
+                "Does not validate against any of the Union"
+            ):
+                raise error.__cause__ from None
+            raise
 
     def instantiate_trainer(self, **kwargs):
         config = self._get(self.config_init, "trainer", default={})

@@ -1,4 +1,4 @@
-"""The math of DVPO, PPO, DPO, RTO and reward modelling as pure tensor functions.
+"""The math of DVPO, PPO, DPO (and its offline family), RTO and reward modelling as pure tensor functions.
 
 No Lightning, no `nn.Module`, no I/O: every function takes tensors and returns tensors, so it can
 be read, imported in a notebook and unit-tested on its own. Per-token tensors are `[B, T]` with an
@@ -42,7 +42,6 @@ from dvpo_lightning.algos.logprobs import entropy_from_logits, token_logprobs
 from dvpo_lightning.algos.losses import (
     LOSSES,
     bradley_terry_loss,
-    dpo_loss,
     get_loss,
     kl_loss,
     ppo_policy_loss,
@@ -59,6 +58,12 @@ from dvpo_lightning.algos.masked import (
     masked_var,
     masked_whiten,
 )
+from dvpo_lightning.algos.preference_losses import (
+    PREFERENCE_LOSSES,
+    get_preference_loss,
+    register_preference_loss,
+)
+from dvpo_lightning.algos.preference_objective import PreferenceLosses, PreferenceObjective, dpo_loss
 from dvpo_lightning.algos.registry import Registry
 from dvpo_lightning.algos.rewards import (
     assemble_token_rewards,
@@ -76,10 +81,13 @@ __all__ = [
     "KL_ESTIMATORS",
     "LOSSES",
     "ROLLOUT_INPUTS",
+    "PREFERENCE_LOSSES",
     "AdaptiveKLController",
     "FixedKLController",
     "KLController",
     "LossNormalizers",
+    "PreferenceLosses",
+    "PreferenceObjective",
     "Registry",
     "add_at_last_token",
     "aggregate_loss",
@@ -99,6 +107,7 @@ __all__ = [
     "get_advantage",
     "get_loss",
     "grpo_advantages",
+    "get_preference_loss",
     "gvm_advantages",
     "kl_loss",
     "kl_penalty",
@@ -115,6 +124,7 @@ __all__ = [
     "ppo_policy_loss",
     "register_advantage",
     "register_loss",
+    "register_preference_loss",
     "reinforce_advantages",
     "rloo_advantages",
     "rs_ppo_shaping",

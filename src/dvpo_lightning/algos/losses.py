@@ -7,7 +7,8 @@ Every loss returns a tuple whose first element is the loss to minimise:
   independent of the micro-batch split and rank count), `stats` a dict of detached scalars over
   this batch's real tokens, for logging;
 - pairwise losses (`dpo`, `bradley_terry`) return per-pair losses `[B]` first, then per-pair
-  statistics; the caller averages (an offline stage's batch mean).
+  statistics; the caller averages (an offline stage's batch mean). `dpo` (in `preference_objective`)
+  is the entry to the whole offline preference family of `preference_losses`.
 
 Gradients flow into what is being trained (new log-probs, values, policy log-probs, scores) and
 never into old log-probs, reference log-probs, advantages or targets: those are detached here.
@@ -27,8 +28,6 @@ from dvpo_lightning.algos.registry import Registry
 LOSSES = Registry("loss")
 register_loss = LOSSES.register
 get_loss = LOSSES.get
-
-DPO_LOSS_TYPES = ("sigmoid", "ipo")
 
 
 @register_loss("ppo_policy")
@@ -144,46 +143,6 @@ def kl_loss(
     kl = kl_penalty(logprobs, ref_logprobs.detach(), estimator, real)
     loss = kl_coef * aggregate_loss(kl, real, mode, normalizers)
     return loss, {"kl_mean": masked_mean(kl.detach(), real)}
-
-
-@register_loss("dpo")
-def dpo_loss(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor,
-    ref_rejected_logps: Tensor,
-    beta: float,
-    loss_type: str = "sigmoid",
-    label_smoothing: float = 0.0,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Direct Preference Optimisation on sequence log-probs `[B]` (summed over response tokens).
-
-    With `h = (log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l))`:
-
-    - `sigmoid`: `-(1 - eps) * log sigmoid(beta * h) - eps * log sigmoid(-beta * h)`, with
-      `eps = label_smoothing` the assumed probability that a pair's label is flipped
-      (conservative DPO; `eps = 0` is the paper's loss);
-    - `ipo`: `(h - 1 / (2 * beta))^2` (Azar et al. 2023; no label smoothing).
-
-    Returns `(losses, chosen_rewards, rejected_rewards)`, each `[B]`; the rewards are the implicit
-    `beta * (log pi - log pi_ref)` of each response, detached.
-    """
-    if beta <= 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must lie in [0, 0.5), got {label_smoothing}")
-    chosen_log_ratios = policy_chosen_logps - ref_chosen_logps.detach()  # [B]
-    rejected_log_ratios = policy_rejected_logps - ref_rejected_logps.detach()  # [B]
-    h = chosen_log_ratios - rejected_log_ratios
-    if loss_type == "sigmoid":
-        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
-    elif loss_type == "ipo":
-        if label_smoothing != 0:
-            raise ValueError("label_smoothing applies to loss_type='sigmoid' only")
-        losses = (h - 1 / (2 * beta)) ** 2
-    else:
-        raise ValueError(f"unknown DPO loss_type {loss_type!r}; known: {', '.join(DPO_LOSS_TYPES)}")
-    return losses, beta * chosen_log_ratios.detach(), beta * rejected_log_ratios.detach()
 
 
 @register_loss("bradley_terry")

@@ -70,9 +70,10 @@ class PolicyModule(RLHFModule):
         self.reference_as_disabled_adapter = reference_as_disabled_adapter
         self.eval_sampling = eval_sampling
 
-    def build_policy_and_reference(self) -> None:
+    def build_policy_and_reference(self, with_reference: bool = True) -> None:
+        """The policy, and the reference unless `with_reference` is false (a stage whose loss needs none)."""
         self.policy = build_policy(self.policy_spec, self.tokenizer, role="policy")
-        if self.reference_as_disabled_adapter:
+        if self.reference_as_disabled_adapter or not with_reference:
             self.reference = None
         else:
             spec = self.reference_spec or dataclasses.replace(
