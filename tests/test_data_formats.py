@@ -226,3 +226,16 @@ def test_template_that_refuses_a_conversation_is_a_bad_row(tokenizer_dir):
     with pytest.raises(BadRow, match="refused the conversation: start with the user") as caught:
         parse_record(record, "prompts", ChatRenderer(tokenizer), scores=False)
     assert caught.value.reason == "template_mismatch"
+
+
+def test_template_with_no_prompt_messages_is_a_bad_row(tokenizer_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer.chat_template = CHATML
+    only_answers = {
+        "chosen": [{"role": "assistant", "content": "Hello"}],
+        "rejected": [{"role": "assistant", "content": "Go away."}],
+    }
+    for record, fmt in (({"prompt": []}, "prompts"), (only_answers, "messages")):
+        with pytest.raises(BadRow, match="no messages before the answer") as caught:
+            parse_record(record, fmt, ChatRenderer(tokenizer), scores=False)
+        assert caught.value.reason == "empty_prompt"

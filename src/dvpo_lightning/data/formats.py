@@ -78,6 +78,8 @@ class ChatRenderer:
         if self.tokenizer is None:
             text = "".join(f"\n\n{_speaker(m['role'])}: {m['content']}" for m in messages)
             return text + HH_ASSISTANT if generation_prompt else text
+        if not messages:  # `apply_chat_template` raises a plain ValueError on an empty conversation
+            raise BadRow("empty_prompt", "no messages before the answer, and the chat template needs one")
         try:
             return self.tokenizer.apply_chat_template(
                 messages, tokenize=False, add_generation_prompt=generation_prompt
