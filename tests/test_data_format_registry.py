@@ -64,16 +64,9 @@ def test_a_new_format_is_one_class_and_loads_through_the_data_module(
     module.setup()  # the format is detected from the columns
     assert module.skipped == {"wrong_type": 1, "missing_field": 1, "empty_response": 1}
     assert texts_by_row(module) == {0: ("the cat .", "the cat sleeps ."), 4: ("the dog .", "a dog runs .")}
-    batch = next(iter(module.train_dataloader()))
-    eos = module.tokenizer.eos_token_id
-    assert batch["response_input_ids"][batch["index"] == 0].tolist()[0][-1] == eos
-    assert set(batch) == {
-        "index",
-        "prompt_input_ids",
-        "prompt_attention_mask",
-        "response_input_ids",
-        "response_mask",
-    }
+    batch = next(iter(module.train_dataloader()))  # an sft batch: prompt and response blocks
+    last = batch["response_input_ids"].gather(1, batch["response_mask"].sum(-1, keepdim=True) - 1)
+    assert len(last) == 2 and (last == module.tokenizer.eos_token_id).all()
 
     named = make_module(path, tmp_path, tokenizer=word_tokenizer_dir, mode="pairs", format="qa")
     with pytest.raises(ValueError, match="mode 'pairs' needs preference pairs, but .* is 'qa' data"):
