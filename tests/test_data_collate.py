@@ -31,8 +31,8 @@ def test_pad_sequences_left_and_right():
 
 def test_sft_batch_left_prompt_right_response():
     rows = [
-        {"row": 4, "prompt_ids": [11, 12, 13], "chosen_ids": [21, 2]},
-        {"row": 9, "prompt_ids": [14], "chosen_ids": [22, 23, 24, 2]},
+        {"row": 4, "prompt_ids": [11, 12, 13], "response_ids": [21, 2]},
+        {"row": 9, "prompt_ids": [14], "response_ids": [22, 23, 24, 2]},
     ]
     batch = Collator("sft", PAD)(rows)
     assert set(batch) == {

@@ -10,7 +10,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from dvpo_lightning.data.bad_rows import BadRow
-from dvpo_lightning.data.formats import ChatRenderer, detect_format, parse_record
+from dvpo_lightning.data.formats import ChatRenderer, detect_format, get_format, parse_record
 from tests.test_data_helpers import (
     bpe_tokenizer_dir,
     hh_messages,
@@ -190,7 +190,7 @@ def test_chat_template_renders_and_strips_the_closing_eos(tmp_path, tokenizer_di
         "chosen": [{"role": "assistant", "content": "Hello!"}],
         "rejected": [{"role": "assistant", "content": "Go away."}],
     }
-    example = parse_record(record, "messages", ChatRenderer(tokenizer), scores=False)
+    example = parse_record(record, get_format("messages"), ChatRenderer(tokenizer), scores=False)
     assert example == {
         "prompt": "<|user|>\nHi<eos>\n<|assistant|>\n",
         "chosen": "Hello!",
@@ -204,7 +204,7 @@ def test_template_whose_prompt_is_not_a_prefix_is_a_bad_row(tokenizer_dir):
     tokenizer.chat_template = CHATML.replace("<|assistant|>", "<|bot|>")
     record = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
     with pytest.raises(BadRow, match="not a prefix") as caught:
-        parse_record(record, "sft", ChatRenderer(tokenizer), scores=False)
+        parse_record(record, get_format("sft"), ChatRenderer(tokenizer), scores=False)
     assert caught.value.reason == "template_mismatch"
 
 
@@ -224,5 +224,18 @@ def test_template_that_refuses_a_conversation_is_a_bad_row(tokenizer_dir):
     )
     record = {"prompt": [{"role": "system", "content": "Hi"}]}
     with pytest.raises(BadRow, match="refused the conversation: start with the user") as caught:
-        parse_record(record, "prompts", ChatRenderer(tokenizer), scores=False)
+        parse_record(record, get_format("prompts"), ChatRenderer(tokenizer), scores=False)
     assert caught.value.reason == "template_mismatch"
+
+
+def test_template_with_no_prompt_messages_is_a_bad_row(tokenizer_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer.chat_template = CHATML
+    only_answers = {
+        "chosen": [{"role": "assistant", "content": "Hello"}],
+        "rejected": [{"role": "assistant", "content": "Go away."}],
+    }
+    for record, fmt in (({"prompt": []}, "prompts"), (only_answers, "messages")):
+        with pytest.raises(BadRow, match="no messages before the answer") as caught:
+            parse_record(record, get_format(fmt), ChatRenderer(tokenizer), scores=False)
+        assert caught.value.reason == "empty_prompt"

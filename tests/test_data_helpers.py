@@ -75,7 +75,7 @@ def texts_by_row(module: RLHFDataModule) -> dict[int, tuple[str, ...]]:
     for dataset in (module.train_dataset, module.val_dataset):
         for row in dataset:
             decoded = [tokenizer.decode(row["prompt_ids"])]
-            for key in ("chosen_ids", "rejected_ids"):
+            for key in ("response_ids", "chosen_ids", "rejected_ids"):
                 if key in row:
                     assert row[key][-1] == tokenizer.eos_token_id
                     decoded.append(tokenizer.decode(row[key][:-1]))

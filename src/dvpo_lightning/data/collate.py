@@ -47,8 +47,8 @@ def pad_sequences(
 class Collator:
     """Turns tokenised rows into one batch of the given mode (see the module docstring).
 
-    A row is a dict with `row` (its id in the source), `prompt_ids`, and per mode `chosen_ids`
-    (the response in sft mode), `rejected_ids`, and when `scores`, `chosen_score` / `rejected_score`.
+    A row is a dict with `row` (its id in the source), `prompt_ids`, and per mode `response_ids`
+    (sft) or `chosen_ids`, `rejected_ids` and, when `scores`, `chosen_score` / `rejected_score` (pairs).
     A plain dataclass, so `DataLoader` workers can pickle it.
     """
 
@@ -67,7 +67,7 @@ class Collator:
         )
         if self.mode == "sft":
             batch["response_input_ids"], batch["response_mask"] = pad_sequences(
-                [row["chosen_ids"] for row in rows], self.pad_id, "right"
+                [row["response_ids"] for row in rows], self.pad_id, "right"
             )
         elif self.mode == "pairs":
             # Padded together so both blocks share the same width R.

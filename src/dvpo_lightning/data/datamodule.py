@@ -16,11 +16,13 @@ from dvpo_lightning.data.builtin import BuiltinTask, get_task
 from dvpo_lightning.data.collate import MODES, Collator
 from dvpo_lightning.data.formats import (
     CANONICAL_FEATURES,
-    FORMATS,
-    PAIR_FORMATS,
     SCORE_COLUMNS,
+    TEXT_COLUMNS,
     ChatRenderer,
+    DataFormat,
     detect_format,
+    format_names,
+    get_format,
     has_scores,
     normalize_batch,
     sample_records,
@@ -37,8 +39,8 @@ from dvpo_lightning.data.tokenizers import (
 )
 
 DEFAULT_MAX_LENGTH = 256
-# The text columns each mode tokenises as responses (sft data keeps its response in `chosen`).
-RESPONSES = {"sft": ("chosen",), "pairs": ("chosen", "rejected"), "prompts": ()}
+# The text columns each mode tokenises as responses (sft mode reads pair data's `chosen` as its `response`).
+RESPONSES = {"sft": ("response",), "pairs": ("chosen", "rejected"), "prompts": ()}
 
 
 @dataclass
@@ -47,7 +49,7 @@ class _Rows:
 
     rows: datasets.Dataset
     bad: BadRows
-    format: str
+    format: DataFormat
     scores: bool  # the rows carry chosen_score / rejected_score
 
     def split(self, val_size: int | float, seed: int) -> tuple[_Rows, _Rows]:
@@ -60,7 +62,8 @@ class RLHFDataModule(LightningDataModule):
 
     Sources: `builtin:<task>` (generated offline), a local `.jsonl` / `.jsonl.gz` / `.json` /
     `.parquet` file, a `save_to_disk` directory, or a hub dataset name. Formats (`hh`, `pairs`,
-    `messages`, `prompts`, `sft`; see `dvpo_lightning.data.formats`) are detected from the columns.
+    `messages`, `prompts`, `sft`, or one registered with `dvpo_lightning.data.formats.register_format`)
+    are detected from the columns.
 
     Modes: `sft` batches a prompt and one response (the chosen one of pair data); `pairs` a prompt,
     chosen and rejected (plus `chosen_score` / `rejected_score` when the data has them); `prompts`
@@ -96,7 +99,8 @@ class RLHFDataModule(LightningDataModule):
         dataset: `builtin:<task>`, a local file or `save_to_disk` directory, or a hub dataset name.
         tokenizer: a tokenizer directory or hub name, or `bpe:<vocab_size>` to train one on the data;
             None uses the built-in task's tokenizer (other datasets need one).
-        format: `hh`, `pairs`, `messages`, `prompts` or `sft`; None detects it from the columns.
+        format: `hh`, `pairs`, `messages`, `prompts`, `sft` or a registered format's name; None detects
+            it from the columns.
         mode: `sft`, `pairs` or `prompts`; None takes the `data_mode` of the Trainer's LightningModule.
         dataset_config: the hub dataset's configuration name.
         split: the split to train on (hub datasets and DatasetDict directories).
@@ -147,7 +151,7 @@ class RLHFDataModule(LightningDataModule):
         self.save_hyperparameters()
         task_name = builtin_task_name(dataset)
         self.task: BuiltinTask | None = get_task(task_name, seed) if task_name is not None else None
-        _check_choice("format", format, FORMATS)
+        _check_choice("format", format, format_names())
         _check_choice("mode", mode, MODES)
         if tokenizer is None and self.task is None:
             raise ValueError(
@@ -200,7 +204,7 @@ class RLHFDataModule(LightningDataModule):
             vocab_size = bpe_vocab_size(self.tokenizer_name)
             if vocab_size is not None:
                 train, _ = self._splits()
-                texts = [text for key in ("prompt", "chosen", "rejected") for text in train.rows[key] if text]
+                texts = [text for key in TEXT_COLUMNS for text in train.rows[key] if text]
                 tokenizer = train_bpe_tokenizer(texts, vocab_size, self.cache_dir)
             elif self.tokenizer_name is not None:
                 tokenizer = load_tokenizer(self.tokenizer_name)
@@ -271,7 +275,7 @@ class RLHFDataModule(LightningDataModule):
     def _parse(self, source: RawSource, fmt: str | None) -> _Rows:
         """Raw records -> canonical rows; bad rows are logged in a new `BadRows` of the source."""
         sample = sample_records(source.dataset)
-        fmt = fmt or detect_format(sample, source.name)
+        fmt = get_format(fmt or detect_format(sample, source.name))
         scores = has_scores(sample, fmt)
         # A freshly trained BPE tokenizer has no chat template: messages use the default one.
         renderer = ChatRenderer(None if bpe_vocab_size(self.tokenizer_name) else self.tokenizer)
@@ -281,8 +285,8 @@ class RLHFDataModule(LightningDataModule):
             with_indices=True,
             remove_columns=source.dataset.column_names,
             features=CANONICAL_FEATURES,
-            fn_kwargs={"fmt": fmt, "renderer": renderer, "scores": scores},
-            desc=f"Parsing {source.name} ({fmt})",
+            fn_kwargs={"data_format": fmt, "renderer": renderer, "scores": scores},
+            desc=f"Parsing {source.name} ({fmt.name})",
         )
         bad = BadRows(source.name, source.json_lines, self.strict)
         rows = bad.drop(rows)
@@ -301,7 +305,7 @@ class RLHFDataModule(LightningDataModule):
                     spec, split = self.val_split, self.split
                 else:
                     spec, split = self.dataset, self.val_split
-                self._main_splits = (main, self._parse(self._load(spec, split), main.format))
+                self._main_splits = (main, self._parse(self._load(spec, split), main.format.name))
         return self._main_splits
 
     def _prompt_splits(self) -> tuple[_Rows, _Rows]:
@@ -318,11 +322,14 @@ class RLHFDataModule(LightningDataModule):
     def _tokenize(self, part: _Rows, split: str) -> datasets.Dataset:
         """Token ids of one split for the current mode; prompt-too-long rows are logged and dropped."""
         responses = RESPONSES[self.mode]
-        features = token_features(part.rows.features, responses)
-        if len(part.rows) == 0:  # `map` would leave an empty dataset's columns as they are
+        rows = part.rows
+        if self.mode == "sft" and part.format.kind == "pairs":  # sft on pair data learns the chosen responses
+            rows = rows.remove_columns("response").rename_column("chosen", "response")
+        features = token_features(rows.features, responses)
+        if len(rows) == 0:  # `map` would leave an empty dataset's columns as they are
             kept = datasets.Dataset.from_dict({name: [] for name in features}, features=features)
         else:
-            rows = part.rows.map(
+            rows = rows.map(
                 tokenize_batch,
                 batched=True,
                 features=features,
@@ -340,11 +347,11 @@ class RLHFDataModule(LightningDataModule):
         columns = ["row", "prompt_ids", *(f"{key}_ids" for key in responses)]
         return kept.select_columns(columns + (list(SCORE_COLUMNS) if self._scores else []))
 
-    def _check_format_fits_mode(self, fmt: str) -> None:
-        if fmt == "prompts" or (self.mode == "pairs" and fmt not in PAIR_FORMATS):
+    def _check_format_fits_mode(self, fmt: DataFormat) -> None:
+        if fmt.kind == "prompts" or (self.mode == "pairs" and fmt.kind != "pairs"):
             raise ValueError(
                 f"mode {self.mode!r} needs {'preference pairs' if self.mode == 'pairs' else 'responses'}, but "
-                f"{self.dataset} is {fmt!r} data"
+                f"{self.dataset} is {fmt.name!r} data"
             )
 
     def _report(self, logs: list[BadRows]) -> None:

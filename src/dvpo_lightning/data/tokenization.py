@@ -36,7 +36,7 @@ def tokenize_batch(
     max_response_length: int,
 ) -> dict[str, list]:
     """`Dataset.map(batched=True)` function over canonical rows; `responses` names the text columns
-    to tokenise as responses (`("chosen",)`, `("chosen", "rejected")` or `()`)."""
+    to tokenise as responses (`("response",)`, `("chosen", "rejected")` or `()`)."""
     out = {
         "reason": list(batch["reason"]),
         "detail": list(batch["detail"]),
