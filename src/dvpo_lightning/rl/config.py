@@ -110,7 +110,9 @@ class PPOConfig:
 
     def build_kl_controller(self) -> KLController:
         """The KL controller these settings describe (`algos.build_kl_controller` checks them)."""
-        horizon = self.kl_horizon if self.kl_controller == "adaptive" else None  # a default, so given only then
+        horizon = (
+            self.kl_horizon if self.kl_controller == "adaptive" else None
+        )  # a default, so given only then
         return build_kl_controller(self.kl_controller, self.kl_coef, target=self.kl_target, horizon=horizon)
 
     def optimizer_steps_per_rollout(self, rollout_size: int) -> int:
