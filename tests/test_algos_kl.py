@@ -13,6 +13,7 @@ from dvpo_lightning.algos import (
     FixedKLController,
     build_kl_controller,
     kl_penalty,
+    sequence_kl,
 )
 
 # log_ratio = logprobs - ref_logprobs = (1, -1)
@@ -104,3 +105,13 @@ def test_factory():
         build_kl_controller("fixed", 0.2, target=6.0)
     with pytest.raises(ValueError, match="unknown KL controller 'pid'"):
         build_kl_controller("pid", 0.2)
+
+
+def test_sequence_kl_sums_the_estimate_over_each_responses_real_tokens():
+    """Row 0: log-ratios (1, -1) -> k1 0, abs 2; row 1: only its first token (1) is real, NaN after."""
+    logprobs = torch.tensor([[-1.0, -2.0], [-1.0, float("nan")]])
+    ref_logprobs = torch.tensor([[-2.0, -1.0], [-2.0, 0.0]])
+    mask = torch.tensor([[True, True], [True, False]])
+    assert sequence_kl(logprobs, ref_logprobs, mask, "k1").tolist() == [0.0, 1.0]
+    assert sequence_kl(logprobs, ref_logprobs, mask, "abs").tolist() == [2.0, 1.0]
+

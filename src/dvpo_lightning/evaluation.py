@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from dvpo_lightning.algos import kl_penalty, masked_sum
+from dvpo_lightning.algos import sequence_kl
 from dvpo_lightning.data import RLHFDataModule
 from dvpo_lightning.models import ModelSpec, build_policy, build_value_model, freeze
 from dvpo_lightning.rl import (
@@ -89,8 +89,8 @@ def evaluate_policy(
             mask = responses.response_mask
             golds.append(gold)
             fractions.append(fraction)
-            kl_k1.append(masked_sum(kl_penalty(logprobs, ref_logprobs, "k1"), mask, dim=-1).cpu())
-            kl_k3.append(masked_sum(kl_penalty(logprobs, ref_logprobs, "k3"), mask, dim=-1).cpu())
+            kl_k1.append(sequence_kl(logprobs, ref_logprobs, mask, "k1").cpu())
+            kl_k3.append(sequence_kl(logprobs, ref_logprobs, mask, "k3").cpu())
             lengths.append(responses.lengths.float().cpu())
             finished.append(responses.finished.float().cpu())
     gold = torch.cat(golds)

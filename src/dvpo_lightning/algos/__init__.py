@@ -37,6 +37,7 @@ from dvpo_lightning.algos.kl import (
     build_kl_controller,
     check_kl_estimator,
     kl_penalty,
+    sequence_kl,
 )
 from dvpo_lightning.algos.logprobs import entropy_from_logits, token_logprobs
 from dvpo_lightning.algos.losses import (
@@ -128,6 +129,7 @@ __all__ = [
     "reinforce_advantages",
     "rloo_advantages",
     "rs_ppo_shaping",
+    "sequence_kl",
     "td_lambda_returns",
     "token_logprobs",
     "value_loss",

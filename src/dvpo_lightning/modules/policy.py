@@ -7,7 +7,7 @@ import dataclasses
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from dvpo_lightning.algos import kl_penalty, masked_sum
+from dvpo_lightning.algos import sequence_kl
 from dvpo_lightning.models import ModelSpec, build_policy
 from dvpo_lightning.modules.base import RLHFModule
 from dvpo_lightning.modules.sharding import gathered
@@ -181,8 +181,8 @@ class PolicyModule(RLHFModule):
             temperature = self.eval_sampling.temperature if self.eval_sampling.do_sample else 1.0
             logprobs = policy_logprobs(self.policy, responses, temperature)[0]
             ref_logprobs = self.reference_logprobs(responses, temperature)
-            metrics["kl_ref"] = masked_sum(kl_penalty(logprobs, ref_logprobs, "k1"), mask, dim=-1).mean()
-            metrics["kl_ref_k3"] = masked_sum(kl_penalty(logprobs, ref_logprobs, "k3"), mask, dim=-1).mean()
+            metrics["kl_ref"] = sequence_kl(logprobs, ref_logprobs, mask, "k1").mean()
+            metrics["kl_ref_k3"] = sequence_kl(logprobs, ref_logprobs, mask, "k3").mean()
         task = self.gold_task
         if task is not None:
             gold, fraction = gold_rewards(task, self.tokenizer, responses)

@@ -18,7 +18,7 @@ from dvpo_lightning.rl.forward import (
     state_mask,
     state_values,
 )
-from dvpo_lightning.rl.metrics import experience_metrics, sample_rows
+from dvpo_lightning.rl.metrics import experience_metrics, no_eos_warning, sample_rows
 from dvpo_lightning.rl.rollout import (
     ROLLOUT_BACKENDS,
     SamplingConfig,
@@ -50,6 +50,7 @@ __all__ = [
     "experience_metrics",
     "final_values",
     "generate_responses",
+    "no_eos_warning",
     "gold_rewards",
     "pair_sequences",
     "policy_logprobs",
