@@ -17,6 +17,7 @@ from torch import nn
 from dvpo_lightning.data.collate import pad_sequences
 from dvpo_lightning.models import LoraSpec, ModelSpec, build_policy, export_model
 from dvpo_lightning.modules import (
+    CriticFreeModule,
     DVPOModule,
     OnPolicyModule,
     OptimConfig,
@@ -76,7 +77,7 @@ class OnPolicyConfig:
             else value
             for key, value in self.options.items()
         }
-        if self.module_class is not DVPOModule:
+        if issubclass(self.module_class, PPOModule):
             options["critic_optim"] = optim  # the default 1e-5 would hide a critic that never moves
         policy = ModelSpec(
             arch=dict(self.arch or TINY_ARCH), lora=LoraSpec(r=4, alpha=8) if self.lora else None
@@ -107,6 +108,8 @@ def _config(
 
 
 GVM, REWARD_MODEL, DPO_MODEL = Exported("gvm"), Exported("reward_model"), Exported("dpo_model")
+GROUPS = {"samples_per_prompt": 2, "whiten_advantages": False}  # the critic-free estimators' groups of 2
+KL_IN_LOSS = {"kl_placement": "loss", "kl_estimator": "k3"}  # GRPO's
 
 #: name -> configuration of every on-policy setup under test.
 ONPOLICY: dict[str, OnPolicyConfig] = {
@@ -119,6 +122,27 @@ ONPOLICY: dict[str, OnPolicyConfig] = {
     "rto_without_dpo": _config(RTOModule, reward_model=REWARD_MODEL, beta1=0.0),
     "rto_rs_ppo": _config(
         RTOModule, reward_model=REWARD_MODEL, dpo_model=DPO_MODEL, beta1=0.5, shaping="rs-ppo"
+    ),
+    "ppo_gvm_critic": _config(PPOModule, reward_model=REWARD_MODEL, critic=GVM),
+    "ppo_critic_warmup": _config(
+        PPOModule, reward_model=REWARD_MODEL, critic=GVM, critic_warmup_iterations=1
+    ),
+    "grpo": _config(CriticFreeModule, reward_model=REWARD_MODEL, ppo={**GROUPS, **KL_IN_LOSS}),
+    "dr_grpo": _config(
+        CriticFreeModule,
+        reward_model=REWARD_MODEL,
+        advantage=AdvantageConfig("grpo", {"scale_by_std": False}),
+        ppo=GROUPS,
+    ),
+    "gvm_grpo": _config(CriticFreeModule, value_model=GVM, ppo={**GROUPS, **KL_IN_LOSS}),
+    "rloo": _config(
+        CriticFreeModule, reward_model=REWARD_MODEL, advantage=AdvantageConfig("rloo"), ppo=GROUPS
+    ),
+    "reinforce_pp": _config(
+        CriticFreeModule,
+        reward_model=REWARD_MODEL,
+        advantage=AdvantageConfig("reinforce", {"group_baseline": True}),
+        ppo=GROUPS,
     ),
     "dvpo_adaptive_kl": _config(
         DVPOModule, value_model=GVM, ppo={"kl_controller": "adaptive", "kl_target": 1.0, "kl_horizon": 10}

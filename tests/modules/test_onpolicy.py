@@ -39,6 +39,7 @@ from dvpo_lightning.modules import dvpo as dvpo_module
 from dvpo_lightning.modules import onpolicy as onpolicy_module
 from dvpo_lightning.rl import final_values, generate_responses, policy_logprobs, state_values
 from tests.helpers.onpolicy import (
+    ONPOLICY,
     PositionValues,
     ScriptedPolicy,
     bias_logits,
@@ -63,10 +64,18 @@ MODELS = {
     "rto": ({"policy", "critic_model"}, {"reference", "reward_model", "dpo_model"}),
     "rto_without_dpo": ({"policy", "critic_model"}, {"reference", "reward_model"}),
     "rto_rs_ppo": ({"policy", "critic_model"}, {"reference", "reward_model", "dpo_model"}),
+    "ppo_gvm_critic": ({"policy", "critic_model"}, {"reference", "reward_model"}),
+    "grpo": ({"policy"}, {"reference", "scorer"}),
+    "dr_grpo": ({"policy"}, {"reference", "scorer"}),
+    "gvm_grpo": ({"policy"}, {"reference", "scorer"}),
+    "rloo": ({"policy"}, {"reference", "scorer"}),
+    "reinforce_pp": ({"policy"}, {"reference", "scorer"}),
 }
 #: configurations whose scoring paths differ: frozen reference, disabled adapter, critic and reward model, DPO
 #: model, and a policy with absolute positions.
-PADDING = ("dvpo_gvm", "dvpo_lora", "ppo", "rto_rs_ppo", "dvpo_gpt2")
+PADDING = ("dvpo_gvm", "dvpo_lora", "ppo", "rto_rs_ppo", "dvpo_gpt2", "grpo")
+#: those whose rows are scored independently (a group estimator's row needs its group)
+ROW_WISE = tuple(name for name in PADDING if "samples_per_prompt" not in ONPOLICY[name].ppo)
 PER_TOKEN = ("old_logprobs", "ref_logprobs", "kl", "values", "token_rewards", "advantages", "returns")
 
 
@@ -124,6 +133,20 @@ def test_one_iteration_moves_every_trainable_parameter_and_no_frozen_one(name, r
             assert not model.training, f"frozen {model_name} left eval mode"
 
 
+def test_critic_warmup_iterations_train_the_critic_and_leave_the_policy_as_it_was(runs):
+    run = runs("ppo_critic_warmup")  # one iteration, all of it warm-up
+    parameters = dict(run.module.named_parameters())
+    for key, parameter in parameters.items():
+        moved = not torch.equal(parameter, run.before[key])
+        assert moved == key.startswith("critic_model."), key
+
+
+def test_a_ppo_critic_starts_from_the_model_it_is_given(runs, exports, tokenizer):
+    gvm = build_value_model(ModelSpec(name_or_path=exports.gvm), tokenizer)
+    start = {f"critic_model.{key}": value for key, value in gvm.named_parameters()}
+    assert all(torch.equal(runs("ppo_gvm_critic").before[key], value) for key, value in start.items())
+
+
 def test_a_lora_policys_reference_is_its_base_model_with_the_adapter_disabled(runs, tokenizer):
     module = runs("dvpo_lora").module
     assert module.reference is None  # no second copy of the weights
@@ -140,6 +163,9 @@ def test_a_lora_policys_reference_is_its_base_model_with_the_adapter_disabled(ru
 # ------------------------------------------------------------------------------------------------- padding
 def assert_same_on_real_tokens(padded, plain, padded_mask, plain_mask) -> None:
     for name in PER_TOKEN:
+        if getattr(plain, name) is None:  # values of a critic-free algorithm
+            assert getattr(padded, name) is None, name
+            continue
         expected = getattr(plain, name)[plain_mask]
         torch.testing.assert_close(getattr(padded, name)[padded_mask], expected, rtol=0, atol=1e-5, msg=name)
 
@@ -166,7 +192,7 @@ def test_extra_padding_changes_no_number_of_the_experience_or_the_loss(name, tok
     assert padded_stats["policy/entropy"].item() == pytest.approx(stats["policy/entropy"].item(), abs=1e-5)
 
 
-@pytest.mark.parametrize("name", PADDING)
+@pytest.mark.parametrize("name", ROW_WISE)
 def test_a_heavily_padded_batch_matches_its_rows_scored_one_at_a_time(name, tokenizer, exports):
     module = build_onpolicy(name, tokenizer, exports, whiten_advantages=False)  # whitening mixes rows
     module.configure_model()
