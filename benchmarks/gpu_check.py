@@ -324,11 +324,13 @@ def main(argv: list[str] | None = None) -> int:
     failed = unfinished(records)
     for record in failed:
         print(f"gpu-check: {record['run']} {record['status'].upper()}: {record['error']}")
-    print(
-        f"gpu-check: {len(records) - len(failed)} of {len(records)} runs done in {time.monotonic() - started:.0f} s"
-        + (f"; failed or not run: {', '.join(record['run'] for record in failed)}" if failed else "")
-        + f"; report: {output / 'gpu.md'}"
+    counts = {status: sum(r["status"] == status for r in records) for status in ("ok", "skipped")}
+    summary = (
+        f"gpu-check: {counts['ok']} runs ok, {counts['skipped']} skipped, {len(failed)} failed or not run"
     )
+    if failed:
+        summary += f" ({', '.join(record['run'] for record in failed)})"
+    print(f"{summary}, in {time.monotonic() - started:.0f} s; report: {output / 'gpu.md'}")
     return 1 if failed else 0
 
 
