@@ -62,7 +62,6 @@ from benchmarks.gpu_plan import (
     Scale,
     config_files,
     export_dir,
-    is_rank_zero,
     plan,
     write_tokenizer,
 )
@@ -74,6 +73,10 @@ from dvpo_lightning.cli import run_cli
 REPO = Path(__file__).resolve().parents[1]
 CPU_OUTPUT = REPO / "outputs" / "gpu-check"  # the dry run's report never lands in benchmarks/results
 GPU_DEADLINE_S = 420  # leaves a minute of the 8 for the installation
+
+
+def is_rank_zero() -> bool:
+    return int(os.environ.get("RANK", 0)) == 0
 
 
 def one_line(error: BaseException) -> str:

@@ -10,7 +10,6 @@ RTO from theirs, each loading the export of the provider's `single` run.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import yaml
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
 
+from benchmarks.cost import llama
 from dvpo_lightning.data import RLHFDataModule
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -46,16 +46,8 @@ LLAMA_3_2_1B = {
     "attention_bias": False,
     "mlp_bias": False,
 }
-TOY_LLAMA = {
-    "model_type": "llama",
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 128,
-    "tie_word_embeddings": True,
-}
+# Grouped-query attention and tied embeddings, as Llama-3.2-1B.
+TOY_LLAMA = {**llama(32, 2), "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": True}
 
 
 @dataclass(frozen=True)
@@ -193,10 +185,6 @@ def precision(run: Run, cuda: bool) -> str:
 def setting(run: Run, cuda: bool) -> str:
     unit = "GPU" if cuda else "process"
     return f"{VARIANTS[run.variant]}, {run.world} {unit}{'s' if run.world > 1 else ''}, {'bf16' if cuda else 'fp32'}"
-
-
-def is_rank_zero() -> bool:
-    return int(os.environ.get("RANK", 0)) == 0
 
 
 def run_overrides(run: Run, scale: Scale, work: Path, cuda: bool) -> dict:
