@@ -47,6 +47,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import asdict
+from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -73,6 +74,7 @@ from dvpo_lightning.cli import run_cli
 REPO = Path(__file__).resolve().parents[1]
 CPU_OUTPUT = REPO / "outputs" / "gpu-check"  # the dry run's report never lands in benchmarks/results
 GPU_DEADLINE_S = 420  # leaves a minute of the 8 for the installation
+LIBRARIES = ("torch", "lightning", "transformers", "peft", "datasets", "tokenizers")
 
 
 def is_rank_zero() -> bool:
@@ -195,23 +197,21 @@ def sharded_worker(args: argparse.Namespace, scale: Scale, cuda: bool) -> int:
 
 
 def context(args: argparse.Namespace, scale: Scale, cuda: bool) -> dict:
-    import lightning
-    import peft
-
     size = "Llama-3.2-1B's shape" if cuda else "toy size (the CPU dry run)"
     return {
         "title": f"gpu-check: every stage at {size}",
         "device": args.device,
         "devices": args.devices,
         "scale": asdict(scale),
-        "versions": {
-            "torch": torch.__version__,
-            "cuda": torch.version.cuda,
-            "lightning": lightning.__version__,
-            "transformers": transformers.__version__,
-            "peft": peft.__version__,
-        },
+        "versions": {"cuda": torch.version.cuda, **{name: installed(name) for name in LIBRARIES}},
     }
+
+
+def installed(distribution: str) -> str:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:  # e.g. peft without the extra: only the LoRA run needs it
+        return "not installed"
 
 
 def notes(scale: Scale, cuda: bool) -> list[str]:
