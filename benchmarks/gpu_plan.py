@@ -111,7 +111,12 @@ STAGES = {
     "ppo": Stage(("sft", "rm"), True),
     "dvpo": Stage(("sft", "gvm"), True),
     "rto": Stage(("sft", "rm", "dpo"), True),
+    "grpo": Stage(("sft", "rm"), True),
+    "gvm_grpo": Stage(("sft", "gvm"), True),
 }
+#: critic-free stages sample groups: this many responses to each of half as many prompts as the others' rollouts
+GROUP_SIZE = 2
+CRITIC_FREE = ("grpo", "gvm_grpo")
 VARIANTS = {
     "single": "no strategy",
     "no-gc": "no strategy, gradient checkpointing off",
@@ -214,6 +219,8 @@ def run_overrides(run: Run, scale: Scale, work: Path, cuda: bool) -> dict:
         "dvpo": {"policy": policy, "reference": frozen("sft"), "value_model": frozen("gvm")},
     }
     models["rto"] = {**models["ppo"], "dpo_model": frozen("dpo")}
+    models["grpo"] = {"policy": policy, "reference": frozen("sft"), "reward_model": frozen("rm")}
+    models["gvm_grpo"] = {"policy": policy, "reference": frozen("sft"), "value_model": frozen("gvm")}
     model = models[run.stage]
     if run.variant == "lora":
         rank = scale.lora_rank
@@ -226,6 +233,7 @@ def run_overrides(run: Run, scale: Scale, work: Path, cuda: bool) -> dict:
             "ppo_epochs": 1,
             "mini_batch_size": scale.mini_batch,
             "micro_batch_size": scale.micro_batch,
+            "samples_per_prompt": GROUP_SIZE if run.stage in CRITIC_FREE else 1,
         }
     if run.variant == "fsdp2":
         model["fsdp"] = {"param_dtype": "bfloat16" if cuda else None}
@@ -247,7 +255,9 @@ def run_overrides(run: Run, scale: Scale, work: Path, cuda: bool) -> dict:
         "tokenizer": str(work / "tokenizer") if run.stage == "sft" else sft,
         "builtin_size": scale.builtin_size,
         "val_size": 0,
-        "batch_size": scale.rollout if stage.on_policy else scale.batch,
+        "batch_size": (scale.rollout // (GROUP_SIZE if run.stage in CRITIC_FREE else 1))
+        if stage.on_policy
+        else scale.batch,
         "cache_dir": str(work / "cache"),
     }
     return {
