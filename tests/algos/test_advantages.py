@@ -124,7 +124,7 @@ def test_td_lambda_targets_carry_no_gradient():
     assert not returns.requires_grad
 
 
-def _gvm(rewards, values, mask, final_values, terminal, gamma, lam):
+def _gvm(rewards, values, mask, final_values, bootstrap, gamma, lam):
     return get_advantage("gvm")(
         token_rewards=rewards,
         values=values,
@@ -132,16 +132,16 @@ def _gvm(rewards, values, mask, final_values, terminal, gamma, lam):
         gamma=gamma,
         lam=lam,
         final_values=final_values,
-        terminal=terminal,
+        bootstrap=bootstrap,
     )
 
 
 @pytest.mark.parametrize("gamma, lam", [(1.0, 0.95), (0.9, 0.8)])
-def test_gvm_terminal_conventions_differ_by_the_discounted_final_value(gamma, lam):
+def test_gvm_bootstraps_differ_by_the_discounted_final_value(gamma, lam):
     rewards, values, final_values = _random_rows(5), _random_rows(6), _random_rows(7)[:, 0]
     mask = layout_mask(LENGTHS, LENGTH, "interior", seed=7)
     rewards, values = spread(rewards, mask), spread(values, mask)
-    principled, principled_returns = _gvm(rewards, values, mask, final_values, "gvm", gamma, lam)
+    principled, principled_returns = _gvm(rewards, values, mask, final_values, "final_value", gamma, lam)
     reference, reference_returns = _gvm(rewards, values, mask, final_values, "zero", gamma, lam)
     real_tokens_after = mask.sum(dim=1, keepdim=True) - mask.long().cumsum(dim=1)  # [B, T]
     # the final value is the value of the state after the last token: one discounted step away from it
@@ -153,7 +153,9 @@ def test_gvm_terminal_conventions_differ_by_the_discounted_final_value(gamma, la
 def test_gvm_with_gamma_and_lambda_one_is_final_value_minus_value_plus_rewards_to_go():
     rewards, values, final_values = _random_rows(8), _random_rows(9), _random_rows(10)[:, 0]
     mask = layout_mask(LENGTHS, LENGTH, "interior", seed=8)
-    advantages, _ = _gvm(spread(rewards, mask), spread(values, mask), mask, final_values, "gvm", 1.0, 1.0)
+    advantages, _ = _gvm(
+        spread(rewards, mask), spread(values, mask), mask, final_values, "final_value", 1.0, 1.0
+    )
     expected = [
         [final_values[row].item() - values[row, t].item() + rewards[row, t:n].sum().item() for t in range(n)]
         for row, n in enumerate(LENGTHS)
@@ -161,11 +163,17 @@ def test_gvm_with_gamma_and_lambda_one_is_final_value_minus_value_plus_rewards_t
     _assert_rows_close(advantages, mask, expected)
 
 
-def test_gvm_terminal_discounts_the_final_value_by_one_step():
+def test_gvm_final_value_bootstrap_discounts_it_by_one_step():
     """gamma = 0.9, lam = 1, V(s_0) = 0.5, V(s_1) = 0.2, V_final = 1, no token reward:
     delta_1 = 0.9 * 1 - 0.2 = 0.7, delta_0 = 0.9 * 0.2 - 0.5 = -0.32, A = (-0.32 + 0.9 * 0.7, 0.7)."""
     advantages, returns = _gvm(
-        torch.zeros(1, 2), torch.tensor([[0.5, 0.2]]), torch.ones(1, 2), torch.tensor([1.0]), "gvm", 0.9, 1.0
+        torch.zeros(1, 2),
+        torch.tensor([[0.5, 0.2]]),
+        torch.ones(1, 2),
+        torch.tensor([1.0]),
+        "final_value",
+        0.9,
+        1.0,
     )
     torch.testing.assert_close(advantages, torch.tensor([[0.31, 0.7]]))
     torch.testing.assert_close(returns, torch.tensor([[0.81, 0.9]]))
@@ -174,7 +182,7 @@ def test_gvm_terminal_discounts_the_final_value_by_one_step():
 @pytest.mark.parametrize("gamma, lam", [(0.9, 0.8), (0.9, 1.0), (1.0, 0.95)])
 def test_dvpo_returns_are_the_gvms_training_targets_on_the_same_values(gamma, lam):
     """The GVM is trained on the states s_0..s_T and the complete response, with the terminal reward after the
-    latter (`td_lambda_returns`); DVPO's `gvm` terminal must read its values the same way. On the GVM's own values
+    latter (`td_lambda_returns`); DVPO's `final_value` bootstrap must read its values the same way. On the GVM's own values
     and with the final value as the terminal reward, DVPO's returns equal the GVM's targets on s_0..s_{T-1}."""
     mask = layout_mask(LENGTHS, LENGTH, "right", seed=9)  # [B, T]
     values = spread(_random_rows(11), mask)  # [B, T], V(s_t)
@@ -185,14 +193,14 @@ def test_dvpo_returns_are_the_gvms_training_targets_on_the_same_values(gamma, la
     state_mask = torch.cat([mask, torch.zeros(len(LENGTHS), 1, dtype=torch.bool)], dim=1)
     state_mask[torch.arange(len(LENGTHS)), lengths] = True
     targets = td_lambda_returns(final, states, state_mask, gamma, lam)[:, :LENGTH]
-    _, returns = _gvm(torch.zeros_like(values), values, mask, final, "gvm", gamma, lam)
+    _, returns = _gvm(torch.zeros_like(values), values, mask, final, "final_value", gamma, lam)
     torch.testing.assert_close(returns, torch.where(mask, targets, 0))
 
 
-def test_gvm_with_a_perfect_gvm_gives_zero_advantages_only_with_the_gvm_terminal():
+def test_gvm_with_a_perfect_gvm_gives_zero_advantages_only_with_the_final_value_bootstrap():
     """Every prefix and the full response are worth 1: no token is better than expected."""
     ones, zeros = torch.ones(1, 3), torch.zeros(1, 3)
-    principled, _ = _gvm(zeros, ones, ones, torch.tensor([1.0]), "gvm", 1.0, 0.5)
+    principled, _ = _gvm(zeros, ones, ones, torch.tensor([1.0]), "final_value", 1.0, 0.5)
     reference, _ = _gvm(zeros, ones, ones, torch.tensor([1.0]), "zero", 1.0, 0.5)
     assert principled.tolist() == [[0.0, 0.0, 0.0]]
     # "zero": delta = (0, 0, -1), so A = (-0.25, -0.5, -1): the good ending is penalised
@@ -361,7 +369,7 @@ def test_bad_arguments_are_clear_errors():
         ValueError, match="group_size >= 2 responses per prompt dividing the batch size 4 .* got 3"
     ):
         get_advantage("rloo")(token_rewards=rewards, values=None, mask=mask, gamma=1.0, lam=1.0, group_size=3)
-    with pytest.raises(ValueError, match="unknown terminal 'last'"):
+    with pytest.raises(ValueError, match="unknown bootstrap 'last'"):
         _gvm(rewards, rewards, mask, torch.zeros(4), "last", 1.0, 0.95)
     with pytest.raises(ValueError, match="gamma and lam must lie in"):
         gae(rewards, rewards, mask, 1.5, 0.95)

@@ -92,9 +92,9 @@ class OnPolicyConfig:
         )
 
 
-def gvm_terminal(terminal: str) -> AdvantageConfig:
-    """DVPO's estimator with the terminal convention `terminal`."""
-    return AdvantageConfig("gvm", {"terminal": terminal})
+def gvm_bootstrap(bootstrap: str) -> AdvantageConfig:
+    """DVPO's estimator with the value `bootstrap` after the last token."""
+    return AdvantageConfig("gvm", {"bootstrap": bootstrap})
 
 
 def _config(
@@ -113,8 +113,8 @@ KL_IN_LOSS = {"kl_placement": "loss", "kl_estimator": "k3"}  # GRPO's
 
 #: name -> configuration of every on-policy setup under test.
 ONPOLICY: dict[str, OnPolicyConfig] = {
-    "dvpo_gvm": _config(DVPOModule, value_model=GVM, advantage=gvm_terminal("gvm")),
-    "dvpo_zero": _config(DVPOModule, value_model=GVM, advantage=gvm_terminal("zero")),
+    "dvpo_gvm": _config(DVPOModule, value_model=GVM, advantage=gvm_bootstrap("final_value")),
+    "dvpo_zero": _config(DVPOModule, value_model=GVM, advantage=gvm_bootstrap("zero")),
     "dvpo_lora": _config(DVPOModule, lora=True, value_model=GVM),
     "dvpo_gpt2": _config(DVPOModule, arch=TINY_GPT2, value_model=GVM),
     "ppo": _config(PPOModule, reward_model=REWARD_MODEL),

@@ -1,5 +1,5 @@
 """The on-policy modules (PPO, DVPO, RTO): what an iteration trains and what it must not, padding, value
-alignment, DVPO's models and terminal conventions, the KL controller in checkpoints, generation, gradient
+alignment, DVPO's models and bootstrap conventions, the KL controller in checkpoints, generation, gradient
 accumulation, metrics and option checks.
 
 Each configuration of `tests.helpers.onpolicy.ONPOLICY` is fitted at most once (one RL iteration, two
@@ -45,7 +45,7 @@ from tests.helpers.onpolicy import (
     bias_logits,
     build_onpolicy,
     export_frozen_models,
-    gvm_terminal,
+    gvm_bootstrap,
     hand_built_rollout,
     pad_rollout,
     perturb,
@@ -245,7 +245,7 @@ def test_dvpo_gives_its_estimator_the_gvm_state_values_and_final_values(tokenize
     assert values.shape == rollout.response_mask.shape  # [B, R]: the complete response's column is dropped
     assert_state_positions(values)
     assert final.tolist() == FINAL_POSITIONS
-    assert (module.advantage.estimator, module.advantage.option("terminal")) == ("gvm", "gvm")
+    assert (module.advantage.estimator, module.advantage.option("bootstrap")) == ("gvm", "final_value")
     assert scorers.score is None and scorers.dense == ()  # no reward model, no score
     assert module.experience_maker().make(rollout).reward.tolist() == FINAL_POSITIONS
 
@@ -339,7 +339,7 @@ def test_dvpo_never_builds_a_critic_or_a_reward_model(monkeypatch, tokenizer, ex
     assert not hasattr(module, "reward_model") and not hasattr(module, "critic_model")
 
 
-def test_dvpo_terminal_gvm_adds_the_final_value_to_every_advantage_of_its_row(tokenizer, exports):
+def test_dvpo_final_value_bootstrap_adds_the_final_value_to_every_advantage_of_its_row(tokenizer, exports):
     rollout = hand_built_rollout(tokenizer)
     mask = rollout.response_mask
     modules, experiences = {}, {}
@@ -357,7 +357,7 @@ def test_dvpo_terminal_gvm_adds_the_final_value_to_every_advantage_of_its_row(to
     gvm, zero = experiences["dvpo_gvm"], experiences["dvpo_zero"]
     torch.testing.assert_close(gvm.advantages - zero.advantages, expected, rtol=0, atol=1e-5)
     torch.testing.assert_close(gvm.returns - zero.returns, expected, rtol=0, atol=1e-5)
-    torch.testing.assert_close(gvm.token_rewards, zero.token_rewards)  # the terminal is no reward
+    torch.testing.assert_close(gvm.token_rewards, zero.token_rewards)  # the bootstrap is no reward
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -567,8 +567,8 @@ def test_one_iteration_logs_the_rl_metrics(name, runs):
         (lambda: RTOModule(policy=tiny(), reward_model=tiny(), beta1=0.1), "dpo_model"),
         (lambda: RTOModule(policy=tiny(), reward_model=tiny(), beta1=0.0, shaping="reward"), "shaping"),
         (
-            lambda: DVPOModule(policy=tiny(), value_model=tiny(), advantage=gvm_terminal("bootstrap")),
-            "terminal",
+            lambda: DVPOModule(policy=tiny(), value_model=tiny(), advantage=gvm_bootstrap("last_value")),
+            "bootstrap",
         ),
         (
             lambda: DVPOModule(policy=tiny(), value_model=tiny(), reference_as_disabled_adapter=True),
@@ -581,7 +581,7 @@ def test_one_iteration_logs_the_rl_metrics(name, runs):
     ids=[
         "rto_beta1_without_dpo_model",
         "rto_unknown_shaping",
-        "dvpo_unknown_terminal",
+        "dvpo_unknown_bootstrap",
         "disabled_adapter_without_lora",
         "zero_ppo_epochs",
         "zero_micro_batch_size",
@@ -627,15 +627,15 @@ def test_dvpo_refuses_a_gvm_whose_final_value_was_never_trained_when_it_reads_it
         "train_final_value": train_final_value,
     }
     path = export_model(gvm, tokenizer, str(tmp_path / "gvm"), info={"value_training": training})
-    for terminal in ("gvm", "zero"):
+    for bootstrap in ("final_value", "zero"):
         module = DVPOModule(
             policy=tiny(),
             value_model=ModelSpec(name_or_path=path),
-            advantage=gvm_terminal(terminal),
+            advantage=gvm_bootstrap(bootstrap),
             tokenizer=tokenizer,
         )
-        if terminal == "gvm" and not train_final_value:
-            with pytest.raises(ValueError, match="terminal`='gvm' .* train_final_value=false"):
+        if bootstrap == "final_value" and not train_final_value:
+            with pytest.raises(ValueError, match="bootstrap`='final_value' .* train_final_value=false"):
                 module.check_model_sources()
         else:
             module.check_model_sources()

@@ -14,7 +14,8 @@ class DVPOModule(OnPolicyModule):
 
     Three models: the trained actor, the frozen reference, the frozen GVM. No critic is trained and no reward
     model is run: the per-token reward is the KL penalty alone and the GVM's values give the advantages (the `gvm`
-    estimator; its option `terminal` is "gvm", the GVM's value of the complete response one discounted step after
+    estimator; its option `bootstrap`, the value after the last token, is "final_value", the GVM's value of the
+    complete response one discounted step after
     the last token, or "zero", the reference code's bootstrap with 0). `rollout/reward` is the GVM's value of each
     complete response.
 
@@ -39,12 +40,14 @@ class DVPOModule(OnPolicyModule):
         super().check_model_sources()
         path = self.value_model_spec.name_or_path
         training = read_export_info(path).get("value_training", {}) if path is not None else {}
-        reads_final_value = self.advantage.estimator == "gvm" and self.advantage.option("terminal") == "gvm"
+        reads_final_value = (
+            self.advantage.estimator == "gvm" and self.advantage.option("bootstrap") == "final_value"
+        )
         if reads_final_value and training.get("train_final_value") is False:
             raise ValueError(
-                f"DVPOModule option `advantage.options.terminal`='gvm' reads the GVM's value of the complete "
+                f"DVPOModule option `advantage.options.bootstrap`='final_value' reads the GVM's value of the complete "
                 f"response, but the GVM at {path!r} was trained with train_final_value=false, so that value was never "
-                "fitted: set terminal: zero, or retrain the GVM with train_final_value: true"
+                "fitted: set bootstrap: zero, or retrain the GVM with train_final_value: true"
             )
         if "gamma" in training and training["gamma"] != self.ppo.gamma:
             rank_zero_warn(

@@ -5,7 +5,7 @@ Each pair gives two trajectories, chosen with terminal reward `+1` and rejected 
 the states a response visits are regressed onto TD(lambda) returns of that terminal reward computed from its
 own (detached) values (`algos.td_lambda_returns`). The states are s_1..s_T (before each response token) and,
 with `train_final_value`, the complete response, whose target is the terminal reward itself; DVPO's
-default terminal convention reads that final value as the return of a sampled response.
+default bootstrap (`final_value`) reads that final value as the return of a sampled response.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class GVMModule(RLHFModule):
         preference_reward: magnitude of the preference terminal reward.
         reward_model: the frozen reward model scoring responses when terminal_reward="reward_model".
         train_final_value: also fit the complete response's value to the terminal reward (needed by DVPO's
-            default `terminal="gvm"`; false reproduces the reference code, which fits s_1..s_T only).
+            default `bootstrap="final_value"`; false reproduces the reference code, which fits s_1..s_T only).
         optim: optimiser and schedule.
         **kwargs: `tokenizer`, `export_dir`, `fsdp` (see `RLHFModule`).
     """
