@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import transformers
 
-from dvpo_lightning.cli import main
+from dvpo_lightning.cli import run_cli
 from dvpo_lightning.models import ModelSpec, TokenizerMismatchError, build_policy, export_model
 from dvpo_lightning.modules import DVPOModule
 from dvpo_lightning.preflight import ConfigurationError
@@ -51,7 +51,7 @@ def test_a_stage_run_before_the_stages_it_reads_names_each_missing_path_and_the_
 ):
     monkeypatch.chdir(tmp_path)  # no outputs/ here
     with pytest.raises(ConfigurationError) as error:
-        main(["fit", "--config", DVPO])
+        run_cli(["fit", "--config", DVPO])
     message = str(error.value)
     for option, producer in (
         ("model.init_args.policy.name_or_path", "sft"),
@@ -80,7 +80,7 @@ def test_a_missing_data_or_checkpoint_path_is_named_with_its_option(
     with pytest.raises(
         ConfigurationError, match=rf"- {option[2:]}: '{value}' does not exist; correct the path"
     ):
-        main(["fit", "--config", SFT, f"{option}={value}"])
+        run_cli(["fit", "--config", SFT, f"{option}={value}"])
 
 
 def test_fsdp1_on_a_cpu_points_at_fsdp2(tmp_path, nothing_loads):
@@ -91,7 +91,7 @@ def test_fsdp1_on_a_cpu_points_at_fsdp2(tmp_path, nothing_loads):
         r"trainer.accelerator is 'cpu'; use FSDP2, which also runs on CPU: --config "
         r"configs/strategy/fsdp2.yaml",
     ):
-        main([*arguments, f"--trainer.default_root_dir={tmp_path}"])
+        run_cli([*arguments, f"--trainer.default_root_dir={tmp_path}"])
 
 
 def test_a_disabled_adapter_reference_without_lora_fails_before_any_model_loads(
@@ -102,7 +102,7 @@ def test_a_disabled_adapter_reference_without_lora_fails_before_any_model_loads(
     with pytest.raises(
         ValueError, match=r"reference_as_disabled_adapter=true needs a LoRA policy .* set `policy.lora`"
     ):
-        main(
+        run_cli(
             [
                 "fit",
                 "--config",

@@ -1,12 +1,8 @@
-"""`dvpo`: the LightningCLI of the project.
-
-    dvpo fit --config configs/dvpo.yaml
-    dvpo fit --config configs/dvpo.yaml --config configs/strategy/fsdp2.yaml --trainer.max_steps 10
-    dvpo fit --config configs/sft.yaml --print_config
-    dvpo fit --config configs/sft.yaml --ckpt_path last          # resume
+"""`dvpo fit|validate|test|predict`: the LightningCLI of the project.
 
 Model and data are both in subclass mode (`class_path` + `init_args`). Every run gets, unless the config says
-otherwise: a rich progress bar; CSV (`metrics.csv`) and TensorBoard logs under
+otherwise: progress with true totals (`dvpo_lightning.callbacks.progress`: the rich bar on a terminal, plain
+flushed lines when stdout is a file or pipe); CSV (`metrics.csv`) and TensorBoard logs under
 `<default_root_dir>/logs/version_N`; checkpoints with `last.ckpt` under `<default_root_dir>/checkpoints` (so
 `--ckpt_path last` finds them across runs); peak-memory, throughput and learning-rate monitors. The data
 module's tokenizer is handed to the model, so a run names its tokenizer once (`--data.tokenizer`).
@@ -28,20 +24,25 @@ Reliability, also by default:
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import sys
+import warnings
 
 from lightning.pytorch import LightningDataModule, LightningModule
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from dvpo_lightning.callbacks import (
     NonFiniteGuard,
     PeakMemoryMonitor,
+    ProgressLines,
     RandomState,
     SampleLogger,
     ThroughputMonitor,
+    TotalsRichProgressBar,
 )
 from dvpo_lightning.checkpoint_io import link_last_checkpoint, use_atomic_checkpoints
 from dvpo_lightning.preflight import check_run_config
@@ -72,7 +73,7 @@ class DVPOCLI(LightningCLI):
             kwargs["logger"] = default_loggers(self._root)
         callbacks = [*(config.get("callbacks") or []), RandomState()]
         if config.get("enable_progress_bar") is not False:
-            callbacks.append(RichProgressBar())
+            callbacks.append(TotalsRichProgressBar() if sys.stdout.isatty() else ProgressLines())
         if config.get("logger") is not False:
             callbacks.append(LearningRateMonitor(logging_interval="step"))
         trainer = super().instantiate_trainer(callbacks=callbacks, **kwargs)
@@ -99,10 +100,31 @@ def next_version(directory: str) -> int:
     return max(versions, default=-1) + 1
 
 
-def run_cli(args=None, run: bool = True) -> DVPOCLI:
-    """Run the CLI on `args` (default: the command line) and return it (its `trainer`, `model`, `datamodule`).
+# Lightning's messages that say nothing about a dvpo run, printed by every one of them.
+KNOWN_NOISE = (
+    r".*isinstance\(treespec, LeafSpec\)` is deprecated",  # Lightning's own use of torch's pytree
+    r"Found \d+ module\(s\) in eval mode at the start of training",  # the frozen models, by design
+    r"LightningCLI's args parameter is intended",  # `dvpo` hands its (cleaned) command line to LightningCLI
+)
 
-    `run=False` only builds them: `args` then holds no subcommand (`["--config", ...]`)."""
+
+class _DropTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not re.search("litlogger|litmodels", record.getMessage())  # advertisements at every start
+
+
+_DROP_TIPS = _DropTips()
+
+
+def silence_known_noise() -> None:
+    for pattern in KNOWN_NOISE:
+        warnings.filterwarnings("ignore", message=pattern)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DROP_TIPS)
+
+
+def build_cli(args: list[str] | None = None, run: bool = True) -> DVPOCLI:
+    """See `dvpo_lightning.cli.run_cli`."""
+    silence_known_noise()
     return DVPOCLI(
         LightningModule,
         LightningDataModule,
@@ -113,11 +135,3 @@ def run_cli(args=None, run: bool = True) -> DVPOCLI:
         run=run,
         args=args,
     )
-
-
-def main(args=None) -> None:
-    run_cli(args)
-
-
-if __name__ == "__main__":
-    main()
