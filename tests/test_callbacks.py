@@ -6,6 +6,7 @@ import csv
 import json
 import time
 from contextlib import contextmanager
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -340,3 +341,13 @@ def test_markdown_table_escapes_cells():
     assert table == (
         "| prompt | reward | extra |\n|---|---|---|\n| a\\|b | 0.1235 |  |\n| two<br>lines |  | 1 |"
     )
+
+
+def test_a_resumed_run_drops_the_samples_logged_after_its_checkpoint(tmp_path):
+    logger = SampleLogger()
+    logger.path = tmp_path / "samples.jsonl"
+    logger.path.write_text(
+        "".join(json.dumps({"global_step": step, "prompt": "p"}) + "\n" for step in range(1, 7))
+    )
+    logger.on_train_start(SimpleNamespace(global_step=4), None)  # resumed from the checkpoint of step 4
+    assert [json.loads(line)["global_step"] for line in logger.path.read_text().splitlines()] == [1, 2, 3, 4]

@@ -50,7 +50,8 @@ class StageRun:
     @classmethod
     def run(cls, name: str, config: Path, overrides: list[str]) -> StageRun:
         start = time.perf_counter()
-        cli = run_cli(["fit", "--config", str(config), *overrides])
+        # The demo reruns the whole pipeline: each stage starts over in its directory.
+        cli = run_cli(["fit", "--config", str(config), "--overwrite=true", *overrides])
         seconds = time.perf_counter() - start
         monitor = next(cb for cb in cli.trainer.callbacks if isinstance(cb, PeakMemoryMonitor))
         overall = monitor.summary.get("overall", {})

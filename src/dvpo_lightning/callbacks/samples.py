@@ -42,7 +42,8 @@ class SampleLogger(Callback):
     `{"global_step": trainer.global_step, **sample}`, to `<trainer.log_dir or default_root_dir>/samples.jsonl`,
     and, for every attached TensorBoard logger, the batch is added as a markdown table (`add_text("samples")`).
     A module without `last_samples` (or with an empty one) is skipped; the same list object is never logged
-    twice. Only rank zero's samples are logged. Without a logger, only the file is written.
+    twice. Only rank zero's samples are logged. Without a logger, only the file is written. A run resumed into an
+    existing file drops its lines of steps after the checkpoint's, which the run logs again.
 
     Args:
         every_n_steps: log on every this many training steps (training steps: see `cadence`).
@@ -63,6 +64,15 @@ class SampleLogger(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.path = run_dir(trainer) / self.filename
         self._last_logged = None
+
+    @rank_zero_only
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A resumed run continuing the file logs again what was logged after its checkpoint's step.
+        if self.path.is_file():
+            lines = self.path.read_text().splitlines(keepends=True)
+            kept = [line for line in lines if json.loads(line)["global_step"] <= trainer.global_step]
+            if len(kept) < len(lines):
+                self.path.write_text("".join(kept))
 
     @rank_zero_only
     def on_train_batch_end(

@@ -11,6 +11,9 @@ Reliability, also by default:
 
 - the configuration is checked before anything is loaded (`dvpo_lightning.preflight`): missing paths name the
   config that writes them, FSDP1 without CUDA points at FSDP2;
+- a fresh run refuses a directory that holds an earlier run's checkpoints or export (`--ckpt_path last` resumes
+  that run, `--overwrite true` starts over: `dvpo_lightning.cli.outputs`), so `last.ckpt` is always this run's;
+  a resumed run continues the newest `logs/version_N` from its checkpoint's step (`dvpo_lightning.cli.logs`);
 - checkpoint files are written atomically (`AtomicCheckpointIO`), so a run killed while saving keeps its previous
   `last.ckpt`. FSDP2 (and sharded FSDP1) checkpoints are directories written in place by torch's distributed
   checkpointing, outside any `CheckpointIO`: there `last.ckpt` is a link to the newest step-named checkpoint,
@@ -33,7 +36,6 @@ import warnings
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from dvpo_lightning.callbacks import (
     NonFiniteGuard,
@@ -45,6 +47,8 @@ from dvpo_lightning.callbacks import (
     TotalsRichProgressBar,
 )
 from dvpo_lightning.checkpoint_io import link_last_checkpoint, use_atomic_checkpoints
+from dvpo_lightning.cli.logs import default_loggers, resumed_log_step
+from dvpo_lightning.cli.outputs import prepare_output_directory
 from dvpo_lightning.preflight import check_run_config
 
 
@@ -52,11 +56,18 @@ class DVPOCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.tokenizer", "model.init_args.tokenizer", apply_on="instantiate")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.save_last": True})
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.enable_version_counter": False})
         parser.add_lightning_class_args(PeakMemoryMonitor, "memory_monitor")
         parser.add_lightning_class_args(ThroughputMonitor, "throughput")
         parser.add_lightning_class_args(SampleLogger, "samples")
         parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
+        parser.add_argument(
+            "--overwrite",
+            type=bool,
+            default=False,
+            help="start over in a directory that holds an earlier run's checkpoints or export: delete them, and its "
+            "logs, first (see dvpo_lightning.cli.outputs)",
+        )
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -66,11 +77,23 @@ class DVPOCLI(LightningCLI):
             config.checkpoint.dirpath = os.path.join(root, "checkpoints")
         self._default_loggers = config.trainer.logger in (None, True)
         self._root = root
+        self._resume_from_step = None
+        if self.subcommand != "fit":
+            return
+        checkpoint = resolved_checkpoint(config.ckpt_path, config.checkpoint.dirpath)
+        if checkpoint is not None:
+            self._resume_from_step = resumed_log_step(checkpoint)
+        elif config.ckpt_path is None:
+            export_dir = (config.model.get("init_args") or {}).get("export_dir") or os.path.join(
+                root, "model"
+            )
+            logs = os.path.join(root, "logs") if self._default_loggers else None
+            prepare_output_directory(root, config.checkpoint.dirpath, export_dir, logs, config.overwrite)
 
     def instantiate_trainer(self, **kwargs):
         config = self._get(self.config_init, "trainer", default={})
         if self._default_loggers:
-            kwargs["logger"] = default_loggers(self._root)
+            kwargs["logger"] = default_loggers(self._root, self._resume_from_step)
         callbacks = [*(config.get("callbacks") or []), RandomState()]
         if config.get("enable_progress_bar") is not False:
             callbacks.append(TotalsRichProgressBar() if sys.stdout.isatty() else ProgressLines())
@@ -82,22 +105,13 @@ class DVPOCLI(LightningCLI):
         return trainer
 
 
-def default_loggers(root: str) -> list:
-    """CSV and TensorBoard loggers writing to the same `<root>/logs/version_N` directory."""
-    version = next_version(os.path.join(root, "logs"))
-    return [
-        CSVLogger(save_dir=root, name="logs", version=version),
-        TensorBoardLogger(save_dir=root, name="logs", version=version, default_hp_metric=False),
-    ]
-
-
-def next_version(directory: str) -> int:
-    if not os.path.isdir(directory):
-        return 0
-    versions = [
-        int(m.group(1)) for name in os.listdir(directory) if (m := re.fullmatch(r"version_(\d+)", name))
-    ]
-    return max(versions, default=-1) + 1
+def resolved_checkpoint(ckpt_path: str | None, checkpoint_dir: str) -> str | None:
+    """The checkpoint file or directory a fit resumes from: `last` is `<checkpoint_dir>/last.ckpt`; None for a
+    fresh run or a checkpoint Lightning finds by other means (`best`, `hpc`, a registry)."""
+    if ckpt_path == "last":
+        path = os.path.join(checkpoint_dir, "last.ckpt")
+        return path if os.path.exists(path) else None
+    return ckpt_path if ckpt_path is not None and os.path.exists(ckpt_path) else None
 
 
 # Lightning's messages that say nothing about a dvpo run, printed by every one of them.
@@ -105,6 +119,7 @@ KNOWN_NOISE = (
     r".*isinstance\(treespec, LeafSpec\)` is deprecated",  # Lightning's own use of torch's pytree
     r"Found \d+ module\(s\) in eval mode at the start of training",  # the frozen models, by design
     r"LightningCLI's args parameter is intended",  # `dvpo` hands its (cleaned) command line to LightningCLI
+    r"Checkpoint directory .* exists and is not empty",  # only a resumed run gets there (`cli.outputs`)
 )
 
 
