@@ -53,7 +53,11 @@ def default_loggers(root: str, resume_from_step: int | None = None) -> list:
     version = existing[-1]
     return [
         ContinuedCSVLogger(
-            save_dir=root, name="logs", version=version, flush_logs_every_n_steps=1, from_step=resume_from_step
+            save_dir=root,
+            name="logs",
+            version=version,
+            flush_logs_every_n_steps=1,
+            from_step=resume_from_step,
         ),
         TensorBoardLogger(
             save_dir=root, name="logs", version=version, default_hp_metric=False, purge_step=resume_from_step

@@ -14,6 +14,7 @@ Reliability, also by default:
 - a fresh run refuses a directory that holds an earlier run's checkpoints or export (`--ckpt_path last` resumes
   that run, `--overwrite true` starts over: `dvpo_lightning.cli.outputs`), so `last.ckpt` is always this run's;
   a resumed run continues the newest `logs/version_N` from its checkpoint's step (`dvpo_lightning.cli.logs`);
+- torch gets a share of the machine's cores per process, said at start-up (`--threads`, `dvpo_lightning.cli.threads`);
 - checkpoint files are written atomically (`AtomicCheckpointIO`), so a run killed while saving keeps its previous
   `last.ckpt`. FSDP2 (and sharded FSDP1) checkpoints are directories written in place by torch's distributed
   checkpointing, outside any `CheckpointIO`: there `last.ckpt` is a link to the newest step-named checkpoint,
@@ -37,6 +38,9 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
+# Imported so that their classes are known by their short names too (`--model.help DVPOModule`).
+import dvpo_lightning.data  # noqa: F401
+import dvpo_lightning.modules  # noqa: F401
 from dvpo_lightning.callbacks import (
     NonFiniteGuard,
     PeakMemoryMonitor,
@@ -49,6 +53,7 @@ from dvpo_lightning.callbacks import (
 from dvpo_lightning.checkpoint_io import link_last_checkpoint, use_atomic_checkpoints
 from dvpo_lightning.cli.logs import default_loggers, resumed_log_step
 from dvpo_lightning.cli.outputs import prepare_output_directory
+from dvpo_lightning.cli.threads import set_threads
 from dvpo_lightning.preflight import check_run_config
 
 
@@ -68,10 +73,19 @@ class DVPOCLI(LightningCLI):
             help="start over in a directory that holds an earlier run's checkpoints or export: delete them, and its "
             "logs, first (see dvpo_lightning.cli.outputs)",
         )
+        parser.add_argument(
+            "--threads",
+            type=int | None,
+            default=None,
+            help="torch CPU threads per process; default: this machine's cores shared among the run's processes "
+            "on it, or OMP_NUM_THREADS (see dvpo_lightning.cli.threads)",
+        )
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
-        check_run_config(config.as_dict(), [str(path) for path in config.get("config") or []])
+        settings = config.as_dict()
+        check_run_config(settings, [str(path) for path in config.get("config") or []])
+        set_threads(config.threads, settings["trainer"])
         root = config.trainer.default_root_dir or os.getcwd()
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = os.path.join(root, "checkpoints")
@@ -89,6 +103,12 @@ class DVPOCLI(LightningCLI):
             )
             logs = os.path.join(root, "logs") if self._default_loggers else None
             prepare_output_directory(root, config.checkpoint.dirpath, export_dir, logs, config.overwrite)
+
+    def before_fit(self) -> None:
+        # Before the data is loaded and tokenised (Lightning sets the data up before the model).
+        check_sequences_fit = getattr(self.model, "check_sequences_fit", None)
+        if check_sequences_fit is not None and self.datamodule is not None:
+            check_sequences_fit(self.datamodule)
 
     def instantiate_trainer(self, **kwargs):
         config = self._get(self.config_init, "trainer", default={})
@@ -147,6 +167,11 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> DVPOCLI:
         subclass_mode_data=True,
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
+        # A bad argument raises (one line from `dvpo`) instead of printing the whole usage.
+        parser_kwargs={
+            "exit_on_error": False,
+            **{name: {"exit_on_error": False} for name in DVPOCLI.subcommands()},
+        },
         run=run,
         args=args,
     )

@@ -29,6 +29,7 @@ from dvpo_lightning.models import (
     build_policy,
     build_value_model,
     check_tokenizer_matches,
+    context_length,
     export_model,
     freeze,
     is_lora,
@@ -89,37 +90,40 @@ class RLHFModule(pl.LightningModule):
                 "data module's tokenizer automatically)"
             )
         self.check_model_sources()
+        self.check_sequences_fit()
         self.build_models()
         for name in self.frozen_models:
             model = getattr(self, name, None)
             if model is not None:
                 freeze(model)
         self._models_built = True
-        self.check_sequences_fit()
         if self.device_mesh is not None:  # Lightning's ModelParallelStrategy: FSDP2
             mesh = self.device_mesh["data_parallel"]
             for name, model in self.hf_models().items():
                 shard_model(model, mesh, self.fsdp, frozen=name in self.frozen_models)
 
-    def check_sequences_fit(self) -> None:
+    def check_sequences_fit(self, datamodule=None) -> None:
         """Refuse training data whose prompt + response limits exceed a model's context.
 
         Past its context a model with learned positions fails with an index error deep inside its embedding (one
-        with rotary positions silently reads positions it never saw). On-policy stages check each rollout instead
-        (`PolicyModule.prompts_with_room`), since their responses are generated.
+        with rotary positions silently reads positions it never saw). The contexts come from the models' configs,
+        so the `dvpo` CLI runs this before the data is loaded (`datamodule` is then the run's, not yet attached to
+        a trainer); `configure_model` runs it again for runs that are not started by the CLI. On-policy stages
+        check each rollout instead (`PolicyModule.prompts_with_room`), since their responses are generated.
         """
-        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        if datamodule is None:
+            datamodule = self.trainer.datamodule if self._trainer is not None else None
         if datamodule is None or self.data_mode == "prompts":
             return
         longest = datamodule.max_prompt_length + datamodule.max_response_length
-        for name, model in self.hf_models().items():
-            context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        for option, spec in self.model_specs().items():
+            context = context_length(spec)
             if context is not None and longest > context:
                 raise ValueError(
                     f"{type(self).__name__}: --data.init_args.max_prompt_length={datamodule.max_prompt_length} plus "
                     f"--data.init_args.max_response_length={datamodule.max_response_length} allow {longest}-token "
-                    f"sequences, but the model `{name}` reads at most {context} (its max_position_embeddings): "
-                    "lower those limits or use a model with a longer context"
+                    f"sequences, but the model `{option}` ({spec.describe()}) reads at most {context} (its "
+                    "max_position_embeddings): lower those limits or use a model with a longer context"
                 )
 
     def model_specs(self) -> dict[str, ModelSpec]:
