@@ -324,7 +324,9 @@ def test_export_loads_by_path_with_the_same_outputs(fitted, tokenizer, batches):
     module = fitted.module
     directory = fitted.root / "model"
     info = json.loads((directory / EXPORT_INFO).read_text())
-    assert info == {"stage": type(module).__name__, "global_step": 2}
+    assert info["stage"] == type(module).__name__ and info["global_step"] == 2
+    assert info["export_dir"] == str(directory.resolve()) and len(info["export_id"]) == 32
+    assert (directory / "README.md").read_text().startswith("---\nlibrary_name: transformers\n")
     trained = getattr(module, module.exported_model).eval()
     batch = batch_for(module, batches)
     sequences = sft_sequences(batch) if module.data_mode == "sft" else pair_sequences(batch)

@@ -105,6 +105,8 @@ class DVPOCLI(LightningCLI):
             prepare_output_directory(root, config.checkpoint.dirpath, export_dir, logs, config.overwrite)
 
     def before_fit(self) -> None:
+        if hasattr(self.model, "run_config"):  # recorded in the export's lineage
+            self.model.run_config = self.config[self.subcommand].as_dict()
         # Before the data is loaded and tokenised (Lightning sets the data up before the model).
         check_sequences_fit = getattr(self.model, "check_sequences_fit", None)
         if check_sequences_fit is not None and self.datamodule is not None:

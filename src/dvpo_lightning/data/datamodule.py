@@ -252,6 +252,28 @@ class RLHFDataModule(LightningDataModule):
         """The validation data."""
         return self.val_dataloader()
 
+    def describe(self) -> dict:
+        """What the data of a run was, for the lineage of its export: sources, settings and row counts."""
+        return {
+            "dataset": self.dataset,
+            "split": self.split,
+            "val_split": self.val_split,
+            "prompt_dataset": self.prompt_dataset,
+            "format": self.format,
+            "mode": self.mode,
+            "tokenizer": self.tokenizer_name,
+            "seed": self.seed,
+            "max_prompt_length": self.max_prompt_length,
+            "max_response_length": self.max_response_length,
+            "rows": {
+                split: len(rows)
+                for split, rows in (("train", self.train_dataset), ("validation", self.val_dataset))
+                if rows is not None
+            },
+            "skipped": self.skipped,
+            "truncated": self.truncated,
+        }
+
     # --- loading and parsing ---------------------------------------------------------------------
 
     def _load(self, spec: str, split: str, prompts_only: bool = False) -> RawSource:

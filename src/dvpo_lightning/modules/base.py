@@ -8,7 +8,9 @@ or a distributed checkpoint under FSDP2) holds only what training changed, and l
 trained key.
 
 Before any model is built, every model the stage will load by path is checked (`check_model_sources`): a local
-path that does not exist, or a model saved with another tokenizer than the run's, fails naming the option.
+path that does not exist, or a model saved with another tokenizer than the run's, fails naming the option. The
+export records the run's lineage and carries a model card (`modules.lineage`, `models.lineage`, `models.card`);
+inputs from different SFT exports, or rewritten since the run began, are warned about.
 """
 
 from __future__ import annotations
@@ -33,6 +35,12 @@ from dvpo_lightning.models import (
     export_model,
     freeze,
     is_lora,
+)
+from dvpo_lightning.modules.lineage import (
+    current_inputs,
+    export_record,
+    warn_if_inputs_disagree,
+    warn_if_inputs_rewritten,
 )
 from dvpo_lightning.modules.optim import (
     OptimConfig,
@@ -73,6 +81,10 @@ class RLHFModule(pl.LightningModule):
         #: names of the current batch's quantities found non-finite (e.g. "advantages"); while it is not empty the
         #: `NonFiniteGuard` callback skips the batch's optimiser steps.
         self.nonfinite_quantities: list[str] = []
+        #: the `dvpo` command's whole configuration, recorded in the export's lineage (set by the CLI)
+        self.run_config: dict | None = None
+        #: identity and lineage record of each model loaded by path, as the run began (`modules.lineage`)
+        self.inputs_at_start: dict[str, dict] | None = None
         self._models_built = False
         self.register_state_dict_post_hook(_drop_frozen_entries)
         self.register_load_state_dict_post_hook(_forgive_missing_frozen_entries)
@@ -91,6 +103,9 @@ class RLHFModule(pl.LightningModule):
             )
         self.check_model_sources()
         self.check_sequences_fit()
+        if self.inputs_at_start is None:  # else restored from the checkpoint of the run being resumed
+            self.inputs_at_start = current_inputs(self)
+            warn_if_inputs_disagree(self, self.inputs_at_start)
         self.build_models()
         for name in self.frozen_models:
             model = getattr(self, name, None)
@@ -202,7 +217,9 @@ class RLHFModule(pl.LightningModule):
                 model = build(self.exported_model_spec(), self.tokenizer)
                 model.load_state_dict(state)
                 state = None
-            info = {"stage": type(self).__name__, "global_step": self.global_step}
+            inputs = self.inputs_at_start if self.inputs_at_start is not None else current_inputs(self)
+            warn_if_inputs_rewritten(self, inputs)
+            info = export_record(self, directory, inputs)
             export_model(model, self.tokenizer, directory, info=info, state_dict=state)
             rank_zero_info(f"Exported {self.exported_model} to {directory}")
         if self._trainer is not None:
@@ -211,6 +228,14 @@ class RLHFModule(pl.LightningModule):
 
     def on_fit_end(self) -> None:
         self.export()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["inputs_at_start"] = self.inputs_at_start
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if checkpoint.get("inputs_at_start") is not None:
+            self.inputs_at_start = checkpoint["inputs_at_start"]
+            warn_if_inputs_rewritten(self, self.inputs_at_start)  # the resumed run loads what is there now
 
     # ------------------------------------------------------------------------------------------- stages
     @contextlib.contextmanager
