@@ -4,7 +4,7 @@ VENV ?= .venv
 # The CPU build on a machine without CUDA; on a GPU machine, for example:
 #   make install TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= dev,peft,notebook,bench
+EXTRAS ?= dev,peft,notebook,bench,trackers
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell echo '$(TORCH_SPEC) $(EXTRAS)' | cksum | cut -d' ' -f1)
 

@@ -320,10 +320,10 @@ def test_sample_logger_writes_jsonl_and_tensorboard_text(tmp_path, monkeypatch):
     # 4 iterations of 2 optimiser steps; iterations 2 and 4 are logged, 2 samples each.
     lines = (tmp_path / "tb" / "version_0" / "samples.jsonl").read_text().splitlines()
     assert [json.loads(line) for line in lines] == [
-        {"global_step": 4, "prompt": "p1-0", "response": "r", "reward": 0.0},
-        {"global_step": 4, "prompt": "p1-1", "response": "r", "reward": 0.5},
-        {"global_step": 8, "prompt": "p3-0", "response": "r", "reward": 0.0},
-        {"global_step": 8, "prompt": "p3-1", "response": "r", "reward": 0.5},
+        {"global_step": 4, "split": "train", "prompt": "p1-0", "response": "r", "reward": 0.0},
+        {"global_step": 4, "split": "train", "prompt": "p1-1", "response": "r", "reward": 0.5},
+        {"global_step": 8, "split": "train", "prompt": "p3-0", "response": "r", "reward": 0.0},
+        {"global_step": 8, "split": "train", "prompt": "p3-1", "response": "r", "reward": 0.5},
     ]
     assert texts == [("samples", 4), ("samples", 8)]
 

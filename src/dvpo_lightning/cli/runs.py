@@ -162,6 +162,8 @@ def silence_known_noise() -> None:
 def build_cli(args: list[str] | None = None, run: bool = True) -> DVPOCLI:
     """See `dvpo_lightning.cli.run_cli`."""
     silence_known_noise()
+    # MLflow 3 refuses a local file store (`tracking_uri: file:...`, configs/loggers/mlflow.yaml) unless allowed.
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     return DVPOCLI(
         LightningModule,
         LightningDataModule,

@@ -36,6 +36,7 @@ from dvpo_lightning.models import (
     freeze,
     is_lora,
 )
+from dvpo_lightning.modules.generation import decode_responses
 from dvpo_lightning.modules.lineage import (
     current_inputs,
     export_record,
@@ -48,6 +49,7 @@ from dvpo_lightning.modules.optim import (
     build_scheduler,
     trainable_parameter_groups,
 )
+from dvpo_lightning.modules.scoring import Sequences
 from dvpo_lightning.modules.sharding import FSDPConfig, full_state_dict, is_sharded, shard_model
 
 
@@ -83,6 +85,8 @@ class RLHFModule(pl.LightningModule):
         self.nonfinite_quantities: list[str] = []
         #: the `dvpo` command's whole configuration, recorded in the export's lineage (set by the CLI)
         self.run_config: dict | None = None
+        #: a few rows (prompt, responses, rewards) of the current validation, for the `SampleLogger` callback
+        self.validation_samples: list[dict] = []
         #: identity and lineage record of each model loaded by path, as the run began (`modules.lineage`)
         self.inputs_at_start: dict[str, dict] | None = None
         self._models_built = False
@@ -228,6 +232,35 @@ class RLHFModule(pl.LightningModule):
 
     def on_fit_end(self) -> None:
         self.export()
+
+    def on_validation_epoch_start(self) -> None:
+        self.validation_samples = []
+
+    def remember_validation_samples(self, rows: list[dict], count: int = 4) -> None:
+        """Keep `rows` as this validation's samples, unless an earlier batch's already are."""
+        if not self.validation_samples:
+            self.validation_samples = rows[:count]
+
+    def remember_scored_pairs(
+        self, sequences: Sequences, chosen: torch.Tensor, rejected: torch.Tensor
+    ) -> None:
+        """Keep a few validation pairs (`sequences`: chosen rows, then rejected) with their scores `[B]`."""
+        if self.validation_samples:
+            return
+        prompts, texts = decode_responses(self.tokenizer, sequences)
+        size = chosen.shape[0]
+        self.remember_validation_samples(
+            [
+                {
+                    "prompt": prompts[row],
+                    "chosen": texts[row],
+                    "rejected": texts[size + row],
+                    "chosen_reward": chosen[row].item(),
+                    "rejected_reward": rejected[row].item(),
+                }
+                for row in range(size)
+            ]
+        )
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["inputs_at_start"] = self.inputs_at_start

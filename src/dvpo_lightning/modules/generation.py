@@ -102,7 +102,7 @@ def generate_responses(
     )
 
 
-def decode_responses(tokenizer: PreTrainedTokenizerBase, responses: Responses) -> tuple[list[str], list[str]]:
+def decode_responses(tokenizer: PreTrainedTokenizerBase, responses: Sequences) -> tuple[list[str], list[str]]:
     """Prompt and response texts, without padding or special tokens."""
     prompts = tokenizer.batch_decode(
         [ids[mask] for ids, mask in zip(responses.prompt_input_ids, responses.prompt_attention_mask)],
