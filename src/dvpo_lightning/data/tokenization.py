@@ -48,9 +48,7 @@ def tokenize_batch(
         "truncated": [0] * len(batch["row"]),
         "prompt_truncated": [0] * len(batch["row"]),
     }
-    out["prompt_ids"] = [
-        _drop_doubled_bos(ids, tokenizer.bos_token_id) for ids in tokenizer(batch["prompt"])["input_ids"]
-    ]
+    out["prompt_ids"] = prompt_token_ids(batch["prompt"], tokenizer)
     for index, ids in enumerate(out["prompt_ids"]):
         if len(ids) <= max_prompt_length or out["reason"][index]:
             continue
@@ -58,7 +56,7 @@ def tokenize_batch(
             out["reason"][index] = "prompt_too_long"
             out["detail"][index] = f"{len(ids)} prompt tokens > max_prompt_length={max_prompt_length}"
             continue
-        out["prompt_ids"][index] = _truncated(
+        out["prompt_ids"][index] = truncate_prompt(
             ids, max_prompt_length, prompt_truncation, tokenizer.bos_token_id
         )
         out["prompt_truncated"][index] = 1
@@ -73,11 +71,17 @@ def tokenize_batch(
     return out
 
 
-def _drop_doubled_bos(ids: list[int], bos_id: int | None) -> list[int]:
-    return ids[1:] if bos_id is not None and ids[:2] == [bos_id, bos_id] else ids
+def prompt_token_ids(prompts: list[str], tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
+    """The ids of each prompt text, as the policy sees prompts in training and generation (see the module
+    docstring)."""
+    bos_id = tokenizer.bos_token_id
+    return [
+        ids[1:] if bos_id is not None and ids[:2] == [bos_id, bos_id] else ids
+        for ids in tokenizer(prompts)["input_ids"]
+    ]
 
 
-def _truncated(ids: list[int], length: int, mode: str, bos_id: int | None) -> list[int]:
+def truncate_prompt(ids: list[int], length: int, mode: str, bos_id: int | None) -> list[int]:
     """`ids` cut to `length` tokens by `mode`; a leading BOS stays first, as the model always saw it."""
     head = ids[:1] if bos_id is not None and ids[:1] == [bos_id] and length > 1 else []
     body = ids[len(head) :]
