@@ -107,23 +107,30 @@ def test_sft_and_prompts_batches(tmp_path):
     assert set(prompts) == {"index", "prompt_input_ids", "prompt_attention_mask"}
 
 
+def pairs_with_limits(tmp_path, tokenizer_dir, rows: list[dict], **options) -> RLHFDataModule:
+    """`rows` as pair data, set up with prompts of at most 6 tokens and `options`."""
+    module = make_module(
+        write_jsonl(tmp_path / "rows.jsonl", rows),
+        tmp_path,
+        tokenizer=tokenizer_dir,
+        mode="pairs",
+        max_prompt_length=6,
+        val_size=0,
+        **options,
+    )
+    module.setup()
+    return module
+
+
 def test_long_responses_are_truncated_and_counted_long_prompts_dropped(tmp_path, word_tokenizer_dir):
     rows = [
         {"prompt": "the cat", "chosen": "the cat sleeps .", "rejected": "a dog"},  # chosen: 4 words + EOS > 4
         {"prompt": "a dog", "chosen": "the dog runs", "rejected": "the sun"},  # 3 words + EOS = 4: fits
         {"prompt": "the moon the sun and the tree", "chosen": "a", "rejected": "the"},  # 7 prompt tokens > 6
     ]
-    module = make_module(
-        write_jsonl(tmp_path / "rows.jsonl", rows),
-        tmp_path,
-        tokenizer=word_tokenizer_dir,
-        mode="pairs",
-        max_prompt_length=6,
-        max_response_length=4,
-        prompt_truncation="drop",
-        val_size=0,
+    module = pairs_with_limits(
+        tmp_path, word_tokenizer_dir, rows, max_response_length=4, prompt_truncation="drop"
     )
-    module.setup()
     assert module.truncated == 1
     assert module.skipped == {"prompt_too_long": 1}
     assert module.prompts_truncated == 0
@@ -192,15 +199,7 @@ def test_long_prompts_are_kept_by_their_end_by_default_and_counted(tmp_path, wor
         {"prompt": "the moon the sun and the tree", "chosen": "a", "rejected": "the"},  # 7 tokens > 6
         {"prompt": "a dog", "chosen": "the dog runs", "rejected": "the sun"},
     ]
-    module = make_module(
-        write_jsonl(tmp_path / "rows.jsonl", rows),
-        tmp_path,
-        tokenizer=word_tokenizer_dir,
-        mode="pairs",
-        max_prompt_length=6,
-        val_size=0,
-    )
-    module.setup()
+    module = pairs_with_limits(tmp_path, word_tokenizer_dir, rows)
     assert module.skipped == {} and module.prompts_truncated == 1
     assert module.describe()["prompts_truncated"] == 1
     prompts = [module.tokenizer.decode(ids) for ids in module.train_dataset["prompt_ids"]]

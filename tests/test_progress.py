@@ -52,6 +52,18 @@ def test_epochs_bound_a_run_and_accumulation_divides_the_batches():
     assert length(batches=float("inf")) == RunLength(None, None, None, None, 1)
 
 
+def test_a_manual_module_that_cannot_tell_its_steps_per_iteration_is_bounded_by_epochs_only():
+    def cannot_tell():
+        raise ValueError("without a data module the rollout size is unknown")
+
+    trainer = SimpleNamespace(max_steps=10, max_epochs=2, num_training_batches=4, accumulate_grad_batches=1)
+    for module in (
+        SimpleNamespace(automatic_optimization=False),
+        SimpleNamespace(automatic_optimization=False, optimizer_steps_per_iteration=cannot_tell),
+    ):
+        assert RunLength.of(trainer, module) == RunLength(8, None, 2, 4, None)
+
+
 class Regression(pl.LightningModule):
     """A linear model with a validation loss; `rollout_steps` > 0 makes it an on-policy-like module."""
 

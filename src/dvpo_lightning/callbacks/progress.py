@@ -36,26 +36,39 @@ class RunLength:
     steps: int | None
     epochs: int | None
     iterations_per_epoch: int | None
-    steps_per_iteration: int
+    steps_per_iteration: int | None
 
     @classmethod
     def of(cls, trainer: pl.Trainer, module: pl.LightningModule) -> RunLength:
-        per_iteration = 1 if module.automatic_optimization else module.optimizer_steps_per_iteration()
+        per_iteration = 1 if module.automatic_optimization else manual_steps_per_iteration(module)
         batches = trainer.num_training_batches
         per_epoch = math.ceil(batches / trainer.accumulate_grad_batches) if math.isfinite(batches) else None
         bounds = []
-        if trainer.max_steps is not None and trainer.max_steps > 0:
+        if trainer.max_steps is not None and trainer.max_steps > 0 and per_iteration is not None:
             bounds.append(math.ceil(trainer.max_steps / per_iteration))
         if trainer.max_epochs is not None and trainer.max_epochs > 0 and per_epoch is not None:
             bounds.append(per_epoch * trainer.max_epochs)
         iterations = min(bounds) if bounds else None
         steps = epochs = None
         if iterations is not None:
-            steps = iterations * per_iteration
-            if trainer.max_steps is not None and trainer.max_steps > 0:
-                steps = min(steps, trainer.max_steps)
             epochs = math.ceil(iterations / per_epoch) if per_epoch else None
+            if per_iteration is not None:
+                steps = iterations * per_iteration
+                if trainer.max_steps is not None and trainer.max_steps > 0:
+                    steps = min(steps, trainer.max_steps)
         return cls(iterations, steps, epochs, per_epoch, per_iteration)
+
+
+def manual_steps_per_iteration(module: pl.LightningModule) -> int | None:
+    """Optimiser steps per training step of a module that optimises by hand: its `optimizer_steps_per_iteration()`
+    (the on-policy modules'), None when it has none or cannot tell (no data module to size a rollout from)."""
+    steps_per_iteration = getattr(module, "optimizer_steps_per_iteration", None)
+    if steps_per_iteration is None:
+        return None
+    try:
+        return steps_per_iteration()
+    except ValueError:
+        return None
 
 
 def iterations_done(trainer: pl.Trainer, batch_running: bool = False) -> int:
@@ -123,7 +136,7 @@ class ProgressLines(ProgressBar):
         length = self.length
         self._print(
             f"training {type(pl_module).__name__}: {length.iterations or '?'} iterations of "
-            f"{length.steps_per_iteration} optimiser step(s), {length.steps or '?'} steps, "
+            f"{length.steps_per_iteration or '?'} optimiser step(s), {length.steps or '?'} steps, "
             f"{length.epochs or '?'} epoch(s)"
             + (f"; resumed after iteration {self._start_iterations}" if self._start_iterations else "")
         )
@@ -215,6 +228,10 @@ class TotalsRichProgressBar(RichProgressBar):
     from 1 against the fit's number of epochs.
     """
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.length: RunLength | None = None
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.length = RunLength.of(trainer, pl_module)
         super().on_train_start(trainer, pl_module)
@@ -222,7 +239,7 @@ class TotalsRichProgressBar(RichProgressBar):
     @property
     def total_train_batches(self) -> int | float:
         trainer = self.trainer
-        if self.length.iterations is None:
+        if self.length is None or self.length.iterations is None:
             return trainer.num_training_batches
         done = iterations_done(trainer)
         done_in_epoch = done % self.length.iterations_per_epoch if self.length.iterations_per_epoch else 0
@@ -230,5 +247,5 @@ class TotalsRichProgressBar(RichProgressBar):
         return min(trainer.num_training_batches, batches)
 
     def _get_train_description(self, current_epoch: int) -> str:
-        description = f"Epoch {_of(current_epoch + 1, self.length.epochs)}"
+        description = f"Epoch {_of(current_epoch + 1, self.length.epochs if self.length else None)}"
         return f"{description:{len(self.validation_description)}}"

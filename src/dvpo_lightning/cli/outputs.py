@@ -11,6 +11,7 @@ newest checkpoint of the run in the directory.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
@@ -46,10 +47,12 @@ def prepare_output_directory(
             "start over with --overwrite true (deletes its checkpoints, logs and export), or choose another "
             "--trainer.default_root_dir"
         )
+    # Every process of a run launched by torchrun or srun gets here at once: what another removed is gone already.
     for path in found:
         if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path)
+            shutil.rmtree(path, ignore_errors=True)
         else:
-            os.remove(path)
-    if logs_dir is not None and os.path.isdir(logs_dir):
-        shutil.rmtree(logs_dir)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+    if logs_dir is not None:
+        shutil.rmtree(logs_dir, ignore_errors=True)
