@@ -20,7 +20,13 @@ import transformers
 
 from dvpo_lightning.callbacks import PeakMemoryMonitor
 from dvpo_lightning.cli import run_cli
-from dvpo_lightning.evaluation import PolicyReport, dvpo_token_credit, evaluate_policy, evaluation_data
+from dvpo_lightning.evaluation import (
+    PolicyReport,
+    dvpo_token_credit,
+    evaluate_policy,
+    evaluation_data,
+    win_rate,
+)
 from dvpo_lightning.plots import learning_curves, token_heatmap
 from dvpo_lightning.rl import SamplingConfig
 
@@ -50,7 +56,8 @@ class StageRun:
     @classmethod
     def run(cls, name: str, config: Path, overrides: list[str]) -> StageRun:
         start = time.perf_counter()
-        cli = run_cli(["fit", "--config", str(config), *overrides])
+        # The demo reruns the whole pipeline: each stage starts over in its directory.
+        cli = run_cli(["fit", "--config", str(config), "--overwrite=true", *overrides])
         seconds = time.perf_counter() - start
         monitor = next(cb for cb in cli.trainer.callbacks if isinstance(cb, PeakMemoryMonitor))
         overall = monitor.summary.get("overall", {})
@@ -129,13 +136,16 @@ def main(argv: list[str] | None = None) -> dict:
 def results_table(reports: dict[str, PolicyReport], runs: dict[str, StageRun]) -> str:
     """The demo's markdown table: one row per policy, then the cost of each stage."""
     lines = [
-        "| policy | gold reward | fraction of optimum | KL to SFT (nats) | response length | finished |",
-        "|---|---|---|---|---|---|",
+        "| policy | gold reward | fraction of optimum | KL to SFT (nats) | win rate vs SFT | response length | "
+        "finished |",
+        "|---|---|---|---|---|---|---|",
     ]
+    baseline = reports["SFT"].per_prompt_gold
     for name, report in reports.items():
+        wins = "—" if name == "SFT" else f"{win_rate(report.per_prompt_gold, baseline):.3f}"
         lines.append(
             f"| {name} | {report.gold_reward:.3f} ± {report.gold_reward_std:.3f} | {report.gold_fraction:.1%} | "
-            f"{report.kl_ref:.3f} | {report.response_length:.1f} | {report.finished_rate:.0%} |"
+            f"{report.kl_ref:.3f} | {wins} | {report.response_length:.1f} | {report.finished_rate:.0%} |"
         )
     lines += [
         "",

@@ -6,6 +6,7 @@ import csv
 import json
 import time
 from contextlib import contextmanager
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -319,10 +320,10 @@ def test_sample_logger_writes_jsonl_and_tensorboard_text(tmp_path, monkeypatch):
     # 4 iterations of 2 optimiser steps; iterations 2 and 4 are logged, 2 samples each.
     lines = (tmp_path / "tb" / "version_0" / "samples.jsonl").read_text().splitlines()
     assert [json.loads(line) for line in lines] == [
-        {"global_step": 4, "prompt": "p1-0", "response": "r", "reward": 0.0},
-        {"global_step": 4, "prompt": "p1-1", "response": "r", "reward": 0.5},
-        {"global_step": 8, "prompt": "p3-0", "response": "r", "reward": 0.0},
-        {"global_step": 8, "prompt": "p3-1", "response": "r", "reward": 0.5},
+        {"global_step": 4, "split": "train", "prompt": "p1-0", "response": "r", "reward": 0.0},
+        {"global_step": 4, "split": "train", "prompt": "p1-1", "response": "r", "reward": 0.5},
+        {"global_step": 8, "split": "train", "prompt": "p3-0", "response": "r", "reward": 0.0},
+        {"global_step": 8, "split": "train", "prompt": "p3-1", "response": "r", "reward": 0.5},
     ]
     assert texts == [("samples", 4), ("samples", 8)]
 
@@ -340,3 +341,13 @@ def test_markdown_table_escapes_cells():
     assert table == (
         "| prompt | reward | extra |\n|---|---|---|\n| a\\|b | 0.1235 |  |\n| two<br>lines |  | 1 |"
     )
+
+
+def test_a_resumed_run_drops_the_samples_logged_after_its_checkpoint(tmp_path):
+    logger = SampleLogger()
+    logger.path = tmp_path / "samples.jsonl"
+    logger.path.write_text(
+        "".join(json.dumps({"global_step": step, "prompt": "p"}) + "\n" for step in range(1, 7))
+    )
+    logger.on_train_start(SimpleNamespace(global_step=4), None)  # resumed from the checkpoint of step 4
+    assert [json.loads(line)["global_step"] for line in logger.path.read_text().splitlines()] == [1, 2, 3, 4]

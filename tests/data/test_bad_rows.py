@@ -39,6 +39,7 @@ def module_for(path, tmp_path, word_tokenizer, **options):
         "tokenizer": str(tmp_path / "tokenizer"),
         "mode": "pairs",
         "max_prompt_length": 8,
+        "prompt_truncation": "drop",
         "val_size": 0,
     }
     return make_module(path, tmp_path, **{**defaults, **options})

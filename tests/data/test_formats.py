@@ -66,6 +66,22 @@ def test_hh_file_parses_directly(hh_file, hh, tmp_path, tokenizer_dir):
         assert decoded == expected_hh(hh[index])
 
 
+def test_long_hh_conversations_keep_their_end_instead_of_being_dropped(hh_file, hh, tmp_path, tokenizer_dir):
+    options = {"max_samples": ROWS, "max_prompt_length": 128, "val_size": 0}
+    dropping = load(hh_file, tmp_path, tokenizer_dir, prompt_truncation="drop", **options)
+    module = load(hh_file, tmp_path, tokenizer_dir, **options)
+    too_long = dropping.skipped["prompt_too_long"]
+    assert too_long > ROWS // 10  # what dropping would cost
+    assert "prompt_too_long" not in module.skipped and module.prompts_truncated == too_long
+    assert len(module.train_dataset) == len(dropping.train_dataset) + too_long
+    # A cut prompt ends, as every HH prompt does, with the assistant's turn being asked for.
+    ends = {
+        module.tokenizer.decode(ids).rstrip().endswith("Assistant:")
+        for ids in module.train_dataset["prompt_ids"]
+    }
+    assert ends == {True}
+
+
 def check_matches_hh(module, hh, expected=expected_hh, usable=usable_hh):
     """Every usable HH row, and only those, decodes to the texts split by hand."""
     texts = texts_by_row(module)

@@ -107,24 +107,33 @@ def test_sft_and_prompts_batches(tmp_path):
     assert set(prompts) == {"index", "prompt_input_ids", "prompt_attention_mask"}
 
 
+def pairs_with_limits(tmp_path, tokenizer_dir, rows: list[dict], **options) -> RLHFDataModule:
+    """`rows` as pair data, set up with prompts of at most 6 tokens and `options`."""
+    module = make_module(
+        write_jsonl(tmp_path / "rows.jsonl", rows),
+        tmp_path,
+        tokenizer=tokenizer_dir,
+        mode="pairs",
+        max_prompt_length=6,
+        val_size=0,
+        **options,
+    )
+    module.setup()
+    return module
+
+
 def test_long_responses_are_truncated_and_counted_long_prompts_dropped(tmp_path, word_tokenizer_dir):
     rows = [
         {"prompt": "the cat", "chosen": "the cat sleeps .", "rejected": "a dog"},  # chosen: 4 words + EOS > 4
         {"prompt": "a dog", "chosen": "the dog runs", "rejected": "the sun"},  # 3 words + EOS = 4: fits
         {"prompt": "the moon the sun and the tree", "chosen": "a", "rejected": "the"},  # 7 prompt tokens > 6
     ]
-    module = make_module(
-        write_jsonl(tmp_path / "rows.jsonl", rows),
-        tmp_path,
-        tokenizer=word_tokenizer_dir,
-        mode="pairs",
-        max_prompt_length=6,
-        max_response_length=4,
-        val_size=0,
+    module = pairs_with_limits(
+        tmp_path, word_tokenizer_dir, rows, max_response_length=4, prompt_truncation="drop"
     )
-    module.setup()
     assert module.truncated == 1
     assert module.skipped == {"prompt_too_long": 1}
+    assert module.prompts_truncated == 0
     batch = next(iter(module._loader(module.train_dataset, 8)))
     vocab, eos = module.tokenizer.get_vocab(), module.tokenizer.eos_token_id
     assert batch["index"].tolist() == [0, 1]
@@ -160,6 +169,46 @@ def test_prompts_get_the_tokenizers_bos_once_responses_get_eos():
     ]  # <bos> the cat; a chat template's <bos> is not doubled
     assert out["chosen_ids"] == [[10, 1], [12, 13, 1]]
     assert out["truncated"] == [0, 0] and out["reason"] == ["", ""]
+
+
+@pytest.mark.parametrize(
+    "mode, kept",
+    [
+        ("keep_end", "<bos> cat runs ."),  # the end of the conversation, after its BOS
+        ("keep_start", "<bos> the moon the"),
+    ],
+)
+def test_a_long_prompt_is_cut_keeping_its_bos_and_counted(mode, kept):
+    batch = {
+        "row": [0, 1],
+        "reason": ["", ""],
+        "detail": ["", ""],
+        "prompt": ["the moon the sun a cat runs .", "a dog"],
+    }
+    tokenizer = bos_tokenizer()
+    out = tokenize_batch(
+        batch, tokenizer, (), max_prompt_length=4, max_response_length=8, prompt_truncation=mode
+    )
+    assert tokenizer.decode(out["prompt_ids"][0]) == kept
+    assert tokenizer.decode(out["prompt_ids"][1]) == "<bos> a dog"
+    assert out["prompt_truncated"] == [1, 0] and out["reason"] == ["", ""]
+
+
+def test_long_prompts_are_kept_by_their_end_by_default_and_counted(tmp_path, word_tokenizer_dir):
+    rows = [
+        {"prompt": "the moon the sun and the tree", "chosen": "a", "rejected": "the"},  # 7 tokens > 6
+        {"prompt": "a dog", "chosen": "the dog runs", "rejected": "the sun"},
+    ]
+    module = pairs_with_limits(tmp_path, word_tokenizer_dir, rows)
+    assert module.skipped == {} and module.prompts_truncated == 1
+    assert module.describe()["prompts_truncated"] == 1
+    prompts = [module.tokenizer.decode(ids) for ids in module.train_dataset["prompt_ids"]]
+    assert prompts == ["moon the sun and the tree", "a dog"]
+
+
+def test_an_unknown_prompt_truncation_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="prompt_truncation must be one of keep_end, keep_start, drop"):
+        make_module("builtin:topics", tmp_path, prompt_truncation="keep_middle")
 
 
 def test_validation_split_is_deterministic_from_the_seed(tmp_path, word_tokenizer_dir):

@@ -103,14 +103,61 @@ def test_a_run_writes_csv_and_tensorboard_logs_and_a_last_checkpoint(first_run):
     assert (root / "model" / "config.json").is_file()
 
 
-def test_ckpt_path_last_resumes_from_the_saved_step(shuffled_tokenizer, tmp_path):
-    # Its own first run: a run resumed in a copied directory writes last-v1.ckpt (Lightning's version counter).
+def test_ckpt_path_last_resumes_from_the_saved_step_and_continues_the_logs(shuffled_tokenizer, tmp_path):
     root, cache = tmp_path / "sft", tmp_path / "cache"
     run_sft(root, cache, shuffled_tokenizer, "--trainer.max_steps=2")
     run_sft(root, cache, shuffled_tokenizer, "--trainer.max_steps=4", "--ckpt_path=last")
-    # A new log version that continues the step count, and a checkpoint at the new end.
-    assert logged_steps(root / "logs" / "version_1" / "metrics.csv", "train/loss") == [2, 3]
+    # The same log version, continued from the step count, and a checkpoint at the new end.
+    assert logged_steps(root / "logs" / "version_0" / "metrics.csv", "train/loss") == [0, 1, 2, 3]
+    assert not (root / "logs" / "version_1").exists()
     assert checkpoint_step(root / "checkpoints" / "last.ckpt") == 4
+    assert not list((root / "checkpoints").glob("last-v*"))
+
+
+def test_a_run_resumed_from_an_earlier_checkpoint_logs_each_step_once(shuffled_tokenizer, tmp_path):
+    # As after a kill: the run went on (to step 4) after the checkpoint it is resumed from (step 2).
+    root, cache = tmp_path / "sft", tmp_path / "cache"
+    every_2 = ("--checkpoint.every_n_train_steps=2", "--checkpoint.save_top_k=-1")
+    run_sft(root, cache, shuffled_tokenizer, "--trainer.max_steps=4", *every_2)
+    earlier = root / "checkpoints" / "epoch=0-step=2.ckpt"
+    run_sft(root, cache, shuffled_tokenizer, "--trainer.max_steps=6", f"--ckpt_path={earlier}", *every_2)
+    logs = root / "logs" / "version_0"
+    assert logged_steps(logs / "metrics.csv", "train/loss") == [0, 1, 2, 3, 4, 5]
+    assert [row["step"] for row in csv.DictReader(open(logs / "metrics.csv")) if row.get("lr-AdamW/pg1")] == [
+        str(step) for step in range(6)
+    ]
+
+
+def test_a_fresh_run_into_a_directory_with_an_earlier_runs_results_is_refused(
+    shuffled_tokenizer, tmp_path, capsys
+):
+    root, cache = tmp_path / "sft", tmp_path / "cache"
+    run_sft(root, cache, shuffled_tokenizer, "--trainer.max_steps=2")
+    exported = (root / "model" / "model.safetensors").stat().st_mtime_ns
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run_sft(root, cache, shuffled_tokenizer, "--trainer.max_steps=3")
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err.strip()
+    assert len(message.splitlines()) == 1
+    assert f"{root} holds the results of an earlier run (checkpoints/last.ckpt, model)" in message
+    assert "--ckpt_path last" in message and "--overwrite true" in message
+    # Nothing was touched.
+    assert checkpoint_step(root / "checkpoints" / "last.ckpt") == 2
+    assert (root / "model" / "model.safetensors").stat().st_mtime_ns == exported
+
+
+def test_overwrite_starts_over_leaving_only_the_new_runs_checkpoints_logs_and_export(
+    shuffled_tokenizer, tmp_path
+):
+    root, cache = tmp_path / "sft", tmp_path / "cache"
+    run_sft(root, cache, shuffled_tokenizer, "--trainer.max_steps=2")
+    run_sft(root, cache, shuffled_tokenizer, "--trainer.max_steps=3", "--overwrite=true")
+    assert [path.name for path in (root / "checkpoints").iterdir()] == ["last.ckpt"]
+    assert checkpoint_step(root / "checkpoints" / "last.ckpt") == 3
+    assert [path.name for path in (root / "logs").iterdir()] == ["version_0"]
+    assert logged_steps(root / "logs" / "version_0" / "metrics.csv", "train/loss") == [0, 1, 2]
+    assert json.loads((root / "model" / "dvpo_export.json").read_text())["global_step"] == 3
 
 
 def test_the_data_modules_tokenizer_reaches_the_model(first_run, shuffled_tokenizer):

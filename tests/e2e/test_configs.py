@@ -136,3 +136,32 @@ def test_config_runs(name, chain):
     assert (root / "model" / "config.json").is_file()
     metrics = (root / "logs" / "version_0" / "metrics.csv").read_text()
     assert "val/" in metrics.splitlines()[0], "validation ran and was logged"
+
+
+def test_every_export_records_its_lineage_and_carries_a_model_card(chain):
+    for name in ALL:
+        chain.run(name)
+    exports = {name: chain.workdir / config.root / "model" for name, config in ALL.items()}
+    records = {name: json.loads((directory / EXPORT_INFO).read_text()) for name, directory in exports.items()}
+    sft_id = records["sft"]["export_id"]
+    for name, info in records.items():
+        assert info["export_dir"] == str(exports[name]) and info["seed"] == 0
+        assert info["config"]["config"] == [str(ALL[name].path)]  # the run's whole configuration
+        assert info["data"]["dataset"] == "builtin:topics" and info["data"]["rows"]["validation"] > 0
+        assert info["code"]["dvpo_lightning"] and info["code"]["torch"]
+        # Each input is named by the export id of the stage that wrote it, with that stage's own record.
+        for option, found in info["inputs"].items():
+            producer = next(
+                other for other, path in exports.items() if str(path) == found["identity"]["path"]
+            )
+            assert found["identity"]["export_id"] == records[producer]["export_id"], (name, option)
+            assert found["export"]["export_id"] == records[producer]["export_id"]
+        if name != "sft":
+            assert info["inputs"], name
+            assert all(
+                found["export"]["export_id"] == sft_id or sft_id in json.dumps(found["export"]["inputs"])
+                for found in info["inputs"].values()
+            ), f"{name} descends from the SFT export"
+        card = (exports[name] / "README.md").read_text()
+        assert card.startswith("---\nlibrary_name: transformers\n")
+        assert f"# {info['stage']} export" in card and "## Final metrics" in card

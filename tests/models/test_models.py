@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -182,3 +184,17 @@ def test_response_logits_predict_the_response_tokens(word_tokenizer, tiny_arch):
         sliced = response_logits(policy, ids, mask, width)
     prompt_length = ids.shape[1] - width
     torch.testing.assert_close(sliced, full[:, prompt_length - 1 : -1], atol=1e-5, rtol=1e-5)
+
+
+def test_a_gpt2_arch_with_a_tokenizer_without_bos_exports_no_bos_outside_its_vocabulary(
+    word_tokenizer, tmp_path
+):
+    # GPT-2's config defaults to bos_token_id=50256, far outside a small trained tokenizer's vocabulary.
+    assert word_tokenizer.bos_token_id is None
+    model = build_policy(
+        ModelSpec(arch={"model_type": "gpt2", "n_embd": 32, "n_layer": 1, "n_head": 2}), word_tokenizer
+    )
+    export_model(model, word_tokenizer, str(tmp_path / "export"))
+    for name in ("config.json", "generation_config.json"):
+        saved = json.loads((tmp_path / "export" / name).read_text())
+        assert saved.get("bos_token_id") is None, name

@@ -11,7 +11,7 @@ import pytest
 import transformers
 
 from dvpo_lightning.algos import PREFERENCE_LOSSES
-from dvpo_lightning.cli import main
+from dvpo_lightning.cli import main, run_cli
 from dvpo_lightning.models import ModelSpec, TokenizerMismatchError, build_policy, export_model
 from dvpo_lightning.modules import DVPOModule
 from dvpo_lightning.preflight import ConfigurationError
@@ -49,7 +49,7 @@ def sft_export(tmp_path_factory, tokenizer) -> str:
 
 def fit_dpo_from(sft_export: str, root, *overrides: str) -> None:
     """`dvpo fit --config configs/dpo.yaml` from `sft_export`, writing under `root`, with `overrides`."""
-    main(
+    run_cli(
         [
             "fit",
             "--config",
@@ -67,7 +67,7 @@ def test_a_stage_run_before_the_stages_it_reads_names_each_missing_path_and_the_
 ):
     monkeypatch.chdir(tmp_path)  # no outputs/ here
     with pytest.raises(ConfigurationError) as error:
-        main(["fit", "--config", DVPO])
+        run_cli(["fit", "--config", DVPO])
     message = str(error.value)
     for option, producer in (
         ("model.init_args.policy.name_or_path", "sft"),
@@ -96,7 +96,7 @@ def test_a_missing_data_or_checkpoint_path_is_named_with_its_option(
     with pytest.raises(
         ConfigurationError, match=rf"- {option[2:]}: '{value}' does not exist; correct the path"
     ):
-        main(["fit", "--config", SFT, f"{option}={value}"])
+        run_cli(["fit", "--config", SFT, f"{option}={value}"])
 
 
 def test_fsdp1_on_a_cpu_points_at_fsdp2(tmp_path, nothing_loads):
@@ -107,7 +107,7 @@ def test_fsdp1_on_a_cpu_points_at_fsdp2(tmp_path, nothing_loads):
         r"trainer.accelerator is 'cpu'; use FSDP2, which also runs on CPU: --config "
         r"configs/strategy/fsdp2.yaml",
     ):
-        main([*arguments, f"--trainer.default_root_dir={tmp_path}"])
+        run_cli([*arguments, f"--trainer.default_root_dir={tmp_path}"])
 
 
 def test_a_disabled_adapter_reference_without_lora_fails_before_any_model_loads(
@@ -144,10 +144,20 @@ def test_a_missing_model_path_given_in_python_is_refused_naming_the_option(token
 
 
 def test_a_mistyped_loss_fails_before_any_model_loads_listing_the_known_ones(
-    tmp_path, sft_export, monkeypatch
+    tmp_path, sft_export, monkeypatch, capsys
 ):
     refuse_loading(monkeypatch, transformers.AutoModelForCausalLM)
-    with pytest.raises(ValueError) as error:
-        fit_dpo_from(sft_export, tmp_path, "--model.init_args.loss_type=[sigmoid,hnge]")
+    command = [
+        "fit",
+        "--config",
+        DPO,
+        f"--trainer.default_root_dir={tmp_path}",
+        f"--model.init_args.policy.name_or_path={sft_export}",
+        f"--data.init_args.tokenizer={sft_export}",
+        "--model.init_args.loss_type=[sigmoid,hnge]",
+    ]
+    with pytest.raises(SystemExit) as exit_info:
+        main(command)  # as the `dvpo` command reports it: one line, exit code 2
     known = ", ".join(sorted(PREFERENCE_LOSSES))
-    assert str(error.value) == f"loss_type: unknown preference loss 'hnge'; known: {known}"
+    assert exit_info.value.code == 2
+    assert f"loss_type: unknown preference loss 'hnge'; known: {known}" in capsys.readouterr().err

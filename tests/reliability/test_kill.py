@@ -28,6 +28,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dvpo_lightning.cli.logs import resumed_log_step
 from dvpo_lightning.models import build_policy, export_model
 from tests.helpers.stages import export_random_value_model, tiny, topics_data
 
@@ -132,8 +133,9 @@ def metric_rows(root: Path, version: int) -> list[dict[str, str]]:
 
 def killed_and_resumed(
     tmp_path: Path, exports: Path, args: list[str], hold_step: int, max_steps: int
-) -> tuple[Path, Path]:
-    """Roots of an uninterrupted run and of a run killed after global step `hold_step` and resumed."""
+) -> tuple[Path, Path, int]:
+    """Roots of an uninterrupted run and of a run killed after global step `hold_step` and resumed, and the first
+    logging step of the resumed run."""
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     hold = tmp_path / "hold.yaml"
     hold.write_text(
@@ -150,23 +152,23 @@ def killed_and_resumed(
     doomed.send_signal(signal.SIGKILL)
     doomed.wait()
     assert torch.load(killed / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == hold_step
+    first_resumed_step = resumed_log_step(str(killed / "checkpoints" / "last.ckpt"))
     finish(launch(killed, exports, args, max_steps, "--ckpt_path=last"), killed)
     finish(uninterrupted, whole)
-    return whole, killed
+    return whole, killed, first_resumed_step
 
 
 @pytest.mark.parametrize("stage", ["dvpo", "gvm"])
 def test_a_run_killed_mid_training_resumes_to_the_same_metrics_and_weights(stage, tmp_path, exports):
     args = (dvpo_args if stage == "dvpo" else gvm_args)(exports)
-    whole, killed = killed_and_resumed(tmp_path, exports, args, HOLD_STEPS[stage], MAX_STEPS[stage])
+    whole, killed, first = killed_and_resumed(tmp_path, exports, args, HOLD_STEPS[stage], MAX_STEPS[stage])
 
-    # Rows are logged at Lightning's logging step: the number of training batches (rollouts) done before.
-    resumed = metric_rows(killed, version=1)
-    first = int(resumed[0]["step"])
-    assert first > 0  # it went on from the checkpoint, not from the start
-    assert resumed == [row for row in metric_rows(whole, version=0) if int(row["step"]) >= first]
+    # The resumed run continues the killed run's log: together they logged what the uninterrupted run logged.
+    assert not (killed / "logs" / "version_1").exists()
+    assert metric_rows(killed, version=0) == metric_rows(whole, version=0)
     # The resumed run logged the metrics that depend on what was restored, not just the step counters.
-    logged = set().union(*resumed)
+    assert first > 0  # it went on from the checkpoint, not from the start
+    logged = set().union(*(row for row in metric_rows(killed, version=0) if int(row["step"]) >= first))
     restored = (
         {"rollout/reward", "kl/coef", "policy/loss", "val/kl_ref"} if stage == "dvpo" else {"train/loss"}
     )

@@ -100,7 +100,7 @@ class PeakMemoryMonitor(Callback):
         rows = {
             f"{scope}/{name}": value for scope, peaks in self._fit.items() for name, value in peaks.items()
         }
-        print_table(f"Peak memory over the fit ({self.summary['method']})", rows)
+        print_table(f"Peak memory over the fit: {self.summary['method']}", rows)
         self._stop_probe()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -153,6 +153,7 @@ class GVMModule(RLHFModule):
         self.log("val/loss", self.val_loss)
         self.log("val/accuracy_mean_value", self.val_accuracy_mean_value)
         self.log("val/accuracy_final_value", self.val_accuracy_final_value)
+        self.remember_scored_pairs(sequences, *final_value.chunk(2))
         if "chosen_score" in batch:
             self.val_score_pearson.update(
                 final_value, torch.cat([batch["chosen_score"], batch["rejected_score"]])

@@ -90,6 +90,14 @@ class OnPolicyModule(PolicyModule):
     def scorers(self) -> Scorers:
         raise NotImplementedError
 
+    def validation_reward(self, responses, ref_logprobs: torch.Tensor) -> torch.Tensor | None:
+        """The algorithm's reward `[B]` of validation answers: its sequence score, else its value scorer's value of
+        the complete response (DVPO's GVM), as `rollout/reward` logs it."""
+        scorers = self.scorers()
+        if scorers.score is not None:
+            return scorers.score(responses, ref_logprobs)
+        return scorers.values(responses)[1] if scorers.values is not None else None
+
     def trains_policy(self) -> bool:
         """Whether this iteration updates the policy (PPO's critic warm-up iterations do not)."""
         return True
