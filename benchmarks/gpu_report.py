@@ -95,7 +95,7 @@ def measure(trainer: pl.Trainer, module: pl.LightningModule, cuda: bool) -> dict
         "peak_gb": max(per_step) if per_step else None,
         "fit_peak_gb": monitor.summary.get("overall", {}).get(metric),
         "rl_stage_peak_gb": {
-            stage: peaks.get(metric) for stage, peaks in monitor.summary.get("stages", {}).items()
+            stage: peaks.get(metric) for stage, peaks in monitor.summary.get("phases", {}).items()
         },
         "models": states,
         "floor_gb": sum(state["state_bytes"] for state in states.values()) / trainer.world_size / GIB,

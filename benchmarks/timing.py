@@ -86,6 +86,6 @@ class StepClock(Callback):
         if self._last_end is not None:
             self.intervals.append(now - self._last_end)
         self._last_end = now
-        self.stages.append(dict(getattr(pl_module, "stage_seconds", {})))
+        self.stages.append(dict(getattr(pl_module, "phase_seconds", {})))
         if self.first_loss is None and isinstance(outputs, dict) and "loss" in outputs:
             self.first_loss = float(outputs["loss"])

@@ -43,12 +43,12 @@ def split_layout_rows(n: int = 8) -> list[dict[str, torch.Tensor]]:
 @contextmanager
 def rl_stage(module: LightningModule, stage: str):
     """What on-policy modules do around generate / score / update: call the stage hooks of every callback."""
-    hooked = [cb for cb in module.trainer.callbacks if hasattr(cb, "on_rl_stage_start")]
+    hooked = [cb for cb in module.trainer.callbacks if hasattr(cb, "on_rl_phase_start")]
     for callback in hooked:
-        callback.on_rl_stage_start(module.trainer, module, stage)
+        callback.on_rl_phase_start(module.trainer, module, stage)
     yield
     for callback in hooked:
-        callback.on_rl_stage_end(module.trainer, module, stage)
+        callback.on_rl_phase_end(module.trainer, module, stage)
 
 
 class TinyModule(LightningModule):
@@ -180,7 +180,7 @@ def test_peak_memory_stage_hooks_log_each_stage(tmp_path):
     # The stage resets do not hide the allocation from the step's own peak.
     assert min(logged(trainer, "perf/peak_rss_above_baseline_gb")) >= 0.9 * BIG_GIB
 
-    stages = monitor.summary["stages"]
+    stages = monitor.summary["phases"]
     assert set(stages) == {"generate", "score", "update"}
     assert stages["generate"]["peak_rss_above_baseline_gb"] >= 0.9 * BIG_GIB
     assert stages["update"]["peak_rss_above_baseline_gb"] < SMALL_GIB
@@ -195,10 +195,10 @@ def test_peak_memory_stage_end_without_start_is_an_error(tmp_path):
     class Unbalanced(TinyModule):
         def training_step(self, batch, batch_idx):
             monitor = self.trainer.callbacks[0]
-            monitor.on_rl_stage_end(self.trainer, self, "score")
+            monitor.on_rl_phase_end(self.trainer, self, "score")
 
     with pytest.raises(
-        RuntimeError, match=r"on_rl_stage_end\('score'\) without a matching on_rl_stage_start"
+        RuntimeError, match=r"on_rl_phase_end\('score'\) without a matching on_rl_phase_start"
     ):
         fit(Unbalanced(), [PeakMemoryMonitor()], tmp_path)
 

@@ -1,8 +1,8 @@
 """Callbacks on by default in every `dvpo` run: progress with true totals, peak memory, throughput, sample tables,
 the random state in checkpoints and the non-finite guard.
 
-They work with any LightningModule; on-policy modules add RL stage hooks (`on_rl_stage_start` /
-`on_rl_stage_end`), `num_samples` / `num_tokens` in their training_step output and `last_samples`.
+They work with any LightningModule; on-policy modules add hooks around the phases of an RL iteration (`on_rl_phase_start` /
+`on_rl_phase_end`), `num_samples` / `num_tokens` in their training_step output and `last_samples`.
 """
 
 from dvpo_lightning.callbacks.nonfinite import NonFiniteError, NonFiniteGuard

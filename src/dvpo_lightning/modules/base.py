@@ -78,7 +78,7 @@ class RLHFModule(pl.LightningModule):
         self.tokenizer = tokenizer
         self.export_dir = export_dir
         self.fsdp = fsdp or FSDPConfig()
-        self.stage_seconds: dict[str, float] = {}
+        self.phase_seconds: dict[str, float] = {}
         #: names of the current batch's quantities found non-finite (e.g. "advantages"); while it is not empty the
         #: `NonFiniteGuard` callback skips the batch's optimiser steps.
         self.nonfinite_quantities: list[str] = []
@@ -273,28 +273,28 @@ class RLHFModule(pl.LightningModule):
             self.inputs_at_start = checkpoint["inputs_at_start"]
             warn_if_inputs_rewritten(self, self.inputs_at_start)  # the resumed run loads what is there now
 
-    # ------------------------------------------------------------------------------------------- stages
+    # ------------------------------------------------------------------------------------------- phases
     @contextlib.contextmanager
-    def stage(self, name: str):
-        """Time one part of an iteration ("generate", "score", "update") and tell callbacks about it.
+    def phase(self, name: str):
+        """Time one phase of an RL iteration ("generate", "score", "update") and tell callbacks about it.
 
-        Callbacks that define `on_rl_stage_start(trainer, module, stage)` / `on_rl_stage_end(...)` (the peak
-        memory monitor does) are called around the block; the wall time is kept in `stage_seconds[name]`.
+        Callbacks that define `on_rl_phase_start(trainer, module, phase)` / `on_rl_phase_end(...)` (the peak
+        memory monitor does) are called around the block; the wall time is kept in `phase_seconds[name]`.
         """
         callbacks = self.trainer.callbacks if self._trainer is not None else []
         for callback in callbacks:
-            if hasattr(callback, "on_rl_stage_start"):
-                callback.on_rl_stage_start(self.trainer, self, name)
+            if hasattr(callback, "on_rl_phase_start"):
+                callback.on_rl_phase_start(self.trainer, self, name)
         start = time.perf_counter()
         try:
             yield
         finally:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
-            self.stage_seconds[name] = time.perf_counter() - start
+            self.phase_seconds[name] = time.perf_counter() - start
             for callback in callbacks:
-                if hasattr(callback, "on_rl_stage_end"):
-                    callback.on_rl_stage_end(self.trainer, self, name)
+                if hasattr(callback, "on_rl_phase_end"):
+                    callback.on_rl_phase_end(self.trainer, self, name)
 
 
 def _is_frozen_key(module: RLHFModule, key: str, prefix: str) -> bool:

@@ -129,14 +129,14 @@ class OnPolicyModule(PolicyModule):
         prompt_ids, prompt_mask = (
             tensor.repeat_interleave(self.ppo.samples_per_prompt, dim=0) for tensor in prompts
         )
-        with self.stage("generate"), self.policy_for_generation():
+        with self.phase("generate"), self.policy_for_generation():
             responses = generate_responses(
                 self.policy, prompt_ids, prompt_mask, self.sampling, self.tokenizer
             )
-        with self.stage("score"):
+        with self.phase("score"):
             experience = self.experience_maker().make(responses)
             self.nonfinite_quantities = experience.nonfinite_quantities()
-        with self.stage("update"):
+        with self.phase("update"):
             update_stats = self.updater().run(
                 experience, self.manual_backward, self.optimizer_step_with_clipping, self.trains_policy()
             )
@@ -175,7 +175,7 @@ class OnPolicyModule(PolicyModule):
         metrics = {
             **experience_metrics(experience),
             "kl/coef": torch.tensor(self.kl_controller.value),
-            **{f"time/{name}": torch.tensor(seconds) for name, seconds in self.stage_seconds.items()},
+            **{f"time/{name}": torch.tensor(seconds) for name, seconds in self.phase_seconds.items()},
             **{name: torch.tensor(value) for name, value in update_stats.items()},
         }
         gold = None
