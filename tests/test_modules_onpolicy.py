@@ -18,7 +18,7 @@ import pytest
 import torch
 from transformers import PreTrainedModel
 
-from dvpo_lightning.algos import loss_normalizers
+from dvpo_lightning.algos import earned_values, loss_normalizers
 from dvpo_lightning.models import (
     LoraSpec,
     ModelSpec,
@@ -38,8 +38,13 @@ from dvpo_lightning.modules import (
 )
 from dvpo_lightning.modules import dvpo as dvpo_module
 from dvpo_lightning.modules import onpolicy as onpolicy_module
-from dvpo_lightning.algos import earned_values
-from dvpo_lightning.rl import final_values, generate_responses, gold_token_rewards, policy_logprobs, state_values
+from dvpo_lightning.rl import (
+    final_values,
+    generate_responses,
+    gold_token_rewards,
+    policy_logprobs,
+    state_values,
+)
 from tests.onpolicy_helpers import (
     PositionValues,
     ScriptedPolicy,
@@ -345,7 +350,11 @@ def test_dvpo_with_gold_values_scores_with_the_gold_reward_earned_before_each_to
     data = run.trainer.datamodule
     prompts = next(iter(data.train_dataloader()))
     rollout = generate_responses(
-        module.policy, prompts["prompt_input_ids"], prompts["prompt_attention_mask"], module.sampling, tokenizer
+        module.policy,
+        prompts["prompt_input_ids"],
+        prompts["prompt_attention_mask"],
+        module.sampling,
+        tokenizer,
     )
     values, final = module.scorers().values(rollout)
     gold = gold_token_rewards(data.task, tokenizer, rollout)  # [B, R]
@@ -587,7 +596,9 @@ def test_one_iteration_logs_the_rl_metrics(name, runs):
         (lambda: DVPOModule(policy=tiny(), value_model=tiny(), gold_values=True), "gold_values"),
         (lambda: DVPOModule(policy=tiny(), gold_values=True, ppo=PPOConfig(gamma=0.9)), "ppo.gamma"),
         (
-            lambda: PPOModule(policy=tiny(), reward_model=tiny(), train_critic=False, critic_warmup_iterations=2),
+            lambda: PPOModule(
+                policy=tiny(), reward_model=tiny(), train_critic=False, critic_warmup_iterations=2
+            ),
             "train_critic",
         ),
         (lambda: PPOConfig(ppo_epochs=0), "ppo_epochs"),

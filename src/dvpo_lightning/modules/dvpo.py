@@ -72,7 +72,9 @@ class DVPOModule(OnPolicyModule):
     def build_models(self) -> None:
         self.build_policy_and_reference()
         if not self.gold_values:
-            self.value_model = build_value_model(self.value_model_spec, self.tokenizer, role="global value model")
+            self.value_model = build_value_model(
+                self.value_model_spec, self.tokenizer, role="global value model"
+            )
 
     def scorers(self) -> Scorers:
         if self.gold_values:
