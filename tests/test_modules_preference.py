@@ -343,7 +343,7 @@ def test_export_loads_by_path_with_the_same_outputs(fitted, tokenizer, batches):
         "global_step": 2,
     }
     if isinstance(module, GVMModule):  # how its values were trained, which DVPO checks
-        options = ("terminal_reward", "gamma", "lam", "train_final_value")
+        options = ("terminal_reward", "gamma", "lam", "train_final_value", "ranking_weight", "inner_epochs")
         assert info.pop("value_training") == {option: getattr(module, option) for option in options}
     assert info == {}
     trained = getattr(module, module.exported_model).eval()
