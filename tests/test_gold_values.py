@@ -1,13 +1,20 @@
-"""The built-in task's gold reward token by token, and the oracle critic built from it."""
+"""The built-in task's gold reward token by token, the oracle critic built from it, and gold-scored pairs of a
+policy's own samples."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
 
+from dvpo_lightning.data import RLHFDataModule
 from dvpo_lightning.data.builtin import get_task
 from dvpo_lightning.data.collate import pad_sequences
+from dvpo_lightning.models import build_policy, export_model
 from dvpo_lightning.rl import GoldValues, Responses, gold_rewards, gold_token_rewards
+from dvpo_lightning.sampled_pairs import inner_special_tokens, write_gold_scored_pairs
+from tests.stages import tiny
 
 PROMPT = "tell me about : cat river . answer :"
 
@@ -58,3 +65,38 @@ def test_gold_values_are_the_gold_reward_earned_before_each_token(tokenizer):
     values, final = GoldValues(get_task("topics"), tokenizer)(responses)
     assert values.tolist() == [[0.0, 1.0, 0.9375, 0.4375], [0.0, 1.0, 0.0, 0.0]]
     assert final.tolist() == [0.4375, -0.5]
+
+
+def test_gold_scored_pairs_of_a_policys_samples(tokenizer, cache, tmp_path):
+    policy_dir = export_model(build_policy(tiny(init_seed=3), tokenizer), tokenizer, str(tmp_path / "policy"))
+    options = dict(builtin_size=120, val_size=20, batch_size=8, cache_dir=str(cache))
+    output = tmp_path / "pairs.jsonl"
+    written = write_gold_scored_pairs(policy_dir, output, pairs=6, **options)
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    assert written == len(rows) == 6
+    task = get_task("topics")
+    held_out = RLHFDataModule("builtin:topics", mode="prompts", **options)
+    held_out.setup("fit")
+    held_out_prompts = {held_out.tokenizer.decode(ids) for ids in held_out.val_dataset["prompt_ids"]}
+    for row in rows:
+        assert row["prompt"] not in held_out_prompts
+        assert row["chosen"] != row["rejected"] and row["chosen_score"] >= row["rejected_score"]
+        for key in ("chosen", "rejected"):
+            # as the data module will see it: unfinished exactly when it fills the response budget
+            finished = len(row[key].split()) < task.recommended_max_response_length
+            assert row[f"{key}_score"] == task.score([row["prompt"]], [row[key]], [finished])[0]
+    pairs = RLHFDataModule(str(output), tokenizer=policy_dir, mode="pairs", val_size=2, batch_size=4)
+    pairs.setup("fit")
+    batch = next(iter(pairs.train_dataloader()))
+    assert {"chosen_score", "rejected_score"} <= set(batch)  # ready for the GVM's terminal_reward: score
+
+
+def test_gold_scored_pairs_need_a_built_in_task(tokenizer, hh_file, tmp_path):
+    policy_dir = export_model(build_policy(tiny(), tokenizer), tokenizer, str(tmp_path / "policy"))
+    with pytest.raises(ValueError, match="need a built-in task's gold reward"):
+        write_gold_scored_pairs(policy_dir, tmp_path / "pairs.jsonl", dataset=str(hh_file), max_samples=50)
+
+
+def test_answers_with_a_special_token_inside_are_found(tokenizer):
+    responses = rollout(tokenizer, ["cat <unk> river", "cat river"], [True, False])
+    assert inner_special_tokens(responses, tokenizer).tolist() == [True, False]
