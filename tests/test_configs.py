@@ -1,4 +1,5 @@
-"""Every top-level config in `configs/` runs as is, for two steps on CPU, so that no config rots.
+"""Every top-level config in `configs/` and every one of the hard setting (`configs/hard/`) runs as is, for two
+steps on CPU, so that no config rots.
 
 Stages load the exports of earlier stages by relative path (`outputs/builtin/sft/model`), so the configs run
 in one working directory, each after the configs it depends on: config B depends on config A when a value
@@ -41,7 +42,7 @@ class Config:
 
     @property
     def name(self) -> str:
-        return self.path.stem
+        return str(self.path.relative_to(CONFIGS).with_suffix(""))  # "dvpo", "hard/dvpo"
 
 
 def read_config(path: Path) -> Config:
@@ -74,7 +75,8 @@ def prerequisites(config: Config, configs: dict[str, Config]) -> list[str]:
     )
 
 
-ALL = {config.name: config for config in map(read_config, sorted(CONFIGS.glob("*.yaml")))}
+RUN = sorted([*CONFIGS.glob("*.yaml"), *CONFIGS.glob("hard/*.yaml")])
+ALL = {config.name: config for config in map(read_config, RUN)}
 
 
 class Chain:
