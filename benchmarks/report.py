@@ -116,7 +116,7 @@ def write_report(report: Report, output: Path, command: str, device: torch.devic
     return markdown
 
 
-def write_index(output: Path, order: Sequence[str] = ("table", "cost", "rollout", "peer")) -> Path:
+def write_index(output: Path, order: Sequence[str] = ("table", "value", "cost", "rollout", "peer")) -> Path:
     """`<output>/README.md`: the latest report of every benchmark found in `output`, headings one level down."""
     found = {path.stem: path for path in output.glob("*.md") if path.name != INDEX}
     names = [name for name in order if name in found] + sorted(set(found) - set(order))

@@ -61,14 +61,16 @@ from dvpo_lightning.evaluation import (
     gold_agreement,
     held_out_responses,
     pairwise_value_accuracy,
+    value_scorer,
     win_rate,
 )
 from dvpo_lightning.models import ModelSpec, build_policy, export_model
-from dvpo_lightning.rl import SamplingConfig
+from dvpo_lightning.rl import GoldValues, SamplingConfig
 from dvpo_lightning.sampled_pairs import write_gold_scored_pairs
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 LABELS = {
+    "gold": "Gold reward (the oracle: the labels' own ceiling)",
     "rm": "Reward model (Bradley-Terry)",
     "gvm": "GVM (the paper's)",
     "gvm_ranking": "GVM + ranking term",
@@ -87,7 +89,7 @@ LABELS = {
     "dvpo_gold_values": "DVPO on the gold values (oracle critic)",
     "gvm_grpo": "GVM-scored GRPO",
 }
-JUDGED = (*VALUE_MODELS, "ppo_critic")  # the value models of the built-in accuracy table
+JUDGED = ("gold", *VALUE_MODELS, "ppo_critic")  # the value scorers of the built-in accuracy table
 DVPO_VARIANTS = ("dvpo", *(f"dvpo_{name}" for name in GVM_OPTIONS))
 
 
@@ -146,13 +148,15 @@ def builtin_seed(seed: int, root: Path, scale: Scale, device: torch.device, conf
     }
     values = {}
     for name in JUDGED:
-        directory = str(value_model_dir(root, name))
+        scorer = (
+            GoldValues(prompts.task, prompts.tokenizer)
+            if name == "gold"
+            else value_scorer(str(value_model_dir(root, name)), prompts, device)
+        )
         values[name] = {
-            "accuracy": vars(pairwise_value_accuracy(directory, pairs, device)),
+            "accuracy": vars(pairwise_value_accuracy(scorer, pairs, device)),
             **{
-                f"{policy_name}_samples": vars(
-                    gold_agreement(directory, samples[policy_name], prompts, device)
-                )
+                f"{policy_name}_samples": vars(gold_agreement(scorer, samples[policy_name], prompts))
                 for policy_name in samples
             },
         }
@@ -204,7 +208,11 @@ def hh_seed(seed: int, root: Path, scale: Scale, device: torch.device, configs: 
     pairs = RLHFDataModule(str(HH_FILE), tokenizer=str(export_dir(root, "sft")), mode="pairs", **options)
     pairs.setup("validate")
     return {
-        name: vars(pairwise_value_accuracy(str(value_model_dir(root, name)), pairs, device))
+        name: vars(
+            pairwise_value_accuracy(
+                value_scorer(str(value_model_dir(root, name)), pairs, device), pairs, device
+            )
+        )
         for name in (*HH_VALUE_MODELS, "ppo_critic")
     }
 

@@ -1,5 +1,5 @@
-"""The built-in task's gold reward token by token, the oracle critic built from it, and gold-scored pairs of a
-policy's own samples."""
+"""The built-in task's gold reward token by token, the oracle critic built from it, gold-scored pairs of a
+policy's own samples, and the evaluation of value models against the gold reward."""
 
 from __future__ import annotations
 
@@ -11,10 +11,16 @@ import torch
 from dvpo_lightning.data import RLHFDataModule
 from dvpo_lightning.data.builtin import get_task
 from dvpo_lightning.data.collate import pad_sequences
+from dvpo_lightning.evaluation import (
+    gold_agreement,
+    held_out_responses,
+    pairwise_value_accuracy,
+    value_scorer,
+)
 from dvpo_lightning.models import build_policy, export_model
-from dvpo_lightning.rl import GoldValues, Responses, gold_rewards, gold_token_rewards
+from dvpo_lightning.rl import GoldValues, Responses, SamplingConfig, gold_rewards, gold_token_rewards
 from dvpo_lightning.sampled_pairs import inner_special_tokens, write_gold_scored_pairs
-from tests.stages import tiny
+from tests.stages import export_random_value_model, tiny
 
 PROMPT = "tell me about : cat river . answer :"
 
@@ -100,3 +106,32 @@ def test_gold_scored_pairs_need_a_built_in_task(tokenizer, hh_file, tmp_path):
 def test_answers_with_a_special_token_inside_are_found(tokenizer):
     responses = rollout(tokenizer, ["cat <unk> river", "cat river"], [True, False])
     assert inner_special_tokens(responses, tokenizer).tolist() == [True, False]
+
+
+def test_the_gold_values_rank_held_out_pairs_as_their_gold_scores_do(cache):
+    pairs = RLHFDataModule(
+        "builtin:topics", mode="pairs", builtin_size=120, val_size=40, cache_dir=str(cache)
+    )
+    pairs.setup("validate")
+    accuracy = pairwise_value_accuracy(GoldValues(pairs.task, pairs.tokenizer), pairs)
+    chosen, rejected = (torch.tensor(pairs.val_dataset[f"{key}_score"]) for key in ("chosen", "rejected"))
+    assert accuracy.pairs == 40
+    assert accuracy.final_value == pytest.approx(float((chosen > rejected).float().mean()))
+
+
+def test_gold_agreement_of_the_oracle_is_perfect_and_of_a_random_value_model_is_not(
+    tokenizer, cache, tmp_path
+):
+    data = RLHFDataModule(
+        "builtin:topics", mode="prompts", builtin_size=120, val_size=24, cache_dir=str(cache)
+    )
+    data.setup("validate")
+    policy = build_policy(tiny(init_seed=3), tokenizer)
+    samples = held_out_responses(policy, data, SamplingConfig(max_new_tokens=16))
+    assert sum(len(responses.finished) for responses in samples) == 24
+    oracle = gold_agreement(GoldValues(data.task, tokenizer), samples, data)
+    assert (oracle.final_value_pearson, oracle.token_credit_pearson) == pytest.approx((1.0, 1.0))
+    random_model = export_random_value_model(tmp_path / "value", tokenizer)
+    random = gold_agreement(value_scorer(random_model, data), samples, data)
+    assert abs(random.final_value_pearson) < 0.9 and abs(random.token_credit_pearson) < 0.9
+    assert random.responses == 24

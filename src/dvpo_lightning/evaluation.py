@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from dvpo_lightning.algos import get_advantage, kl_penalty, masked_sum
+from dvpo_lightning.algos import get_advantage, kl_penalty, last_token_values, masked_mean, masked_sum
 from dvpo_lightning.data import RLHFDataModule
 from dvpo_lightning.models import ModelSpec, build_policy, build_value_model, freeze
 from dvpo_lightning.rl import (
@@ -31,11 +31,10 @@ from dvpo_lightning.rl import (
     generate_responses,
     gold_rewards,
     gold_token_rewards,
-    mean_and_final_values,
     pair_sequences,
     policy_logprobs,
-    state_values,
 )
+from dvpo_lightning.rl.experience import ValueScorer
 
 
 @dataclass
@@ -216,22 +215,45 @@ class ValueAccuracy:
     pairs: int
 
 
+def value_scorer(
+    directory: str, datamodule: RLHFDataModule, device: str | torch.device = "cpu"
+) -> StateValues:
+    """The value scorer of a value model export (a GVM, a reward model, a critic), on `device`."""
+    spec = ModelSpec(name_or_path=directory)
+    return StateValues(build_value_model(spec, datamodule.tokenizer, role="value model").to(device).eval())
+
+
 @torch.no_grad()
 def pairwise_value_accuracy(
-    value_model_dir: str, datamodule: RLHFDataModule, device: str | torch.device = "cpu"
+    scorer: ValueScorer, datamodule: RLHFDataModule, device: str | torch.device = "cpu"
 ) -> ValueAccuracy:
-    """Pairwise accuracy (chosen valued strictly above rejected) on the validation pairs of a pairs-mode data
-    module, of a value model export: a GVM, a reward model or a critic."""
-    model = _value_model(value_model_dir, datamodule, device)
+    """Pairwise accuracy (chosen valued strictly above rejected) of a value scorer (`value_scorer(export)`, or
+    `rl.GoldValues`: the labels' agreement with the gold reward) on the validation pairs of a pairs-mode data
+    module."""
     wins = {"mean_value": [], "final_value": []}
     for batch in datamodule.val_dataloader():
-        sequences = pair_sequences({key: value.to(device) for key, value in batch.items()})
-        judgements = mean_and_final_values(state_values(model, sequences), sequences.response_mask)
-        for key, value in zip(wins, judgements):
+        responses = pair_responses(
+            {key: value.to(device) for key, value in batch.items()}, datamodule.tokenizer
+        )
+        values, final = scorer(responses)  # [2B, R], [2B]
+        for key, value in zip(wins, (masked_mean(values, responses.response_mask, dim=-1), final)):
             chosen, rejected = value.chunk(2)
             wins[key].append((chosen > rejected).float().cpu())
     mean_value, final_value = (torch.cat(parts) for parts in wins.values())
     return ValueAccuracy(float(mean_value.mean()), float(final_value.mean()), len(mean_value))
+
+
+def pair_responses(batch: dict, tokenizer) -> Responses:
+    """A pairs batch as `Responses`: chosen rows then rejected, finished where the response ends with EOS."""
+    sequences = pair_sequences(batch)
+    last = last_token_values(sequences.response_input_ids, sequences.response_mask)  # [2B]
+    return Responses(
+        sequences.prompt_input_ids,
+        sequences.prompt_attention_mask,
+        sequences.response_input_ids,
+        sequences.response_mask,
+        last == tokenizer.eos_token_id,
+    )
 
 
 @dataclass
@@ -245,27 +267,22 @@ class GoldAgreement:
 
 @torch.no_grad()
 def gold_agreement(
-    value_model_dir: str,
-    samples: list[Responses],
-    datamodule: RLHFDataModule,
-    device: str | torch.device = "cpu",
+    scorer: ValueScorer, samples: list[Responses], datamodule: RLHFDataModule
 ) -> GoldAgreement:
-    """Pearson correlations, over `samples` (e.g. `held_out_responses`), of a value model's values with the gold
+    """Pearson correlations, over `samples` (e.g. `held_out_responses`), of a value scorer's values with the gold
     reward of the data module's built-in task.
 
     The token-level credit is what DVPO's advantages are built from: the TD errors of the value model with no
     reward but its value of the complete response after the last token (the `gvm` estimator at lambda 0), against
-    the gold reward each token earned (`rl.gold_token_rewards`); an oracle value model scores 1.
+    the gold reward each token earned (`rl.gold_token_rewards`); the oracle `rl.GoldValues` scores 1.
     """
-    model = _value_model(value_model_dir, datamodule, device)
     finals, golds, credits, token_golds = [], [], [], []
     for responses in samples:
         mask = responses.response_mask
-        values = state_values(model, responses)  # [B, R + 1]
-        _, final = mean_and_final_values(values, mask)
+        values, final = scorer(responses)  # [B, R], [B]
         td_errors, _ = get_advantage("gvm")(
-            token_rewards=torch.zeros_like(values[:, :-1]),
-            values=values[:, :-1],
+            token_rewards=torch.zeros_like(values),
+            values=values,
             mask=mask,
             gamma=1.0,
             lam=0.0,
@@ -280,11 +297,6 @@ def gold_agreement(
         _pearson(torch.cat(credits), torch.cat(token_golds)),
         sum(len(final) for final in finals),
     )
-
-
-def _value_model(directory: str, datamodule: RLHFDataModule, device: str | torch.device) -> torch.nn.Module:
-    spec = ModelSpec(name_or_path=directory)
-    return build_value_model(spec, datamodule.tokenizer, role="value model").to(device).eval()
 
 
 def _pearson(x: torch.Tensor, y: torch.Tensor) -> float:

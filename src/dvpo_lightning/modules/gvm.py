@@ -18,18 +18,11 @@ import torch
 from torchmetrics import MeanMetric
 from torchmetrics.regression import PearsonCorrCoef
 
-from dvpo_lightning.algos import gvm_loss, loss_normalizers, td_lambda_returns
+from dvpo_lightning.algos import gvm_loss, loss_normalizers, masked_mean, td_lambda_returns
 from dvpo_lightning.models import ModelSpec, build_value_model
 from dvpo_lightning.modules.base import RLHFModule
 from dvpo_lightning.modules.optim import OptimConfig
-from dvpo_lightning.rl import (
-    Sequences,
-    final_values,
-    mean_and_final_values,
-    pair_sequences,
-    state_mask,
-    state_values,
-)
+from dvpo_lightning.rl import Sequences, final_values, pair_sequences, state_mask, state_values
 
 TERMINAL_REWARDS = ("preference", "score", "reward_model")
 
@@ -218,7 +211,8 @@ class GVMModule(RLHFModule):
         values = state_values(self.value_model, sequences)  # [2B, R + 1]
         loss, _ = self.loss(sequences, values, self.targets(batch, sequences, values), training=False)
         mask = sequences.response_mask
-        mean_value, final_value = mean_and_final_values(values, mask)  # [2B] each
+        mean_value = masked_mean(values, state_mask(mask, include_final=False), dim=-1)  # [2B]
+        final_value = final_values(values, mask)  # [2B]
         self.val_loss.update(loss, weight=mask.shape[0])
         for metric, value in (
             (self.val_accuracy_mean_value, mean_value),

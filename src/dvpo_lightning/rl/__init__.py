@@ -13,7 +13,6 @@ from dvpo_lightning.rl.config import AdvantageConfig, PPOConfig
 from dvpo_lightning.rl.experience import Experience, ExperienceMaker, Scorers
 from dvpo_lightning.rl.forward import (
     final_values,
-    mean_and_final_values,
     policy_logprobs,
     reference_logprobs,
     state_mask,
@@ -62,7 +61,6 @@ __all__ = [
     "generate_responses",
     "gold_rewards",
     "gold_token_rewards",
-    "mean_and_final_values",
     "pair_sequences",
     "policy_logprobs",
     "reference_logprobs",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dvpo_lightning.algos import entropy_from_logits, last_token_values, masked_mean, token_logprobs
+from dvpo_lightning.algos import entropy_from_logits, last_token_values, token_logprobs
 from dvpo_lightning.models import is_lora, response_logits, response_values
 from dvpo_lightning.rl.sequences import Sequences
 
@@ -51,16 +51,6 @@ def state_mask(response_mask: torch.Tensor, include_final: bool = True) -> torch
 def final_values(values: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
     """The value `[B]` of each complete response (the output at its last real token) from `[B, R + 1]` values."""
     return last_token_values(values[:, 1:], response_mask)
-
-
-def mean_and_final_values(
-    values: torch.Tensor, response_mask: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A value model's two judgements of each response `[B]` from its `[B, R + 1]` values: the mean value over the
-    states s_1..s_T (the DVPO paper's value accuracy) and the value of the complete response (a reward model's
-    score)."""
-    mean = masked_mean(values, state_mask(response_mask, include_final=False), dim=-1)
-    return mean, final_values(values, response_mask)
 
 
 @torch.no_grad()
