@@ -246,9 +246,10 @@ def make_report(builtin: dict[int, dict], hh: dict[int, dict], scale: Scale, con
             "every model."
         )
     raw = {"scale": scale.name, "configs": str(configs), "builtin": builtin, "hh": hh}
-    return Report(
-        "value", "value: DVPO's value model measured like the paper, and where DVPO loses", tables, raw, notes
-    )
+    title = "value: DVPO's value model measured like the paper, and where DVPO loses"
+    if scale is not FULL:
+        title += f" ({scale.name} scale)" if scale is QUICK else f" ({scale.name}, seeds {seeds})"
+    return Report("value", title, tables, raw, notes)
 
 
 def accuracy_table(builtin: dict[int, dict]) -> Table:
@@ -355,8 +356,9 @@ def gap_notes(builtin: dict[int, dict]) -> list[str]:
         f"option, {LABELS[best]}, {gain[best]:+.3f}.",
         f"A perfect frozen critic (the gold values) gains {gain['dvpo_gold_values']:+.3f}: "
         f"{gain['dvpo_gold_values'] - gain['dvpo']:+.3f} over the GVM, the part of the gap that is the GVM's error.",
-        f"Freezing PPO's critic moves PPO by {gain['ppo_frozen_critic'] - gain['ppo']:+.3f} (what a trained critic "
-        f"is worth here); a GVM-initialised critic by {gain['ppo_gvm_critic'] - gain['ppo']:+.3f}.",
+        f"Training PPO's critic is worth {gain['ppo'] - gain['ppo_frozen_critic']:+.3f} (PPO minus PPO with its "
+        f"critic frozen at the reward model's weights); starting it from the GVM, "
+        f"{gain['ppo_gvm_critic'] - gain['ppo']:+.3f}.",
         f"lambda = 1 (the GVM's complete-response value as outcome, its state values as baseline) moves DVPO by "
         f"{gain['dvpo_lam1'] - gain['dvpo']:+.3f}; GVM-scored GRPO (no state values at all) by "
         f"{gain['gvm_grpo'] - gain['dvpo']:+.3f}.",
