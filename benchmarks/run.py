@@ -1,7 +1,7 @@
 """`make bench`: run the benchmarks and write their reports to `benchmarks/results/`.
 
     python -m benchmarks.run                      # everything, full scale (the table takes the longest)
-    python -m benchmarks.run --quick              # toy scale in about a minute, to outputs/benchmarks-quick
+    python -m benchmarks.run --quick              # toy scale in about two minutes, to outputs/benchmarks-quick
     python -m benchmarks.run --only cost,rollout  # some of them
     python -m benchmarks.run --only table --seeds 0,1,2 --device cuda
     python -m benchmarks.run --only value --configs configs/hard    # the value benchmark in the hard setting
