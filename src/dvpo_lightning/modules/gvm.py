@@ -149,18 +149,19 @@ class GVMModule(RLHFModule):
 
     def targets(self, batch: dict, sequences: Sequences, values: torch.Tensor) -> torch.Tensor:
         """TD(lambda) targets `[2B, R + 1]` from the values `[2B, R + 1]` (detached) and the terminal rewards."""
-        mask = self.state_mask(sequences)
+        mask = self.trained_states(sequences)
         return td_lambda_returns(
             self.terminal_rewards(batch, sequences), values.detach(), mask, self.gamma, self.lam
         )
 
-    def state_mask(self, sequences: Sequences) -> torch.Tensor:
+    def trained_states(self, sequences: Sequences) -> torch.Tensor:
+        """Mask `[2B, R + 1]` of the states the loss fits: s_1..s_T, and the complete response with `train_final_value`."""
         return state_mask(sequences.response_mask, include_final=self.train_final_value)
 
     def loss(
         self, sequences: Sequences, values: torch.Tensor, targets: torch.Tensor, training: bool
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        mask = self.state_mask(sequences)
+        mask = self.trained_states(sequences)
         # In training, the mean over every rank's states, so that data-parallel gradients are the global batch's.
         normalizers = loss_normalizers(mask, distributed=True) if training else None
         final = final_values(values, sequences.response_mask)  # [2B]
