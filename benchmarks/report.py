@@ -144,7 +144,9 @@ def write_report(report: Report, output: Path, command: str, device: torch.devic
     return markdown
 
 
-def write_index(output: Path, order: Sequence[str] = ("table", "cost", "rollout", "peer", "gpu")) -> Path:
+def write_index(
+    output: Path, order: Sequence[str] = ("table", "value", "cost", "rollout", "peer", "gpu")
+) -> Path:
     """`<output>/README.md`: the latest report of every benchmark found in `output`, headings one level down."""
     found = {path.stem: path for path in output.glob("*.md") if path.name != INDEX}
     names = [name for name in order if name in found] + sorted(set(found) - set(order))

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import transformers
+from lightning.pytorch import LightningModule
 
 from dvpo_lightning.callbacks import PeakMemoryMonitor
 from dvpo_lightning.cli import run_cli
@@ -52,6 +53,7 @@ class StageRun:
     peak_gb: float | None  # the stage's peak: resident memory on CPU, allocated memory on CUDA
     peak_above_start_gb: float | None  # the same above the stage's start (models loaded)
     held_out: dict  # the data module's settings that define its held-out split (dataset, seed, sizes)
+    model: LightningModule  # the fitted module (its trained models, e.g. PPO's critic, beside the export)
 
     @classmethod
     def run(cls, name: str, config: Path, overrides: list[str]) -> StageRun:
@@ -69,7 +71,9 @@ class StageRun:
         data = cli.datamodule
         held_out = {key: getattr(data, key) for key in ("dataset", "seed", "builtin_size", "val_size")}
         metrics = Path(cli.trainer.log_dir) / "metrics.csv"
-        return cls(name, Path(cli.model.default_export_dir()), metrics, seconds, peak, above, held_out)
+        return cls(
+            name, Path(cli.model.default_export_dir()), metrics, seconds, peak, above, held_out, cli.model
+        )
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -7,6 +7,7 @@ import torch
 
 from dvpo_lightning.algos import (
     ADVANTAGE_ESTIMATORS,
+    earned_values,
     gae,
     get_advantage,
     register_advantage,
@@ -205,6 +206,27 @@ def test_gvm_with_a_perfect_gvm_gives_zero_advantages_only_with_the_final_value_
     assert principled.tolist() == [[0.0, 0.0, 0.0]]
     # "zero": delta = (0, 0, -1), so A = (-0.25, -0.5, -1): the good ending is penalised
     assert reference.tolist() == [[-0.25, -0.5, -1.0]]
+
+
+def test_earned_values_by_hand_with_interior_padding():
+    # token rewards (1, -0.5, 0.25): earned before each token (0, 1, 0.5), in all 0.75
+    mask = torch.tensor([[True, False, True, True]])
+    values, final = earned_values(torch.tensor([[1.0, NAN, -0.5, 0.25]]), mask)
+    assert values.tolist() == [[0.0, 0.0, 1.0, 0.5]]
+    assert final.tolist() == [0.75]
+
+
+@pytest.mark.parametrize("lam", [1.0, 0.5])
+def test_gvm_on_earned_values_is_the_lambda_discounted_return_to_go_of_the_token_rewards(lam):
+    """The oracle critic: its TD errors are the token rewards, so DVPO's advantage is their (gamma * lam)-return."""
+    gold, kl = _random_rows(13), _random_rows(14)
+    mask = layout_mask(LENGTHS, LENGTH, "interior", seed=13)
+    values, final = earned_values(spread(gold, mask), mask)
+    advantages, _ = _gvm(spread(kl, mask), values, mask, final, "final_value", 1.0, lam)
+    expected = [
+        _discounted_sums((gold[row, :n] + kl[row, :n]).tolist(), lam) for row, n in enumerate(LENGTHS)
+    ]
+    _assert_rows_close(advantages, mask, expected)
 
 
 def test_reinforce_is_the_discounted_return_to_go():

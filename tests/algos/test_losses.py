@@ -12,6 +12,7 @@ from dvpo_lightning.algos import (
     bradley_terry_loss,
     dpo_loss,
     get_loss,
+    gvm_loss,
     kl_loss,
     loss_normalizers,
     ppo_policy_loss,
@@ -114,6 +115,37 @@ def test_value_loss_micro_batches_with_global_normalizers_sum_to_the_batch_loss(
     torch.testing.assert_close(sum(parts), full)
 
 
+def test_gvm_loss_without_ranking_is_the_value_loss():
+    values, _, returns, mask = _value_case()
+    loss, stats = gvm_loss(values, returns, mask, torch.zeros(1))
+    assert loss.item() == pytest.approx(value_loss(values, returns, mask)[0].item())
+    assert "ranking_loss" not in stats
+
+
+def test_gvm_ranking_term_by_hand():
+    """Two pairs, final values chosen (1, 0) and rejected (0, 1): ranking losses softplus(-1) and softplus(1)."""
+    values = torch.tensor([[0.0], [0.0], [0.0], [0.0]], requires_grad=True)
+    targets = torch.tensor([[1.0], [1.0], [-1.0], [-1.0]])
+    final = torch.tensor([1.0, 0.0, 0.0, 1.0], requires_grad=True)
+    loss, stats = gvm_loss(values, targets, torch.ones(4, 1, dtype=torch.bool), final, ranking_weight=0.5)
+    ranking = (_softplus(-1.0) + _softplus(1.0)) / 2
+    assert stats["td_loss"].item() == pytest.approx(0.5)  # 0.5 * mean of four squared errors of 1
+    assert stats["ranking_loss"].item() == pytest.approx(ranking)
+    assert stats["ranking_accuracy"].item() == 0.5
+    assert loss.item() == pytest.approx(0.5 + 0.5 * ranking)
+    loss.backward()
+    # d/d(V_w - V_l) of -log sigmoid(d) is -sigmoid(-d), halved by the pair mean and weighted by 0.5
+    first = 0.25 * torch.sigmoid(torch.tensor(-1.0)).item()
+    second = 0.25 * torch.sigmoid(torch.tensor(1.0)).item()
+    torch.testing.assert_close(final.grad, torch.tensor([-first, -second, first, second]))
+
+
+def test_gvm_loss_refuses_a_negative_ranking_weight():
+    values, _, returns, mask = _value_case()
+    with pytest.raises(ValueError, match="ranking_weight must be >= 0"):
+        gvm_loss(values, returns, mask, torch.zeros(2), ranking_weight=-1.0)
+
+
 def test_dpo_sigmoid_ipo_and_label_smoothing_by_hand():
     # pair 0: chosen log-ratio -1 - (-2) = 1, rejected -3 - (-2) = -1, h = 2
     # pair 1: chosen log-ratio -2 - (-1) = -1, rejected -1 - (-1) = 0, h = -1
@@ -178,6 +210,17 @@ def _loss_cases():
             ["values"],
             ["returns", "old_values"],
         ),
+        "gvm": (
+            dict(
+                values=rand(4, 4),
+                targets=rand(4, 4),
+                mask=mask[[0, 1, 2, 0]],
+                final_values=rand(4),
+                ranking_weight=1.0,
+            ),
+            ["values", "final_values"],
+            ["targets"],
+        ),
         "dpo": (
             dict(
                 policy_chosen_logps=rand(3),
@@ -239,7 +282,7 @@ def test_per_token_losses_ignore_nan_padding_and_layout(name):
 
 def test_unknown_loss_lists_the_known_ones():
     with pytest.raises(
-        ValueError, match="unknown loss 'kto'; known: bradley_terry, dpo, kl, ppo_policy, value"
+        ValueError, match="unknown loss 'kto'; known: bradley_terry, dpo, gvm, kl, ppo_policy, value"
     ):
         get_loss("kto")
 

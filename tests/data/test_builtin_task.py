@@ -8,7 +8,7 @@ import os
 import pytest
 from transformers import AutoTokenizer
 
-from dvpo_lightning.data.builtin import TASKS, BuiltinTask, TopicsTask, get_task
+from dvpo_lightning.data.builtin import TASKS, BuiltinTask, LongTopicsTask, TopicsTask, get_task
 
 PROMPT = "write about : river cat apple . answer :"
 
@@ -228,3 +228,24 @@ def test_a_stale_cached_vocabulary_is_refused(task, tmp_path):
     (directory / "tokenizer.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="different vocabulary.*delete that directory"):
         task.tokenizer(tmp_path)
+
+
+# --- topics-long ------------------------------------------------------------------------------
+
+
+def test_topics_long_asks_for_more_topics_in_longer_answers(tmp_path):
+    task = get_task("topics-long", seed=0)
+    assert isinstance(task, LongTopicsTask) and TASKS["topics-long"] is LongTopicsTask
+    tokenizer = task.tokenizer(tmp_path)
+    assert tokenizer.get_vocab() == get_task("topics").tokenizer(tmp_path).get_vocab()  # the same world
+    rng = task._rng("test", 0)
+    lengths = {True: [], False: []}
+    for prompt in task.prompt_dataset(300)["prompt"]:
+        assert 4 <= task.optimum([prompt])[0] <= 8
+        assert len(tokenizer(prompt)["input_ids"]) <= task.recommended_max_prompt_length
+        text, finished = task.demonstrate(rng, prompt)
+        lengths[finished].append(len(tokenizer(text)["input_ids"]))
+    assert set(lengths[False]) == {task.recommended_max_response_length}
+    assert max(lengths[True]) < task.recommended_max_response_length
+    assert sum(lengths[True]) / len(lengths[True]) > 12  # about twice the topics task's 8 words
+    assert task.prompt_dataset(5)["prompt"] != get_task("topics").prompt_dataset(5)["prompt"]

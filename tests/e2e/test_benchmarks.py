@@ -11,12 +11,13 @@ import pytest
 import torch
 import transformers
 
-from benchmarks import cost, run
+from benchmarks import cost, run, value_runs
 from benchmarks import table as table_benchmark
+from benchmarks import value as value_benchmark
 from benchmarks.report import Table, mean_std, write_index
 from benchmarks.timing import alternating, resolve_device
 
-NAMES = ("table", "cost", "rollout", "peer")
+NAMES = ("table", "cost", "rollout", "peer", "value")
 # Columns every report must keep: what the final report and README promise.
 COLUMNS = {
     "table": [
@@ -38,6 +39,15 @@ COLUMNS = {
     ],
     "rollout": ["engine (tokens/s)", "bare generate (tokens/s)", "ratio"],
     "peer": ["samples (pairs)/s", "first-step loss", "verdict"],
+    "value": [
+        "pairwise accuracy (mean value)",
+        "pairwise accuracy (complete response)",
+        "value vs gold, SFT samples",
+        "token credit vs gold, DVPO samples",
+        "gain over SFT",
+        "gain minus DVPO's",
+        "verdict",
+    ],
 }
 
 
@@ -107,6 +117,52 @@ def test_peer_first_losses_agree(quick_run):
     assert abs(ours - 0.6931472) > 1e-4  # the reference differs from the policy: not the trivial log 2
 
 
+def test_value_judges_every_value_model_and_policy_of_its_runs(quick_run):
+    output, _ = quick_run
+    results = json.loads((output / "value.json").read_text())["results"]
+    seed_run = results["builtin"]["0"]
+    assert set(seed_run["values"]) == set(value_benchmark.JUDGED)
+    assert set(seed_run["policies"]) == {"sft", *value_runs.POLICIES}
+    gold = seed_run["values"]["gold"]  # the oracle agrees with itself: the measures are wired right
+    for samples in ("sft_samples", "dvpo_samples"):
+        assert gold[samples]["final_value_pearson"] == pytest.approx(1.0)
+        assert gold[samples]["token_credit_pearson"] == pytest.approx(1.0)
+    root = output / "runs" / "value" / "seed0" / "builtin"
+    for item in value_runs.BUILTIN_RUNS:
+        assert (root / item.name / "model" / "config.json").exists(), item.name
+    assert (root / "ppo" / "critic" / "config.json").exists()
+    assert (root / value_runs.SAMPLED_PAIRS).stat().st_size > 0
+    assert bool(results["hh"]) == value_runs.HH_FILE.exists()
+    if results["hh"]:
+        assert set(results["hh"]["0"]) == {*value_runs.HH_VALUE_MODELS, "ppo_critic"}
+
+
+def test_value_run_arguments_scale_the_budget_and_let_later_options_win(tmp_path):
+    configs, device = value_benchmark.CONFIGS, torch.device("cpu")
+    runs = {item.name: item for item in value_runs.BUILTIN_RUNS}
+    quarter = value_runs.reduced(0.25)
+    gvm = value_runs.arguments(runs["gvm_inner_epochs"], 1, tmp_path, quarter, device, configs)
+    assert "--trainer.max_steps=150" in gvm and "--model.init_args.inner_epochs=2" in gvm  # 600 / 4
+    assert f"--model.init_args.model.name_or_path={tmp_path / 'sft' / 'model'}" in gvm
+    oracle = value_runs.arguments(runs["dvpo_gold_values"], 0, tmp_path, quarter, device, configs)
+    assert "--model.init_args.gold_values=true" in oracle
+    assert not any(option.startswith("--model.init_args.value_model.") for option in oracle)
+    samples = value_runs.arguments(runs["gvm_sft_samples"], 0, tmp_path, quarter, device, configs)
+    assert f"--data.init_args.dataset={tmp_path}/{value_runs.SAMPLED_PAIRS}" in samples
+    assert "--data.init_args.max_response_length=16" in samples  # the task's, not a file's default
+    hh_ppo = value_runs.arguments(
+        value_runs.HH_RUNS[-1], 0, tmp_path, value_runs.QUICK, device, configs, hh=True
+    )
+    batch_sizes = [option for option in hh_ppo if option.startswith("--data.init_args.batch_size=")]
+    assert batch_sizes[-1] == "--data.init_args.batch_size=8"  # the quick scale's wins over the run's own 32
+
+
+def test_value_refuses_a_configs_directory_without_its_configs(tmp_path):
+    (tmp_path / "sft.yaml").write_text("{}")
+    with pytest.raises(ValueError, match="lacks dpo.yaml, dvpo.yaml"):
+        value_benchmark.run(quick=True, device=torch.device("cpu"), output=tmp_path, configs=tmp_path)
+
+
 def test_only_runs_the_chosen_benchmarks(tmp_path):
     threads = torch.get_num_threads()
     written = run.main(["--quick", "--only", "rollout", "--output", str(tmp_path)])
@@ -122,6 +178,7 @@ def test_only_runs_the_chosen_benchmarks(tmp_path):
         (["--only", "table,nope"], "unknown benchmark"),
         (["--seeds", "0,x"], "comma-separated integers"),
         (["--seeds", "1,1"], "repeated seed"),
+        (["--fraction", "0"], "--fraction takes a number in"),
     ],
 )
 def test_bad_arguments_are_named(argv, message, capsys):

@@ -1,4 +1,5 @@
-"""Every top-level config in `configs/` runs as is, for two steps on CPU, so that no config rots.
+"""Every top-level config in `configs/` and every one of the hard setting (`configs/hard/`) runs as is, for two
+steps on CPU, so that no config rots.
 
 Stages load the exports of earlier stages by relative path (`outputs/builtin/sft/model`), so the configs run
 in one working directory, each after the configs it depends on: config B depends on config A when a value
@@ -41,7 +42,7 @@ class Config:
 
     @property
     def name(self) -> str:
-        return self.path.stem
+        return str(self.path.relative_to(CONFIGS).with_suffix(""))  # "dvpo", "hard/dvpo"
 
 
 def read_config(path: Path) -> Config:
@@ -74,7 +75,8 @@ def prerequisites(config: Config, configs: dict[str, Config]) -> list[str]:
     )
 
 
-ALL = {config.name: config for config in map(read_config, sorted(CONFIGS.glob("*.yaml")))}
+RUN = sorted([*CONFIGS.glob("*.yaml"), *CONFIGS.glob("hard/*.yaml")])
+ALL = {config.name: config for config in map(read_config, RUN)}
 
 
 class Chain:
@@ -143,11 +145,11 @@ def test_every_export_records_its_lineage_and_carries_a_model_card(chain):
         chain.run(name)
     exports = {name: chain.workdir / config.root / "model" for name, config in ALL.items()}
     records = {name: json.loads((directory / EXPORT_INFO).read_text()) for name, directory in exports.items()}
-    sft_id = records["sft"]["export_id"]
     for name, info in records.items():
         assert info["export_dir"] == str(exports[name]) and info["seed"] == 0
         assert info["config"]["config"] == [str(ALL[name].path)]  # the run's whole configuration
-        assert info["data"]["dataset"] == "builtin:topics" and info["data"]["rows"]["validation"] > 0
+        dataset = yaml.safe_load(ALL[name].path.read_text())["data"]["init_args"]["dataset"]
+        assert info["data"]["dataset"] == dataset and info["data"]["rows"]["validation"] > 0
         assert info["code"]["dvpo_lightning"] and info["code"]["torch"]
         # Each input is named by the export id of the stage that wrote it, with that stage's own record.
         for option, found in info["inputs"].items():
@@ -156,7 +158,9 @@ def test_every_export_records_its_lineage_and_carries_a_model_card(chain):
             )
             assert found["identity"]["export_id"] == records[producer]["export_id"], (name, option)
             assert found["export"]["export_id"] == records[producer]["export_id"]
-        if name != "sft":
+        sft = f"{name.rpartition('/')[0]}/sft".lstrip("/")  # the SFT stage of the config's own folder
+        if name != sft:
+            sft_id = records[sft]["export_id"]
             assert info["inputs"], name
             assert all(
                 found["export"]["export_id"] == sft_id or sft_id in json.dumps(found["export"]["inputs"])

@@ -117,7 +117,9 @@ ONPOLICY: dict[str, OnPolicyConfig] = {
     "dvpo_zero": _config(DVPOModule, value_model=GVM, advantage=gvm_bootstrap("zero")),
     "dvpo_lora": _config(DVPOModule, lora=True, value_model=GVM),
     "dvpo_gpt2": _config(DVPOModule, arch=TINY_GPT2, value_model=GVM),
+    "dvpo_gold": _config(DVPOModule, gold_values=True),
     "ppo": _config(PPOModule, reward_model=REWARD_MODEL),
+    "ppo_frozen_critic": _config(PPOModule, reward_model=REWARD_MODEL, train_critic=False),
     "rto": _config(RTOModule, reward_model=REWARD_MODEL, dpo_model=DPO_MODEL, beta1=0.5),
     "rto_without_dpo": _config(RTOModule, reward_model=REWARD_MODEL, beta1=0.0),
     "rto_rs_ppo": _config(

@@ -111,6 +111,7 @@ STAGES: dict[str, Callable[..., RLHFModule]] = {
     "gvm_preference": _stage(GVMModule),
     "gvm_score": _stage(GVMModule, terminal_reward="score", lam=0.8, gamma=0.9),
     "gvm_reward_model": _stage(GVMModule, terminal_reward="reward_model"),
+    "gvm_ranking": _stage(GVMModule, ranking_weight=0.5),
     "dpo_sigmoid": _stage(DPOModule),
     "dpo_ipo": _stage(DPOModule, loss_type="ipo"),
     "dpo_label_smoothing": _stage(DPOModule, label_smoothing=0.2),

@@ -18,7 +18,7 @@ import pytest
 import torch
 from transformers import PreTrainedModel
 
-from dvpo_lightning.algos import loss_normalizers
+from dvpo_lightning.algos import earned_values, loss_normalizers
 from dvpo_lightning.models import (
     LoraSpec,
     ModelSpec,
@@ -32,12 +32,19 @@ from dvpo_lightning.modules import (
     OnPolicyModule,
     OptimConfig,
     PPOConfig,
+    PPOModule,
     RTOModule,
     SamplingConfig,
 )
 from dvpo_lightning.modules import dvpo as dvpo_module
 from dvpo_lightning.modules import onpolicy as onpolicy_module
-from dvpo_lightning.rl import final_values, generate_responses, policy_logprobs, state_values
+from dvpo_lightning.rl import (
+    final_values,
+    generate_responses,
+    gold_token_rewards,
+    policy_logprobs,
+    state_values,
+)
 from tests.helpers.onpolicy import (
     ONPOLICY,
     PositionValues,
@@ -60,7 +67,9 @@ MODELS = {
     "dvpo_gvm": ({"policy"}, {"reference", "value_model"}),
     "dvpo_zero": ({"policy"}, {"reference", "value_model"}),
     "dvpo_lora": ({"policy"}, {"policy", "value_model"}),
+    "dvpo_gold": ({"policy"}, {"reference"}),
     "ppo": ({"policy", "critic_model"}, {"reference", "reward_model"}),
+    "ppo_frozen_critic": ({"policy"}, {"reference", "reward_model", "critic_model"}),
     "rto": ({"policy", "critic_model"}, {"reference", "reward_model", "dpo_model"}),
     "rto_without_dpo": ({"policy", "critic_model"}, {"reference", "reward_model"}),
     "rto_rs_ppo": ({"policy", "critic_model"}, {"reference", "reward_model", "dpo_model"}),
@@ -360,6 +369,41 @@ def test_dvpo_final_value_bootstrap_adds_the_final_value_to_every_advantage_of_i
     torch.testing.assert_close(gvm.token_rewards, zero.token_rewards)  # the bootstrap is no reward
 
 
+def test_dvpo_with_gold_values_scores_with_the_gold_reward_earned_before_each_token(runs, tokenizer):
+    run = runs("dvpo_gold")
+    module = run.module
+    assert not hasattr(module, "value_model") and module.critic is None
+    data = run.trainer.datamodule
+    prompts = next(iter(data.train_dataloader()))
+    rollout = generate_responses(
+        module.policy,
+        prompts["prompt_input_ids"],
+        prompts["prompt_attention_mask"],
+        module.sampling,
+        tokenizer,
+    )
+    values, final = module.scorers().values(rollout)
+    gold = gold_token_rewards(data.task, tokenizer, rollout)  # [B, R]
+    expected_values, expected_final = earned_values(gold, rollout.response_mask)
+    torch.testing.assert_close(values, expected_values)
+    torch.testing.assert_close(final, expected_final)
+    assert float(gold.abs().sum()) > 0
+
+
+def test_dvpo_gold_values_need_a_built_in_task(tokenizer):
+    module = DVPOModule(policy=tiny(), gold_values=True, tokenizer=tokenizer)
+    module.configure_model()
+    with pytest.raises(ValueError, match="gold_values=true needs the gold reward of a built-in task"):
+        module.scorers()  # no Trainer, so no data module and no task
+
+
+def test_ppo_with_a_frozen_critic_scores_with_it_but_never_trains_it(runs):
+    module = runs("ppo_frozen_critic").module
+    assert module.critic is None  # no value loss, no critic in the optimiser
+    assert isinstance(module.scorers().values.model, PreTrainedModel)
+    assert module.scorers().values.model is module.critic_model
+
+
 # ---------------------------------------------------------------------------------------------- checkpoints
 def test_kl_controller_state_is_checkpointed_and_restored_and_frozen_models_are_left_out(
     runs, tokenizer, tmp_path
@@ -549,12 +593,12 @@ ITERATION_METRICS = (
 )
 
 
-@pytest.mark.parametrize("name", ["dvpo_gvm", "ppo"])
+@pytest.mark.parametrize("name", ["dvpo_gvm", "ppo", "ppo_frozen_critic"])
 def test_one_iteration_logs_the_rl_metrics(name, runs):
     metrics = runs(name).trainer.callback_metrics
     expected = ITERATION_METRICS + (("value/loss",) if name == "ppo" else ())
     assert [key for key in expected if key not in metrics] == []
-    assert ("value/loss" in metrics) == (name == "ppo")  # DVPO trains no critic
+    assert ("value/loss" in metrics) == (name == "ppo")  # DVPO and a frozen critic train no critic
     assert all(math.isfinite(float(metrics[key])) for key in expected)
     assert all(float(metrics[f"time/{stage}"]) > 0 for stage in ("generate", "score", "update"))
     assert 1 <= float(metrics["rollout/response_length"]) <= 8
@@ -574,6 +618,15 @@ def test_one_iteration_logs_the_rl_metrics(name, runs):
             lambda: DVPOModule(policy=tiny(), value_model=tiny(), reference_as_disabled_adapter=True),
             "reference_as_disabled_adapter",
         ),
+        (lambda: DVPOModule(policy=tiny()), "gold_values"),
+        (lambda: DVPOModule(policy=tiny(), value_model=tiny(), gold_values=True), "gold_values"),
+        (lambda: DVPOModule(policy=tiny(), gold_values=True, ppo=PPOConfig(gamma=0.9)), "ppo.gamma"),
+        (
+            lambda: PPOModule(
+                policy=tiny(), reward_model=tiny(), train_critic=False, critic_warmup_iterations=2
+            ),
+            "train_critic",
+        ),
         (lambda: PPOConfig(ppo_epochs=0), "ppo_epochs"),
         (lambda: PPOConfig(micro_batch_size=0), "micro_batch_size"),
         (lambda: SamplingConfig(temperature=0.0), "temperature"),
@@ -583,6 +636,10 @@ def test_one_iteration_logs_the_rl_metrics(name, runs):
         "rto_unknown_shaping",
         "dvpo_unknown_bootstrap",
         "disabled_adapter_without_lora",
+        "dvpo_without_values",
+        "dvpo_with_gvm_and_gold_values",
+        "dvpo_gold_values_discounted",
+        "ppo_frozen_critic_warmup",
         "zero_ppo_epochs",
         "zero_micro_batch_size",
         "zero_temperature",

@@ -342,7 +342,7 @@ def test_export_loads_by_path_with_the_same_outputs(fitted, tokenizer, batches):
     assert info["export_dir"] == str(directory.resolve()) and len(info["export_id"]) == 32
     assert (directory / "README.md").read_text().startswith("---\nlibrary_name: transformers\n")
     if isinstance(module, GVMModule):  # how its values were trained, which DVPO checks
-        options = ("terminal_reward", "gamma", "lam", "train_final_value")
+        options = ("terminal_reward", "gamma", "lam", "train_final_value", "ranking_weight", "inner_epochs")
         assert info["value_training"] == {option: getattr(module, option) for option in options}
     else:
         assert "value_training" not in info

@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "src" / "dvpo_lightning"
 #: belong to the CLI.
 LAYERS = ["data", "models", "algos", "rl", "modules", "callbacks", "cli", "application"]
 LAYER_OF = {"preflight": "cli", "checkpoint_io": "cli", "evaluation": "application", "plots": "application"}
-LAYER_OF |= {"demo": "application"}
+LAYER_OF |= {"demo": "application", "sampled_pairs": "application"}
 
 
 def layer(module: str) -> str | None:

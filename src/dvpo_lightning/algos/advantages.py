@@ -105,6 +105,25 @@ def td_lambda_returns(
     return returns
 
 
+def earned_values(token_rewards: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """The values of an oracle that knows every token's reward and expects no more: what each prefix has earned.
+
+    token_rewards, mask `[B, T]` -> (values `[B, T]`, 0 on padding; final_values `[B]`):
+
+        V(s_t)  = sum_{k < t} r_k         (0 before the first token)
+        V_final = sum_k r_k               (the complete response's reward)
+
+    In DVPO's convention a value is the expected terminal reward of the whole response (docs/algorithms.md §4),
+    so these are the values of a critic that has seen the token rewards. With gamma = 1 their TD errors
+    `V(s_t') - V(s_t)` (`V_final` after the last token) are exactly the token rewards, and the `gvm` estimator on
+    them gives the lambda-discounted return-to-go of those rewards: dense credit assignment with no value error.
+    """
+    real = checked_mask(mask, token_rewards=token_rewards)
+    rewards = torch.where(real, token_rewards.detach().float(), 0)
+    earned_through = rewards.cumsum(dim=-1)  # [B, T], rewards up to and including token t
+    return torch.where(real, earned_through - rewards, 0), rewards.sum(dim=-1)
+
+
 @register_advantage("gae")
 def gae_advantages(
     *, token_rewards: Tensor, values: Tensor | None, mask: Tensor, gamma: float, lam: float

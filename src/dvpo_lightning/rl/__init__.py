@@ -26,7 +26,15 @@ from dvpo_lightning.rl.rollout import (
     generate_responses,
     register_rollout_backend,
 )
-from dvpo_lightning.rl.scorers import DPOTokenReward, GoldReward, SequenceValue, StateValues, gold_rewards
+from dvpo_lightning.rl.scorers import (
+    DPOTokenReward,
+    GoldReward,
+    GoldValues,
+    SequenceValue,
+    StateValues,
+    gold_rewards,
+    gold_token_rewards,
+)
 from dvpo_lightning.rl.sequences import Responses, Sequences, pair_sequences, sft_sequences
 from dvpo_lightning.rl.update import PPOUpdate, clip_grad_norms
 
@@ -37,6 +45,7 @@ __all__ = [
     "Experience",
     "ExperienceMaker",
     "GoldReward",
+    "GoldValues",
     "PPOConfig",
     "PPOUpdate",
     "Responses",
@@ -52,6 +61,7 @@ __all__ = [
     "generate_responses",
     "no_eos_warning",
     "gold_rewards",
+    "gold_token_rewards",
     "pair_sequences",
     "policy_logprobs",
     "reference_logprobs",
