@@ -155,7 +155,9 @@ def test_a_model_class_is_known_by_its_short_name(capsys):
         main(["fit", "--model.help", "DVPOModule"])
     assert exit_info.value.code == 0
     help_text = capsys.readouterr().out
-    assert "--model.value_model" in help_text and "--model.gold_values" in help_text  # DVPOModule's own options
+    assert (
+        "--model.value_model" in help_text and "--model.gold_values" in help_text
+    )  # DVPOModule's own options
 
 
 def test_top_level_help_and_a_mistyped_subcommand_answer_without_importing_torch():
