@@ -294,7 +294,7 @@ def bias_logits(policy: nn.Module, biases: dict[int, float]) -> None:
 
 def perturb(model: nn.Module, scale: float = 0.05, seed: int = 0) -> None:
     """Add seeded noise to every parameter of `model`, so that it no longer equals the reference."""
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.add_(scale * torch.randn(parameter.shape, generator=generator))
