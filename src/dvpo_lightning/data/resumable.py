@@ -9,7 +9,7 @@ the interrupted run already consumed.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sized
+from collections.abc import Iterator, Sequence, Sized
 
 import torch
 from torch.utils.data import DataLoader, Sampler
@@ -32,6 +32,38 @@ class EpochShuffle(Sampler[int]):
 
     def __len__(self) -> int:
         return len(self.data_source)
+
+
+class LengthGroupedShuffle(EpochShuffle):
+    """An epoch's random order rearranged so that each batch holds rows of similar lengths (TRL's and HF's
+    `group_by_length`): less padding, the same rows. A function of `(seed, epoch)` alone, like `EpochShuffle`.
+
+    The shuffled indices are cut into mega-batches of `mega_batches` batches of `batch_size`; each mega-batch is sorted
+    by length and cut into batches; the whole batches are shuffled (so that lengths do not trend over the epoch), and
+    a partial batch, if any, comes last, where a loader expects it.
+
+    Args:
+        lengths: each row's length in tokens.
+        batch_size: rows per batch, over all processes (a distributed loader deals each process every
+            world_size-th index).
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0, mega_batches: int = 50):
+        super().__init__(lengths, seed)
+        self.lengths = torch.as_tensor(lengths)
+        self.batch_size, self.mega_batches = batch_size, mega_batches
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=generator)
+        batches = []
+        for mega_batch in order.split(self.batch_size * self.mega_batches):
+            by_length = mega_batch[torch.argsort(self.lengths[mega_batch], descending=True, stable=True)]
+            batches += by_length.split(self.batch_size)
+        whole = [batch for batch in batches if len(batch) == self.batch_size]
+        partial = [batch for batch in batches if len(batch) < self.batch_size]
+        shuffled = [whole[index] for index in torch.randperm(len(whole), generator=generator)]
+        return iter(torch.cat(shuffled + partial).tolist() if batches else [])
 
 
 class ResumableDataLoader(DataLoader):

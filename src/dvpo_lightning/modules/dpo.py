@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from dvpo_lightning.algos import PreferenceObjective, masked_sum
+from dvpo_lightning.algos import PreferenceLosses, PreferenceObjective, masked_sum
 from dvpo_lightning.modules.optim import OptimConfig
 from dvpo_lightning.modules.policy import PolicyModule
 from dvpo_lightning.rl import Sequences, pair_sequences, policy_logprobs
@@ -130,7 +130,9 @@ class DPOModule(PolicyModule):
         return torch.cat([pairs[:, 0], pairs[:, 1]])
 
     # --------------------------------------------------------------------------------------------- steps
-    def _step(self, batch: dict, split: str) -> torch.Tensor:
+    def pair_losses(self, batch: dict, split: str) -> tuple[PreferenceLosses, torch.Tensor, torch.Tensor]:
+        """The objective on a batch of pairs (its `losses` `[B]`, one per pair), and the policy's sequence log-probs
+        of the chosen and of the rejected responses `[B]` each."""
         sequences = pair_sequences(batch)
         logprobs, _ = policy_logprobs(self.policy, sequences)
         mask = sequences.response_mask  # [2B, R]
@@ -147,6 +149,10 @@ class DPOModule(PolicyModule):
             rejected_lengths=rejected_lengths,
             **reference,
         )
+        return result, policy_chosen, policy_rejected
+
+    def _step(self, batch: dict, split: str) -> torch.Tensor:
+        result, policy_chosen, policy_rejected = self.pair_losses(batch, split)
         loss = result.losses.mean()
         chosen_rewards, rejected_rewards = result.chosen_rewards, result.rejected_rewards
         metrics = {

@@ -52,12 +52,19 @@ class Responses(Sequences):
     def lengths(self) -> torch.Tensor:  # [B]
         return self.response_mask.sum(-1)
 
+    @property
+    def total_lengths(self) -> torch.Tensor:  # [B] real prompt and response tokens of each row
+        return self.prompt_attention_mask.sum(-1) + self.response_mask.sum(-1)
+
     def select(self, rows: torch.Tensor | slice, width: int | None = None) -> Responses:
-        """Rows `rows`, with the response block cut to `width` columns when given."""
+        """Rows `rows`, with the response block cut to `width` columns when given and the prompt block to their
+        longest prompt (padding columns only: no number changes)."""
+        prompt_mask = self.prompt_attention_mask[rows]
+        prompt_columns = slice(prompt_mask.shape[1] - int(prompt_mask.sum(-1).max()), None)
         columns = slice(None, width)
         return Responses(
-            self.prompt_input_ids[rows],
-            self.prompt_attention_mask[rows],
+            self.prompt_input_ids[rows][:, prompt_columns],
+            prompt_mask[:, prompt_columns],
             self.response_input_ids[rows][:, columns],
             self.response_mask[rows][:, columns],
             self.finished[rows],
