@@ -7,7 +7,7 @@ response block.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,6 +22,9 @@ class Sequences:
     prompt_attention_mask: torch.Tensor  # [B, P] bool
     response_input_ids: torch.Tensor  # [B, R]
     response_mask: torch.Tensor  # [B, R] bool
+    #: [B] long: row `i` answers the prompt of row `prompt_of_row[i]` (a pair's chosen and rejected responses); a
+    #: policy then runs each prompt once (`models.shared_prompt_response_logits`). None: rows share no prompt.
+    prompt_of_row: torch.Tensor | None = field(default=None, kw_only=True)
 
     def model_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """`(input_ids, attention_mask)` `[B, P + R]`."""
@@ -81,11 +84,13 @@ def sft_sequences(batch: dict) -> Sequences:
 
 
 def pair_sequences(batch: dict) -> Sequences:
-    """Chosen and rejected responses of a pairs batch as one `[2B]` batch: rows `:B` chosen, `B:` rejected."""
+    """Chosen and rejected responses of a pairs batch as one `[2B]` batch: rows `:B` chosen, `B:` rejected, the
+    rejected rows marked as answering the prompts of the chosen ones (a policy reads each prompt once)."""
     prompt_ids, prompt_mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
     return Sequences(
         torch.cat([prompt_ids, prompt_ids]),
         torch.cat([prompt_mask, prompt_mask]),
         torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]]),
         torch.cat([batch["chosen_mask"], batch["rejected_mask"]]),
+        prompt_of_row=torch.arange(len(prompt_ids), device=prompt_ids.device).repeat(2),
     )
