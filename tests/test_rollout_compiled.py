@@ -14,11 +14,11 @@ import torch
 from lightning.pytorch import Callback
 from torch._dynamo.testing import CompileCounter
 
-from dvpo_lightning.models import ModelSpec, build_policy
+from dvpo_lightning.models import LoraSpec, ModelSpec, build_policy
 from dvpo_lightning.modules import DVPOModule, PPOConfig
 from dvpo_lightning.rl import SamplingConfig, generate_responses, warmup_seconds
 from dvpo_lightning.rl.compiled_rollout import bucket_length, bucket_rows
-from tests.onpolicy_helpers import bias_logits, hand_built_rollout
+from tests.onpolicy_helpers import bias_logits, hand_built_rollout, perturb
 from tests.stages import TINY_GPT2, quick_trainer, tiny, topics_data
 
 
@@ -34,11 +34,15 @@ def prompts(tokenizer, copies: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     return rollout.prompt_input_ids.repeat(copies, 1), rollout.prompt_attention_mask.repeat(copies, 1)
 
 
-@pytest.fixture(scope="module", params=["llama", "gpt2"])
+SPECS = {"llama": tiny(), "gpt2": ModelSpec(arch=dict(TINY_GPT2)), "lora": tiny(lora=LoraSpec(r=4, alpha=8))}
+
+
+@pytest.fixture(scope="module", params=sorted(SPECS))
 def policy(request, tokenizer):
     """A tiny policy whose responses end at different steps (EOS slightly favoured)."""
-    spec = ModelSpec(arch=dict(TINY_GPT2)) if request.param == "gpt2" else tiny()
-    policy = build_policy(spec, tokenizer)
+    policy = build_policy(SPECS[request.param], tokenizer)
+    if request.param == "lora":
+        perturb(policy)  # adapters that are not zero: they take part in every step
     bias_logits(policy, {tokenizer.eos_token_id: 0.3})
     return policy
 
@@ -165,3 +169,17 @@ def test_a_run_logs_the_compile_time_apart_from_the_generation_time(tokenizer, c
     assert first["compile"] > 0 and first["generate"] > 0
     assert "compile" not in second and second["generate"] > 0  # compiled once, for both iterations
     assert warmup_seconds(module.policy) == pytest.approx(first["compile"])
+
+
+def test_a_sharded_policy_is_refused_naming_the_option(tokenizer):
+    from torch.distributed.fsdp import FSDPModule
+
+    policy = build_policy(tiny(), tokenizer)
+    policy.__class__ = type(
+        "FSDPPolicy", (FSDPModule, type(policy)), {}
+    )  # what `fully_shard` does to a model
+    ids, mask = prompts(tokenizer)
+    with pytest.raises(
+        ValueError, match="sampling.backend=compiled cannot compile a policy sharded with FSDP"
+    ):
+        generate_responses(policy, ids, mask, compiled(max_new_tokens=2), tokenizer)

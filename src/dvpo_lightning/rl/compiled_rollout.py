@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 import transformers
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from transformers import (
     PreTrainedTokenizerBase,
     StaticCache,
@@ -83,6 +84,11 @@ def compiled_generate(
         raise RuntimeError(
             f"sampling.backend=compiled needs transformers >= 5 (its StaticCache API); found "
             f"{transformers.__version__}: upgrade it, or use sampling.backend=generate"
+        )
+    if any(isinstance(module, FSDPModule) for module in policy.modules()):
+        raise ValueError(
+            "sampling.backend=compiled cannot compile a policy sharded with FSDP (its hooks gather the weights inside "
+            "the forward): use sampling.backend=generate"
         )
     decoder = _decoder(policy, compile_backend, compile_mode)
     with eval_mode(policy):
