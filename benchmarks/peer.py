@@ -7,11 +7,14 @@ tokens, responses up to 128; longer rows are left out so that neither side trunc
 length-grouped batches there (`group_by_length`).
 
 Both trainers get the same policy, the same reference (a different random init, so the first loss is not log 2), the
-same pairs in the same order -- TRL is fed them in the order our loader draws them (its sequential sampler), so
-every step of both sees the same batch -- and the same batch size, beta, learning rate, Adam betas, gradient clip,
-CPU or GPU in fp32. Reported: samples/s over the steady-state steps (each run's pairs over its step intervals, warm-up
-steps left out, so set-up and dataset preparation are not counted; the median over runs), the step's model FLOP/s
-as a fraction of the machine's measured matmul peak (`benchmarks.flops`), and the first-step loss of both, which
+same pairs, batch size, beta, learning rate, Adam betas, gradient clip, CPU or GPU in fp32. On the built-in pairs TRL
+is fed them in the order our loader draws them (its sequential sampler), so every step of both sees the same batch;
+on HH each trainer takes its own best order: ours groups prompts and responses by length (`group_by_length`), TRL's
+pairs are grouped by their total length (prompt + longest response, what HF's `group_by_length` does; TRL 1.16's
+DPOTrainer has no length column for it) from the same seed. Reported: samples/s over the steady-state steps (each
+run's pairs over its step intervals, warm-up steps left out, so set-up and dataset preparation are not counted; the
+median over runs), the step's model FLOP/s as a fraction of the machine's measured matmul peak (`benchmarks.flops`),
+and both trainers' loss on our first batch with the starting weights (TRL's computed on that batch fed to it), which
 must agree to 1e-5.
 
 Matching the tokenisation. TRL (1.16, non-conversational data) appends the EOS *text* to each completion,
@@ -46,6 +49,7 @@ from dvpo_lightning.data import RLHFDataModule
 from dvpo_lightning.data.bad_rows import BadRow
 from dvpo_lightning.data.builtin import get_task
 from dvpo_lightning.data.formats import ChatRenderer, get_format
+from dvpo_lightning.data.resumable import LengthGroupedShuffle
 from dvpo_lightning.data.tokenizers import train_bpe_tokenizer
 from dvpo_lightning.models import ModelSpec, build_policy, export_model
 from dvpo_lightning.modules import DPOModule, OptimConfig
@@ -94,13 +98,26 @@ class Job:
     reference_dir: str
     pairs: Dataset
     data: RLHFDataModule
-    completion_prefix: str = (
-        " "  # what TRL's completions need in front to tokenise as ours (see the docstring)
-    )
+    #: what TRL's completions need in front to tokenise as ours (see the docstring)
+    completion_prefix: str = " "
+    #: TRL fed the pairs grouped by their total length (its own best order) instead of in ours
+    trl_grouped: bool = False
 
     def order(self) -> list[int]:
-        """The pairs' indices in the order our loader draws them (TRL is fed them in this order)."""
+        """The pairs' indices in the order our loader draws them."""
         return [int(index) for batch in self.data.train_dataloader() for index in batch["index"]]
+
+    def trl_order(self) -> list[int]:
+        """The order TRL is fed the pairs in: ours, or grouped by total length (prompt and longest response) as
+        HF's `group_by_length` would (TRL 1.16's DPOTrainer has no length column for it), from the same seed."""
+        if not self.trl_grouped:
+            return self.order()
+        rows = list(self.data.train_dataset)
+        totals = [
+            len(row["prompt_ids"]) + max(len(row["chosen_ids"]), len(row["rejected_ids"])) for row in rows
+        ]
+        sampler = LengthGroupedShuffle(totals, self.data.batch_size, seed=self.data.seed)
+        return [rows[position]["row"] for position in sampler]
 
 
 def run(quick: bool, device: torch.device) -> Report:
@@ -132,43 +149,60 @@ def compare(name: str, job: Job, scale: Scale, device: torch.device, root: Path,
                 f"[peer] {name}, round {round_index + 1}/{scale.rounds}: {trainer}, {scale.steps} DPO steps"
             )
             runs[trainer].append(trainers[trainer](root / f"{trainer}{round_index}"))
-    step_flops = dpo_step_flops(job, scale)
-    steady_flops = sum(step_flops[scale.warmup + 1 : scale.steps])  # the steps that end the steady intervals
-    rates, fractions = {}, {}
-    for trainer, results in runs.items():
-        seconds = [sum(run["step_seconds"][scale.warmup :]) for run in results]
-        rates[trainer] = [scale.batch * (scale.steps - 1 - scale.warmup) / total for total in seconds]
+    work = LinearWork.of(build_policy(ModelSpec(name_or_path=job.policy_dir), job.data.tokenizer))
+    steady = slice(scale.warmup + 1, scale.steps)  # the steps that end the steady intervals
+    pairs = scale.batch * (scale.steps - 1 - scale.warmup)
+    rates, token_rates, fractions, tokens = {}, {}, {}, {}
+    for trainer, order in (("ours", job.order()), ("trl", job.trl_order())):
+        tokens[trainer] = step_tokens(job, scale, order)
+        steady_tokens = sum(total for total, _ in tokens[trainer][steady])
+        # A DPO step's model FLOPs: the policy's forward and backward and the reference's forward.
+        steady_flops = sum(work.training(*step) + work.forward(*step) for step in tokens[trainer][steady])
+        seconds = [sum(run["step_seconds"][scale.warmup :]) for run in runs[trainer]]
+        rates[trainer] = [pairs / total for total in seconds]
+        token_rates[trainer] = [steady_tokens / total for total in seconds]
         fractions[trainer] = statistics.median(
             fraction_of_peak(steady_flops, total, peak) for total in seconds
         )
-    first_losses = {trainer: results[0]["first_loss"] for trainer, results in runs.items()}
+    first_losses = {"ours": runs["ours"][0]["first_loss"], "trl": trl_first_loss(job, scale, device, root)}
     return {
         "runs": runs,
         "samples_per_s": {trainer: statistics.median(values) for trainer, values in rates.items()},
-        # Each round's two runs follow each other: their ratio is the least disturbed by a busy machine.
-        "speedup": statistics.median(ours / trl for ours, trl in zip(rates["ours"], rates["trl"])),
+        "tokens_per_s": {trainer: statistics.median(values) for trainer, values in token_rates.items()},
+        # Real tokens per second: the samples/s ratio over the same pairs, whichever batches each trainer's steps
+        # drew. Each round's two runs follow each other, so their ratio is the least disturbed by a busy machine.
+        "speedup": statistics.median(
+            ours / trl for ours, trl in zip(token_rates["ours"], token_rates["trl"])
+        ),
         "first_losses": first_losses,
         "first_loss_gap": abs(first_losses["ours"] - first_losses["trl"]),
         "fraction_of_matmul_peak": fractions,
-        "step_flops": step_flops,
+        "step_tokens": tokens,
     }
 
 
-def dpo_step_flops(job: Job, scale: Scale) -> list[float]:
-    """Model FLOPs of each step's batch, in the order both trainers take them: the policy's forward and backward and
-    the reference's forward over the pairs' real tokens (a prompt counted with each of its two responses, as a DPO
-    step without shared prompts needs), the LM head over the responses' tokens."""
-    model = build_policy(ModelSpec(name_or_path=job.policy_dir), job.data.tokenizer)
-    work = LinearWork.of(model)
+def trl_first_loss(job: Job, scale: Scale, device: torch.device, root: Path) -> float:
+    """TRL's loss on our loader's first batch, with the weights both trainers start from: its first step's loss
+    were it fed our order."""
+    trainer = trl_trainer(
+        job, job.order(), scale, device, root / "trl-first-batch", beta=BETA, loss_type=["sigmoid"]
+    )
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.model.train()
+    with torch.no_grad():
+        return float(trainer.compute_loss(trainer.model, batch))
+
+
+def step_tokens(job: Job, scale: Scale, order: list[int]) -> list[tuple[int, int]]:
+    """Each step's real tokens, the pairs taken in `order`: `(all, responses')`, a prompt counted with each of its
+    two responses (what a DPO step without shared prompts runs), and the responses' tokens (the LM head's)."""
     rows = {row["row"]: row for row in job.data.train_dataset}
-    order = job.order()
-    flops = []
+    steps = []
     for step in range(scale.steps):
         batch = [rows[index] for index in order[step * scale.batch : (step + 1) * scale.batch]]
         responses = sum(len(row["chosen_ids"]) + len(row["rejected_ids"]) for row in batch)
-        tokens = responses + 2 * sum(len(row["prompt_ids"]) for row in batch)
-        flops.append(work.training(tokens, responses) + work.forward(tokens, responses))
-    return flops
+        steps.append((responses + 2 * sum(len(row["prompt_ids"]) for row in batch), responses))
+    return steps
 
 
 def prepare_job(scale: Scale, tmp: Path) -> Job:
@@ -228,7 +262,7 @@ def make_job(
         for seed, name in enumerate(("policy", "reference"))
     )
     data = our_data(pairs, policy_dir, scale, tmp, max_lengths, group_by_length)
-    return Job(policy_dir, reference_dir, pairs, data, completion_prefix)
+    return Job(policy_dir, reference_dir, pairs, data, completion_prefix, trl_grouped=group_by_length)
 
 
 def our_data(
@@ -277,19 +311,6 @@ def run_ours(job: Job, scale: Scale, device: torch.device, root: Path) -> dict:
 
 def run_trl(job: Job, scale: Scale, device: torch.device, root: Path) -> dict:
     from transformers import TrainerCallback
-    from trl import DPOTrainer
-
-    class RecordingDPOTrainer(DPOTrainer):
-        """TRL's trainer, unchanged, that remembers the loss of its first step."""
-
-        first_loss: float | None = None
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            if self.first_loss is None and model.training:
-                loss = result[0] if return_outputs else result
-                self.first_loss = float(loss.detach())
-            return result
 
     class StepEnds(TrainerCallback):
         def __init__(self) -> None:
@@ -301,19 +322,10 @@ def run_trl(job: Job, scale: Scale, device: torch.device, root: Path) -> dict:
 
     step_ends = StepEnds()
     trainer = trl_trainer(
-        job,
-        job.order(),
-        scale,
-        device,
-        root,
-        RecordingDPOTrainer,
-        [step_ends],
-        beta=BETA,
-        loss_type=["sigmoid"],
+        job, job.trl_order(), scale, device, root, callbacks=[step_ends], beta=BETA, loss_type=["sigmoid"]
     )
     trainer.train()
-    intervals = [later - earlier for earlier, later in zip(step_ends.ends, step_ends.ends[1:])]
-    return {"first_loss": trainer.first_loss, "step_seconds": intervals}
+    return {"step_seconds": [later - earlier for earlier, later in zip(step_ends.ends, step_ends.ends[1:])]}
 
 
 def trl_trainer(
@@ -322,11 +334,10 @@ def trl_trainer(
     scale: Scale,
     device: torch.device,
     root: Path,
-    trainer_class: type | None = None,
     callbacks: list | None = None,
     **loss_options,
 ):
-    """TRL's `DPOTrainer` (or `trainer_class`) on `job`'s pairs in `order`, with our training settings and
+    """TRL's `DPOTrainer` on `job`'s pairs in `order`, with our training settings and
     `loss_options` (`beta`, `loss_type`, `loss_weights`, ...) for its `DPOConfig`; every pair's token ids are
     checked to be ours."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -356,7 +367,7 @@ def trl_trainer(
         seed=0,
         **loss_options,
     )
-    trainer = (trainer_class or DPOTrainer)(
+    trainer = DPOTrainer(
         model=AutoModelForCausalLM.from_pretrained(job.policy_dir, dtype=torch.float32),
         ref_model=AutoModelForCausalLM.from_pretrained(job.reference_dir, dtype=torch.float32),
         args=args,
@@ -423,7 +434,14 @@ def make_report(
         table = Table(
             f"DPO on the {TITLES[name]}, batch {scale.batch} pairs, beta {BETA}: {scale.rounds} alternating runs of "
             f"{scale.steps} steps each ({scale.warmup} warm-up steps of each run left out)",
-            ["trainer", "samples (pairs)/s", "step (ms per batch)", "% of matmul peak", "first-step loss"],
+            [
+                "trainer",
+                "samples (pairs)/s",
+                "real tokens/s",
+                "step (ms per batch)",
+                "% of matmul peak",
+                "first-step loss",
+            ],
         )
         for trainer, label in (("ours", "dvpo_lightning DPOModule + Lightning"), ("trl", "trl.DPOTrainer")):
             rate = result["samples_per_s"][trainer]
@@ -431,6 +449,7 @@ def make_report(
                 [
                     label,
                     f"{rate:.1f}",
+                    f"{result['tokens_per_s'][trainer]:.0f}",
                     f"{1000 * scale.batch / rate:.1f}",
                     percent(result["fraction_of_matmul_peak"][trainer]),
                     f"{result['first_losses'][trainer]:.7f}",
@@ -445,18 +464,21 @@ def make_report(
         f"byte-level BPE of {HH_FULL.vocab} tokens trained on the file's pairs (quick: "
         f"{HH_QUICK.arch['hidden_size']} x {HH_QUICK.arch['num_hidden_layers']}, {HH_QUICK.vocab} tokens); the "
         f"first {HH_FULL.pairs} pairs (quick: {HH_QUICK.pairs}) whose prompt fits {HH_MAX_PROMPT} tokens and "
-        f"responses {HH_MAX_RESPONSE}, as they come; our loader groups them by length and TRL gets the same batches."
+        f"responses {HH_MAX_RESPONSE}, as they come; our loader groups prompts and responses by length, TRL's pairs "
+        "are grouped by total length (its own best order)."
         + ("" if "hh" in results else f" Not run: {HH_FILE} is absent."),
         "Both: policy init seed 0, reference init seed 1 (so the first loss is not log 2); fp32; AdamW lr "
-        f"{LR}, betas {BETAS}, no weight decay, constant schedule, gradient clip 1.0; TRL fed the pairs in our "
-        "loader's order (sequential sampler), so each step of both sees the same batch.",
+        f"{LR}, betas {BETAS}, no weight decay, constant schedule, gradient clip 1.0; TRL's sequential sampler. The "
+        "first-step losses are both trainers' on our loader's first batch.",
         "Tokenisation matched: TRL appends the EOS text and tokenises prompt + completion together, ours tokenises "
         "them apart and appends the EOS id; the token ids of every pair were checked identical before training. No "
         "truncation on either side.",
         "Speed: pairs of each run's steady steps over their wall time between consecutive step ends (data loading, "
         "forward, backward, optimiser step and each framework's own per-step work), set-up and dataset preparation "
-        "excluded; the median over runs, and the median over rounds of the ratio. TRL logs once (logging_steps = "
-        "steps), ours has no logger.",
+        "excluded; the median over runs. The speed ratio is that of real tokens per second (a prompt counted with "
+        "each of its responses), the median over rounds: on HH the trainers' steps draw different batches, and "
+        "tokens/s is their samples/s over the same pairs. TRL logs once (logging_steps = steps), ours has no "
+        "logger.",
         "Ours reads each prompt once for its two responses (a KV cache copied to both rows); the FLOP/s count the "
         "work of a DPO step without that sharing (each prompt with each response), so both trainers' fractions "
         "measure the same work.",

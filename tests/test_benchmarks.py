@@ -47,7 +47,7 @@ COLUMNS = {
         "compile + warm-up (s)",
         "% of matmul peak (engine / bare / compiled)",
     ],
-    "peer": ["samples (pairs)/s", "first-step loss", "verdict", "% of matmul peak"],
+    "peer": ["samples (pairs)/s", "real tokens/s", "first-step loss", "verdict", "% of matmul peak"],
 }
 
 

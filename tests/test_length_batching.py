@@ -61,6 +61,26 @@ def test_length_grouped_shuffle_draws_every_row_once_in_batches_of_similar_lengt
     )
 
 
+def test_prompt_and_response_lengths_are_grouped_on_both_blocks():
+    """A split-layout batch is as wide as its longest prompt plus its longest response: grouping rows on both lengths
+    pads less than grouping them on their total."""
+    generator = torch.Generator().manual_seed(1)
+    pairs = torch.randint(1, 200, (400, 2), generator=generator).tolist()  # (prompt, response) lengths
+
+    def split_layout_tokens(order: list[int]) -> int:
+        batches = [order[start : start + 8] for start in range(0, len(order), 8)]
+        return sum(
+            8 * (max(pairs[i][0] for i in batch) + max(pairs[i][1] for i in batch)) for batch in batches
+        )
+
+    both = list(LengthGroupedShuffle(pairs, batch_size=8, seed=0))
+    total = list(
+        LengthGroupedShuffle([prompt + response for prompt, response in pairs], batch_size=8, seed=0)
+    )
+    assert sorted(both) == list(range(400))
+    assert split_layout_tokens(both) < 0.9 * split_layout_tokens(total)
+
+
 def test_the_shuffled_batches_do_not_trend_in_length():
     order = list(LengthGroupedShuffle(LENGTHS, batch_size=4, seed=0, mega_batches=50))
     longest = [max(LENGTHS[index] for index in order[start : start + 4]) for start in range(0, 200, 4)]

@@ -117,8 +117,8 @@ class RLHFDataModule(LightningDataModule):
         max_samples: read at most this many rows of each source (quick runs).
         builtin_size: how many rows a built-in task generates.
         batch_size: training batch size (in prompts mode: prompts per rollout).
-        group_by_length: draw training batches of rows of similar lengths (a prompt and its longest response):
-            the same rows each epoch, less padding in every batch (TRL's `group_by_length`); see
+        group_by_length: draw training batches of rows of similar prompt and response lengths: the same rows each
+            epoch, less padding in every batch (TRL's `group_by_length`, on both blocks of the split layout); see
             `dvpo_lightning.data.resumable.LengthGroupedShuffle`. Off by default: it changes which rows share a batch.
         eval_batch_size: validation and test batch size; None is `batch_size`.
         num_workers: DataLoader worker processes.
@@ -259,13 +259,15 @@ class RLHFDataModule(LightningDataModule):
             self.row_lengths(self.train_dataset), self.batch_size * world_size, self.seed
         )
 
-    def row_lengths(self, dataset: datasets.Dataset) -> list[int]:
-        """Tokens of each row: its prompt and its longest response (the width it needs in a batch)."""
+    def row_lengths(self, dataset: datasets.Dataset) -> list[tuple[int, int]] | list[int]:
+        """Tokens of each row: `(prompt, longest response)`, the widths it needs in a batch's two blocks; in prompts
+        mode the prompt's."""
+        prompts = [len(prompt) for prompt in dataset["prompt_ids"]]
+        if self.mode == "prompts":
+            return prompts
         responses = [dataset[f"{key}_ids"] for key in RESPONSES[self.mode]]
-        return [
-            len(prompt) + max(map(len, answers), default=0)
-            for prompt, *answers in zip(dataset["prompt_ids"], *responses)
-        ]
+        longest = [max(map(len, answers)) for answers in zip(*responses)]
+        return list(zip(prompts, longest))
 
     def val_dataloader(self) -> DataLoader | list:
         """Validation batches; an empty list (Lightning then skips validation) when `val_size` is 0."""
