@@ -183,3 +183,17 @@ def test_a_sharded_policy_is_refused_naming_the_option(tokenizer):
         ValueError, match="sampling.backend=compiled cannot compile a policy sharded with FSDP"
     ):
         generate_responses(policy, ids, mask, compiled(max_new_tokens=2), tokenizer)
+
+
+def test_the_static_caches_of_the_two_buckets_used_last_are_kept(tokenizer):
+    from dvpo_lightning.rl.compiled_rollout import _DECODERS
+
+    policy = build_policy(tiny(), tokenizer)
+    ids, mask = prompts(tokenizer, copies=2)
+    sampling = compiled(max_new_tokens=2, min_new_tokens=2)
+    kept = []
+    for rows in (8, 4, 8, 2):  # buckets of 8, 4, 8 and 2 rows
+        generate_responses(policy, ids[:rows], mask[:rows], sampling, tokenizer)
+        kept.append(_DECODERS[policy].caches.get((8, 16)))
+    assert kept[0] is kept[2] is kept[3] is not None  # reused: the same tensors, which CUDA graphs replay on
+    assert list(_DECODERS[policy].caches) == [(8, 16), (2, 16)]  # the 4-row one was freed

@@ -58,6 +58,8 @@ WARMUP_STEPS = 3
 #: graphs of the decoding step a process may compile, over its policies, sampling settings and buckets: dynamo keeps
 #: them on the step's code object, shared by all, and its default limit (8) would fall back to eager decoding
 RECOMPILE_LIMIT = 64
+#: static caches kept between rollouts (each holds a bucket's keys and values for every layer)
+KEPT_CACHES = 2
 
 
 @register_rollout_backend("compiled")
@@ -190,11 +192,15 @@ class Decoder:
         return self.steps[sampler]
 
     def cache(self, policy: nn.Module, rows: int, length: int) -> StaticCache:
-        """The static cache of a bucket, emptied: the same tensors every time, so CUDA graphs can replay."""
+        """The static cache of a bucket, emptied: the same tensors every time, so CUDA graphs can replay. The
+        `KEPT_CACHES` buckets used last keep theirs (training and evaluation rollouts); older ones are freed."""
         key = (rows, length)
-        if key not in self.caches:
-            self.caches[key] = StaticCache(config=policy.config, max_cache_len=length)
-        cache = self.caches[key]
+        cache = self.caches.pop(key, None)
+        if cache is None:
+            cache = StaticCache(config=policy.config, max_cache_len=length)
+        self.caches[key] = cache  # the most recently used last
+        while len(self.caches) > KEPT_CACHES:
+            del self.caches[next(iter(self.caches))]
         cache.reset()
         return cache
 
