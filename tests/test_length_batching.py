@@ -12,9 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dvpo_lightning.algos import bradley_terry_loss
 from dvpo_lightning.data.resumable import EpochShuffle, LengthGroupedShuffle
 from dvpo_lightning.models import build_policy, build_value_model, value_head
-from dvpo_lightning.modules import DPOModule, SFTModule
+from dvpo_lightning.modules import DPOModule, RewardModelModule, SFTModule
 from dvpo_lightning.rl import (
     AdvantageConfig,
     DPOTokenReward,
@@ -123,11 +124,15 @@ def test_grouped_batches_hold_the_same_rows_with_less_padding(datas, mode):
 
 @torch.no_grad()
 def per_row_losses(module, data) -> dict[int, float]:
-    """Each row's loss in the batches `data` draws: DPO's loss of a pair, or the summed NLL of a response."""
+    """Each row's loss in the batches `data` draws: DPO's or the reward model's loss of a pair, or the summed NLL
+    of a response."""
     losses = {}
     for batch in data.train_dataloader():
         if isinstance(module, DPOModule):
             values = module.pair_losses(batch, "train")[0].losses
+        elif isinstance(module, RewardModelModule):
+            chosen, rejected = module.pair_scores(batch)
+            values = bradley_terry_loss(chosen, rejected)[0]
         else:
             nll, mask = module._token_nll(batch)
             values = (nll * mask).sum(-1)
@@ -135,13 +140,20 @@ def per_row_losses(module, data) -> dict[int, float]:
     return losses
 
 
-@pytest.mark.parametrize("mode", ["pairs", "sft"])
-def test_grouped_batches_give_every_row_the_loss_of_ungrouped_ones(datas, tokenizer, mode):
-    if mode == "pairs":
+@pytest.mark.parametrize("stage", ["dpo", "reward_model", "sft"])
+def test_grouped_batches_give_every_row_the_loss_of_ungrouped_ones(datas, tokenizer, stage):
+    if stage == "dpo":
         module = DPOModule(policy=tiny(), reference=tiny(init_seed=1), tokenizer=tokenizer)
+    elif stage == "reward_model":
+        module = RewardModelModule(model=tiny(), tokenizer=tokenizer)
     else:
         module = SFTModule(policy=tiny(), tokenizer=tokenizer)
     module.configure_model()
+    if stage == "reward_model":  # a zero-initialised head would score every response 0
+        value_head(module.reward_model).weight.data.normal_(
+            std=0.5, generator=torch.Generator().manual_seed(0)
+        )
+    mode = "sft" if stage == "sft" else "pairs"
     plain, grouped = per_row_losses(module, datas[mode, False]), per_row_losses(module, datas[mode, True])
     assert plain.keys() == grouped.keys()
     assert [grouped[index] for index in plain] == pytest.approx(list(plain.values()), rel=1e-5, abs=1e-6)
