@@ -1,10 +1,10 @@
 """`peer`: our `DPOModule` (through a Lightning Trainer) against TRL's `DPOTrainer` on the same jobs.
 
 Two jobs. The built-in pairs: uniform, short, on a tiny model, where both frameworks mostly measure their own
-overhead. Real HH-RLHF pairs (`../shared/data/hh-rlhf/harmless-base-test.jsonl.gz`, skipped when absent): a byte-level
-BPE tokenizer trained on them, a Llama of 25M parameters, and the data's real length spread (prompts of 10 to 256
-tokens, responses up to 128; longer rows are left out so that neither side truncates). Our data module draws
-length-grouped batches there (`group_by_length`).
+overhead. Real HH-RLHF pairs (the harmless-base test file `HH_FILE`, outside the repository; skipped when absent):
+a byte-level BPE tokenizer trained on them, a Llama of 25M parameters, and the data's real length spread (prompts
+of 10 to 256 tokens, responses up to 128; longer rows are left out so that neither side truncates). Our data
+module draws length-grouped batches there (`group_by_length`).
 
 Both trainers get the same policy, the same reference (a different random init, so the first loss is not log 2), the
 same pairs, batch size, beta, learning rate, Adam betas, gradient clip, CPU or GPU in fp32. On the built-in pairs TRL
