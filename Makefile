@@ -3,8 +3,17 @@ PYTHON ?= python3
 VENV ?= .venv
 # The CPU build on a machine without CUDA; on a GPU machine, for example:
 #   make install TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
-TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= dev,peft,notebook,bench
+# TORCH_SPEC= (empty) uses the torch already installed: a new venv then sees the system site-packages.
+TORCH_VERSION ?= 2.13.0
+TORCH_SPEC ?= torch==$(TORCH_VERSION)
+EXTRAS ?= dev,peft,notebook,bench,trackers
+# Offline installs: `make wheelhouse` (with a network) writes every wheel but torch's to WHEELHOUSE (default
+# wheelhouse/) for WHEEL_PYTHON on WHEEL_PLATFORM (default: this machine's); `make install WHEELHOUSE=dir`
+# (or gpu-check, test, demo) then installs from it alone, with no index.
+WHEELHOUSE ?=
+WHEEL_PYTHON ?=
+WHEEL_PLATFORM ?=
+PIP_SOURCE := $(if $(WHEELHOUSE),--no-index --find-links $(abspath $(WHEELHOUSE)))
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell echo '$(TORCH_SPEC) $(EXTRAS)' | cksum | cut -d' ' -f1)
 
@@ -15,17 +24,29 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export PYTHONUNBUFFERED ?= 1
 
-.PHONY: install test test-slow demo bench bench-quick lint format clean
+.PHONY: install test test-slow demo bench bench-quick gpu-check wheelhouse lint format clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q $(TORCH_SPEC)
-	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
+	test -x $(BIN)/python || $(PYTHON) -m venv $(if $(strip $(TORCH_SPEC)),,--system-site-packages) $(VENV)
+	$(if $(WHEELHOUSE),,$(BIN)/python -m pip install -q --upgrade pip)
+	@if [ -n "$(strip $(TORCH_SPEC))" ]; then \
+		echo "$(BIN)/python -m pip install -q $(PIP_SOURCE) $(TORCH_SPEC)"; \
+		$(BIN)/python -m pip install -q $(PIP_SOURCE) $(TORCH_SPEC); \
+	elif ! $(BIN)/python -c "import torch" 2>/dev/null; then \
+		echo "TORCH_SPEC is empty, so torch must be installed already: in $(PYTHON)'s site-packages (the new"; \
+		echo "venv sees them) or in an existing VENV=<environment>; or set TORCH_SPEC to a torch wheel file."; \
+		exit 1; \
+	fi
+	$(BIN)/python -m pip install -q $(PIP_SOURCE) -e ".[$(EXTRAS)]"
 	rm -f $(VENV)/.installed-*
 	touch $@
+
+wheelhouse:
+	$(PYTHON) scripts/wheelhouse.py --dest $(or $(WHEELHOUSE),wheelhouse) --extras $(EXTRAS) \
+		--torch-version $(TORCH_VERSION) $(if $(WHEEL_PYTHON),--python-version $(WHEEL_PYTHON)) \
+		$(if $(WHEEL_PLATFORM),--platform $(WHEEL_PLATFORM))
 
 test: install
 	$(BIN)/python -m pytest -m "not slow" -q $(PYTEST_ARGS)
@@ -42,13 +63,17 @@ bench: install
 bench-quick: install
 	$(BIN)/python -m benchmarks.run --quick $(BENCH_ARGS)
 
+# Every stage at Llama-3.2-1B's shape on CUDA (benchmarks/gpu_check.py); e.g. GPU_CHECK_ARGS="--devices 8".
+gpu-check: install
+	$(BIN)/python -m benchmarks.gpu_check --device cuda $(GPU_CHECK_ARGS)
+
 lint: install
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks scripts
+	$(BIN)/ruff format --check src tests benchmarks scripts
 
 format: install
-	$(BIN)/ruff check --fix src tests benchmarks
-	$(BIN)/ruff format src tests benchmarks
+	$(BIN)/ruff check --fix src tests benchmarks scripts
+	$(BIN)/ruff format src tests benchmarks scripts
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache .ruff_cache

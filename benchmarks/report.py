@@ -10,6 +10,7 @@ import os
 import platform
 import re
 import statistics
+import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,8 +69,30 @@ def machine(device: torch.device) -> dict:
     if hasattr(os, "getloadavg"):
         info["load_average_1min"] = round(os.getloadavg()[0], 2)
     if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
+        properties = torch.cuda.get_device_properties(device)
+        info.update(
+            gpu=torch.cuda.get_device_name(device),
+            gpu_count=torch.cuda.device_count(),
+            gpu_memory_gb=round(properties.total_memory / 2**30, 1),
+            cuda=torch.version.cuda,
+            nvidia_driver=nvidia_driver(),
+        )
     return info
+
+
+def nvidia_driver() -> str | None:
+    """The NVIDIA driver's version, from nvidia-smi (None where it cannot be run)."""
+    try:
+        done = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    lines = done.stdout.split()
+    return lines[0] if done.returncode == 0 and lines else None
 
 
 def cpu_model() -> str:
@@ -82,7 +105,12 @@ def cpu_model() -> str:
 
 
 def describe_machine(info: dict) -> str:
-    where = info.get("gpu") or f"{info['cpu']}, {info['cpu_cores']} cores"
+    where = f"{info['cpu']}, {info['cpu_cores']} cores"
+    if "gpu" in info:
+        where = (
+            f"{info['gpu_count']} x {info['gpu']} ({info['gpu_memory_gb']} GiB), NVIDIA driver "
+            f"{info['nvidia_driver']}, CUDA {info['cuda']}; {where}"
+        )
     load = f", load average {info['load_average_1min']} at start" if "load_average_1min" in info else ""
     return (
         f"{where}; torch {info['torch']} ({info['torch_threads']} threads), device `{info['device']}`, "
@@ -116,7 +144,9 @@ def write_report(report: Report, output: Path, command: str, device: torch.devic
     return markdown
 
 
-def write_index(output: Path, order: Sequence[str] = ("table", "cost", "rollout", "peer")) -> Path:
+def write_index(
+    output: Path, order: Sequence[str] = ("table", "value", "cost", "rollout", "peer", "gpu")
+) -> Path:
     """`<output>/README.md`: the latest report of every benchmark found in `output`, headings one level down."""
     found = {path.stem: path for path in output.glob("*.md") if path.name != INDEX}
     names = [name for name in order if name in found] + sorted(set(found) - set(order))

@@ -1,9 +1,11 @@
 """`make bench`: run the benchmarks and write their reports to `benchmarks/results/`.
 
     python -m benchmarks.run                      # everything, full scale (the table takes the longest)
-    python -m benchmarks.run --quick              # toy scale in about a minute, to outputs/benchmarks-quick
+    python -m benchmarks.run --quick              # toy scale in about two minutes, to outputs/benchmarks-quick
     python -m benchmarks.run --only cost,rollout  # some of them
     python -m benchmarks.run --only table --seeds 0,1,2 --device cuda
+    python -m benchmarks.run --only value --configs configs/hard    # the value benchmark in the hard setting
+    python -m benchmarks.run --only value --seeds 0 --fraction 0.25 # a reduced run: a quarter of every budget
 
 Each benchmark writes `<output>/<name>.md` (date, machine, command, tables, notes), `<output>/<name>.json` (raw
 numbers) and its figures, and `<output>/README.md` is rewritten to show the latest report of each.
@@ -21,7 +23,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from benchmarks import cost, peer, rollout, table
+from benchmarks import cost, peer, rollout, table, value
 from benchmarks.report import DEFAULT_OUTPUT, QUICK_OUTPUT, Report, write_report
 from benchmarks.timing import DEVICES, resolve_device
 
@@ -30,6 +32,7 @@ BENCHMARKS: dict[str, Callable[..., Report]] = {
     "cost": cost.run,
     "rollout": rollout.run,
     "peer": peer.run,
+    "value": value.run,
 }
 
 
@@ -43,7 +46,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"comma-separated subset of {', '.join(BENCHMARKS)}",
     )
     parser.add_argument(
-        "--seeds", type=seeds, default=None, help="seeds of the table benchmark (default 0,1,2; quick: 0)"
+        "--seeds", type=seeds, default=None, help="seeds of table and value (default 0,1,2; quick: 0)"
+    )
+    parser.add_argument(
+        "--configs",
+        type=Path,
+        default=value.CONFIGS,
+        help="the configs value trains from (default configs/; configs/hard is the hard setting)",
+    )
+    parser.add_argument(
+        "--fraction",
+        type=fraction,
+        default=None,
+        help="value only: a reduced run, this fraction of every config's optimiser steps (default: all of them)",
     )
     parser.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA when available")
     parser.add_argument(
@@ -82,6 +97,16 @@ def seeds(text: str) -> list[int]:
     return values
 
 
+def fraction(text: str) -> float:
+    try:
+        number = float(text)
+    except ValueError:
+        number = -1.0
+    if not 0 < number <= 1:
+        raise argparse.ArgumentTypeError(f"--fraction takes a number in (0, 1], got {text!r}")
+    return number
+
+
 def main(argv: list[str] | None = None) -> dict[str, Path]:
     """Run the chosen benchmarks; returns the markdown report of each that ran."""
     argv = sys.argv[1:] if argv is None else argv
@@ -95,7 +120,15 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     written = {}
     for name in args.only:
         start = time.perf_counter()
-        options = {"seeds": args.seeds, "output": output} if name == "table" else {}
+        options = {
+            "table": {"seeds": args.seeds, "output": output},
+            "value": {
+                "seeds": args.seeds,
+                "output": output,
+                "configs": args.configs,
+                "fraction": args.fraction,
+            },
+        }.get(name, {})
         try:
             report = BENCHMARKS[name](quick=args.quick, device=device, **options)
         except peer.Skipped as skipped:

@@ -64,7 +64,7 @@ class StepClock(Callback):
     `intervals` (from one batch end to the next: also data loading and Lightning's own work between steps).
 
     For on-policy modules a step is one RL iteration; `stages` then holds a copy of the module's
-    `stage_seconds` (generate, score, update) of each iteration. `first_loss` is the loss of the first step;
+    `phase_seconds` (generate, score, update) of each iteration. `first_loss` is the loss of the first step;
     `tokens` the real tokens of each step that reports them (`num_tokens`).
     """
 
@@ -88,7 +88,7 @@ class StepClock(Callback):
         if self._last_end is not None:
             self.intervals.append(now - self._last_end)
         self._last_end = now
-        self.stages.append(dict(getattr(pl_module, "stage_seconds", {})))
+        self.stages.append(dict(getattr(pl_module, "phase_seconds", {})))
         if not isinstance(outputs, dict):
             return
         if self.first_loss is None and "loss" in outputs:

@@ -9,7 +9,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from tests.tiny import TINY_ARCH, make_word_tokenizer  # noqa: E402
+from tests.helpers.tiny import TINY_ARCH, make_word_tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 HH_FILE = REPO.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
@@ -41,6 +41,6 @@ def cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tokenizer(cache):
     """The built-in task's tokenizer."""
-    from tests.stages import topics_data
+    from tests.helpers.stages import topics_data
 
     return topics_data(cache).tokenizer

@@ -17,10 +17,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import transformers
+from lightning.pytorch import LightningModule
 
 from dvpo_lightning.callbacks import PeakMemoryMonitor
 from dvpo_lightning.cli import run_cli
-from dvpo_lightning.evaluation import PolicyReport, dvpo_token_credit, evaluate_policy, evaluation_data
+from dvpo_lightning.evaluation import (
+    PolicyReport,
+    dvpo_token_credit,
+    evaluate_policy,
+    evaluation_data,
+    win_rate,
+)
 from dvpo_lightning.plots import learning_curves, token_heatmap
 from dvpo_lightning.rl import SamplingConfig
 
@@ -46,11 +53,13 @@ class StageRun:
     peak_gb: float | None  # the stage's peak: resident memory on CPU, allocated memory on CUDA
     peak_above_start_gb: float | None  # the same above the stage's start (models loaded)
     held_out: dict  # the data module's settings that define its held-out split (dataset, seed, sizes)
+    model: LightningModule  # the fitted module (its trained models, e.g. PPO's critic, beside the export)
 
     @classmethod
     def run(cls, name: str, config: Path, overrides: list[str]) -> StageRun:
         start = time.perf_counter()
-        cli = run_cli(["fit", "--config", str(config), *overrides])
+        # The demo reruns the whole pipeline: each stage starts over in its directory.
+        cli = run_cli(["fit", "--config", str(config), "--overwrite=true", *overrides])
         seconds = time.perf_counter() - start
         monitor = next(cb for cb in cli.trainer.callbacks if isinstance(cb, PeakMemoryMonitor))
         overall = monitor.summary.get("overall", {})
@@ -62,7 +71,9 @@ class StageRun:
         data = cli.datamodule
         held_out = {key: getattr(data, key) for key in ("dataset", "seed", "builtin_size", "val_size")}
         metrics = Path(cli.trainer.log_dir) / "metrics.csv"
-        return cls(name, Path(cli.model.default_export_dir()), metrics, seconds, peak, above, held_out)
+        return cls(
+            name, Path(cli.model.default_export_dir()), metrics, seconds, peak, above, held_out, cli.model
+        )
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -129,13 +140,16 @@ def main(argv: list[str] | None = None) -> dict:
 def results_table(reports: dict[str, PolicyReport], runs: dict[str, StageRun]) -> str:
     """The demo's markdown table: one row per policy, then the cost of each stage."""
     lines = [
-        "| policy | gold reward | fraction of optimum | KL to SFT (nats) | response length | finished |",
-        "|---|---|---|---|---|---|",
+        "| policy | gold reward | fraction of optimum | KL to SFT (nats) | win rate vs SFT | response length | "
+        "finished |",
+        "|---|---|---|---|---|---|---|",
     ]
+    baseline = reports["SFT"].per_prompt_gold
     for name, report in reports.items():
+        wins = "—" if name == "SFT" else f"{win_rate(report.per_prompt_gold, baseline):.3f}"
         lines.append(
             f"| {name} | {report.gold_reward:.3f} ± {report.gold_reward_std:.3f} | {report.gold_fraction:.1%} | "
-            f"{report.kl_ref:.3f} | {report.response_length:.1f} | {report.finished_rate:.0%} |"
+            f"{report.kl_ref:.3f} | {wins} | {report.response_length:.1f} | {report.finished_rate:.0%} |"
         )
     lines += [
         "",

@@ -1,8 +1,14 @@
-"""Evaluate exported policies on held-out prompts: gold reward, KL to a reference, win rate.
+"""Evaluate exported policies on held-out prompts (gold reward, KL to a reference, win rate) and exported value
+models (reward models, GVMs, critics) on held-out pairs and on a policy's samples.
 
 Every policy is judged the same way: the same prompts (the data module's validation split), the same sampling
 and the same seed, so numbers of different algorithms and runs compare directly. The gold reward needs a
 built-in task; the KL is the sequence-level KL to the reference estimated on the policy's own samples.
+
+A value model is judged as the DVPO paper judges it: its pairwise accuracy on held-out preference pairs (chosen
+valued above rejected), by its mean value over a response's states and by its value of the complete response;
+on a built-in task also by how its values of sampled responses agree with the gold reward, response by response
+and token by token.
 """
 
 from __future__ import annotations
@@ -11,20 +17,24 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from dvpo_lightning.algos import kl_penalty, masked_sum
+from dvpo_lightning.algos import get_advantage, last_token_values, masked_mean, sequence_kl
 from dvpo_lightning.data import RLHFDataModule
 from dvpo_lightning.models import ModelSpec, build_policy, build_value_model, freeze
 from dvpo_lightning.rl import (
     AdvantageConfig,
     ExperienceMaker,
     PPOConfig,
+    Responses,
     SamplingConfig,
     Scorers,
     StateValues,
     generate_responses,
     gold_rewards,
+    gold_token_rewards,
+    pair_sequences,
     policy_logprobs,
 )
+from dvpo_lightning.rl.experience import ValueScorer
 
 
 @dataclass
@@ -72,27 +82,17 @@ def evaluate_policy(
     )
     temperature = sampling.temperature if sampling.do_sample else 1.0
     golds, fractions, kl_k1, kl_k3, lengths, finished = [], [], [], [], [], []
-    cuda_devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda_devices):  # the caller's random streams are left as they were
-        torch.manual_seed(seed)
-        for batch in datamodule.val_dataloader():
-            responses = generate_responses(
-                policy,
-                batch["prompt_input_ids"].to(device),
-                batch["prompt_attention_mask"].to(device),
-                sampling,
-                tokenizer,
-            )
-            gold, fraction = gold_rewards(task, tokenizer, responses)
-            logprobs = policy_logprobs(policy, responses, temperature)[0]
-            ref_logprobs = policy_logprobs(reference, responses, temperature)[0]
-            mask = responses.response_mask
-            golds.append(gold)
-            fractions.append(fraction)
-            kl_k1.append(masked_sum(kl_penalty(logprobs, ref_logprobs, "k1"), mask, dim=-1).cpu())
-            kl_k3.append(masked_sum(kl_penalty(logprobs, ref_logprobs, "k3"), mask, dim=-1).cpu())
-            lengths.append(responses.lengths.float().cpu())
-            finished.append(responses.finished.float().cpu())
+    for responses in held_out_responses(policy, datamodule, sampling, seed, device):
+        gold, fraction = gold_rewards(task, tokenizer, responses)
+        logprobs = policy_logprobs(policy, responses, temperature)[0]
+        ref_logprobs = policy_logprobs(reference, responses, temperature)[0]
+        mask = responses.response_mask
+        golds.append(gold)
+        fractions.append(fraction)
+        kl_k1.append(sequence_kl(logprobs, ref_logprobs, mask, "k1").cpu())
+        kl_k3.append(sequence_kl(logprobs, ref_logprobs, mask, "k3").cpu())
+        lengths.append(responses.lengths.float().cpu())
+        finished.append(responses.finished.float().cpu())
     gold = torch.cat(golds)
     return PolicyReport(
         gold_reward=float(gold.mean()),
@@ -104,6 +104,33 @@ def evaluate_policy(
         finished_rate=float(torch.cat(finished).mean()),
         per_prompt_gold=gold.tolist(),
     )
+
+
+@torch.no_grad()
+def held_out_responses(
+    policy: torch.nn.Module,
+    datamodule: RLHFDataModule,
+    sampling: SamplingConfig,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> list[Responses]:
+    """One sampled answer of `policy` per validation prompt of a prompts-mode data module, a `Responses` per
+    batch; sampled from `seed` without touching the caller's random streams."""
+    cuda_devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
+    samples = []
+    with torch.random.fork_rng(devices=cuda_devices):
+        torch.manual_seed(seed)
+        for batch in datamodule.val_dataloader():
+            samples.append(
+                generate_responses(
+                    policy,
+                    batch["prompt_input_ids"].to(device),
+                    batch["prompt_attention_mask"].to(device),
+                    sampling,
+                    datamodule.tokenizer,
+                )
+            )
+    return samples
 
 
 def win_rate(candidate: list[float], baseline: list[float]) -> float:
@@ -177,3 +204,101 @@ def dvpo_token_credit(
             entry["gold"] = task.token_scores(prompt, text, finished)
         rows.append(entry)
     return rows
+
+
+@dataclass
+class ValueAccuracy:
+    """How often a value model values the chosen response of a held-out pair above the rejected one."""
+
+    mean_value: float  # by its mean value over the response's states (the DVPO paper's value accuracy)
+    final_value: float  # by its value of the complete response (a reward model's score)
+    pairs: int
+
+
+def value_scorer(
+    directory: str, datamodule: RLHFDataModule, device: str | torch.device = "cpu"
+) -> StateValues:
+    """The value scorer of a value model export (a GVM, a reward model, a critic), on `device`."""
+    spec = ModelSpec(name_or_path=directory)
+    return StateValues(build_value_model(spec, datamodule.tokenizer, role="value model").to(device).eval())
+
+
+@torch.no_grad()
+def pairwise_value_accuracy(
+    scorer: ValueScorer, datamodule: RLHFDataModule, device: str | torch.device = "cpu"
+) -> ValueAccuracy:
+    """Pairwise accuracy (chosen valued strictly above rejected) of a value scorer (`value_scorer(export)`, or
+    `rl.GoldValues`: the labels' agreement with the gold reward) on the validation pairs of a pairs-mode data
+    module."""
+    wins = {"mean_value": [], "final_value": []}
+    for batch in datamodule.val_dataloader():
+        responses = pair_responses(
+            {key: value.to(device) for key, value in batch.items()}, datamodule.tokenizer
+        )
+        values, final = scorer(responses)  # [2B, R], [2B]
+        for key, value in zip(wins, (masked_mean(values, responses.response_mask, dim=-1), final)):
+            chosen, rejected = value.chunk(2)
+            wins[key].append((chosen > rejected).float().cpu())
+    mean_value, final_value = (torch.cat(parts) for parts in wins.values())
+    return ValueAccuracy(float(mean_value.mean()), float(final_value.mean()), len(mean_value))
+
+
+def pair_responses(batch: dict, tokenizer) -> Responses:
+    """A pairs batch as `Responses`: chosen rows then rejected, finished where the response ends with EOS."""
+    sequences = pair_sequences(batch)
+    last = last_token_values(sequences.response_input_ids, sequences.response_mask)  # [2B]
+    return Responses(
+        sequences.prompt_input_ids,
+        sequences.prompt_attention_mask,
+        sequences.response_input_ids,
+        sequences.response_mask,
+        last == tokenizer.eos_token_id,
+    )
+
+
+@dataclass
+class GoldAgreement:
+    """How a value model's judgement of sampled responses agrees with a built-in task's gold reward."""
+
+    final_value_pearson: float  # of the complete response's value with the response's gold reward
+    token_credit_pearson: float  # of its TD errors V(s_t+1) - V(s_t) with the gold reward of token t
+    responses: int
+
+
+@torch.no_grad()
+def gold_agreement(
+    scorer: ValueScorer, samples: list[Responses], datamodule: RLHFDataModule
+) -> GoldAgreement:
+    """Pearson correlations, over `samples` (e.g. `held_out_responses`), of a value scorer's values with the gold
+    reward of the data module's built-in task.
+
+    The token-level credit is what DVPO's advantages are built from: the TD errors of the value model with no
+    reward but its value of the complete response after the last token (the `gvm` estimator at lambda 0), against
+    the gold reward each token earned (`rl.gold_token_rewards`); the oracle `rl.GoldValues` scores 1.
+    """
+    finals, golds, credits, token_golds = [], [], [], []
+    for responses in samples:
+        mask = responses.response_mask
+        values, final = scorer(responses)  # [B, R], [B]
+        td_errors, _ = get_advantage("gvm")(
+            token_rewards=torch.zeros_like(values),
+            values=values,
+            mask=mask,
+            gamma=1.0,
+            lam=0.0,
+            final_values=final,
+        )
+        finals.append(final.cpu())
+        golds.append(gold_rewards(datamodule.task, datamodule.tokenizer, responses)[0])
+        credits.append(td_errors[mask].cpu())
+        token_golds.append(gold_token_rewards(datamodule.task, datamodule.tokenizer, responses)[mask.cpu()])
+    return GoldAgreement(
+        _pearson(torch.cat(finals), torch.cat(golds)),
+        _pearson(torch.cat(credits), torch.cat(token_golds)),
+        sum(len(final) for final in finals),
+    )
+
+
+def _pearson(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Pearson's correlation of two `[N]` tensors; nan when either is constant."""
+    return float(torch.corrcoef(torch.stack([x.float(), y.float()]))[0, 1])

@@ -29,23 +29,39 @@ def read_metrics(path: str | Path) -> dict[str, tuple[list[float], list[float]]]
 
 
 def learning_curves(panels: Sequence[tuple[str, str | Path, Sequence[str]]], path: str | Path) -> Path:
-    """One panel per `(title, metrics.csv, [metric names])`, curves against the logged step.
+    """One column per `(title, metrics.csv, [metric names])`, one plot per metric with its own labelled y axis
+    (a loss, an accuracy and a reward have different scales), against the logged step.
 
     Lightning logs against the optimiser step, except in manual optimisation (PPO, DVPO, RTO), where the step
     of a metric is the training batch, i.e. the RL iteration.
     """
-    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
-    for axis, (title, csv_path, names) in zip(axes[0], panels):
+    rows = max(len(names) for _, _, names in panels)
+    figure, axes = plt.subplots(rows, len(panels), figsize=(4.5 * len(panels), 2.4 * rows), squeeze=False)
+    for column, (title, csv_path, names) in enumerate(panels):
         series = read_metrics(csv_path)
-        for name in names:
+        for row in range(rows):
+            axis = axes[row, column]
+            if row >= len(names):
+                axis.set_visible(False)
+                continue
+            name = names[row]
             if name in series:
-                axis.plot(*series[name], label=name, marker="." if len(series[name][0]) < 20 else None)
-        axis.set_title(title)
-        axis.set_xlabel("step (optimiser step; RL iteration for on-policy stages)")
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
+                axis.plot(*series[name], marker="." if len(series[name][0]) < 20 else None)
+            else:
+                axis.text(0.5, 0.5, "not logged", ha="center", va="center", transform=axis.transAxes)
+            axis.set_ylabel(name, fontsize=8)
+            axis.grid(alpha=0.3)
+            if row == 0:
+                axis.set_title(title)
+            if row == len(names) - 1:
+                axis.set_xlabel("RL iteration" if _is_on_policy(series) else "optimiser step")
     figure.tight_layout()
     return _save(figure, path)
+
+
+def _is_on_policy(series: dict[str, tuple[list[float], list[float]]]) -> bool:
+    """On-policy stages log rollout metrics; their steps are RL iterations."""
+    return any(name.startswith("rollout/") for name in series)
 
 
 def token_heatmap(

@@ -8,6 +8,8 @@ depends on; without these checks it surfaces minutes later as a hub lookup error
   `ckpt_path`) spelled like a local path (see `dvpo_lightning.data.sources.is_local`) that does not exist; when a
   config beside the run's writes it (the path lies under that config's `trainer.default_root_dir`, or is its
   `export_dir`), the error says to run that config first;
+- a model or tokenizer named like a hub id (a bare directory name that does not exist, say) while the hub is
+  offline and the name is not in its cache: without this it fails as a long chain of offline-mode errors;
 - FSDP1 (`FSDPStrategy`) on a machine or accelerator without CUDA, which Lightning refuses: FSDP2 runs there.
 """
 
@@ -33,9 +35,11 @@ class ConfigurationError(ValueError):
 
 def check_run_config(config: dict[str, Any], config_files: list[str]) -> None:
     """Raise `ConfigurationError` listing every problem of `config` (a parsed `dvpo fit` config as a dict)."""
-    problems = [
-        missing_path_problem(option, path, config_files) for option, path in missing_paths(config)
-    ] + strategy_problems(config.get("trainer") or {})
+    problems = (
+        [missing_path_problem(option, path, config_files) for option, path in missing_paths(config)]
+        + [offline_hub_problem(option, name) for option, name in uncached_hub_names(config)]
+        + strategy_problems(config.get("trainer") or {})
+    )
     if problems:
         raise ConfigurationError(
             "The run's configuration cannot work:\n" + "\n".join(f"- {problem}" for problem in problems)
@@ -51,6 +55,39 @@ def missing_paths(config: dict[str, Any]) -> Iterator[tuple[str, str]]:
     for option, path in candidates:
         if isinstance(path, str) and is_local(path) and not os.path.exists(os.path.expanduser(path)):
             yield option, path
+
+
+def uncached_hub_names(config: dict[str, Any]) -> Iterator[tuple[str, str]]:
+    """(option, name) of every model or tokenizer named like a hub id (not a local path) that cannot load: the hub
+    is offline (`HF_HUB_OFFLINE`) and the name is not in the hub cache."""
+    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    if not constants.HF_HUB_OFFLINE:
+        return
+    tokenizer = ((config.get("data") or {}).get("init_args") or {}).get("tokenizer")
+    candidates = [
+        (option, name, "config.json") for option, name in _model_paths(config.get("model"), "model")
+    ]
+    if isinstance(tokenizer, str) and not tokenizer.startswith("bpe:"):
+        candidates.append(("data.init_args.tokenizer", tokenizer, "tokenizer_config.json"))
+    for option, name, file in candidates:
+        if not isinstance(name, str) or is_local(name):
+            continue
+        try:
+            cached = isinstance(try_to_load_from_cache(name, file), str)
+        except HFValidationError:  # not even spelled like a hub id
+            cached = False
+        if not cached:
+            yield option, name
+
+
+def offline_hub_problem(option: str, name: str) -> str:
+    return (
+        f"{option}: {name!r} is not a local directory (there is no {os.path.abspath(name)}) and, as a hub name, it is "
+        "not in the Hugging Face cache while the hub is offline (HF_HUB_OFFLINE=1): correct the path, or download "
+        "the model with the hub online first"
+    )
 
 
 def _model_paths(value: Any, option: str) -> Iterator[tuple[str, str]]:

@@ -18,7 +18,7 @@ Every estimator is registered under a name and called the same way, with keyword
 - the rollout's other facts, taken by the estimators that declare them (`ROLLOUT_INPUTS`):
   `final_values [B]` (the value of each complete response; `gvm`) and `group_size` (responses per
   prompt, consecutive rows; `rloo`, `grpo`, `reinforce`);
-- the estimator's own options, from the config (`gvm`'s `terminal`, `grpo`'s `scale_by_std`, ...).
+- the estimator's own options, from the config (`gvm`'s `bootstrap`, `grpo`'s `scale_by_std`, ...).
 
 Each returns `(advantages [B, T], returns [B, T])`, detached (nothing here is differentiated), 0 on
 padding. The recursions skip padded positions without breaking the chain, so left, right, interior
@@ -38,7 +38,7 @@ ADVANTAGE_ESTIMATORS = Registry("advantage estimator")
 register_advantage = ADVANTAGE_ESTIMATORS.register
 get_advantage = ADVANTAGE_ESTIMATORS.get
 
-GVM_TERMINALS = ("gvm", "zero")
+GVM_BOOTSTRAPS = ("final_value", "zero")
 #: keyword arguments an estimator may declare to receive the rollout's facts beyond its rewards and values.
 ROLLOUT_INPUTS = ("final_values", "group_size")
 
@@ -105,6 +105,25 @@ def td_lambda_returns(
     return returns
 
 
+def earned_values(token_rewards: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """The values of an oracle that knows every token's reward and expects no more: what each prefix has earned.
+
+    token_rewards, mask `[B, T]` -> (values `[B, T]`, 0 on padding; final_values `[B]`):
+
+        V(s_t)  = sum_{k < t} r_k         (0 before the first token)
+        V_final = sum_k r_k               (the complete response's reward)
+
+    In DVPO's convention a value is the expected terminal reward of the whole response (docs/algorithms.md §4),
+    so these are the values of a critic that has seen the token rewards. With gamma = 1 their TD errors
+    `V(s_t') - V(s_t)` (`V_final` after the last token) are exactly the token rewards, and the `gvm` estimator on
+    them gives the lambda-discounted return-to-go of those rewards: dense credit assignment with no value error.
+    """
+    real = checked_mask(mask, token_rewards=token_rewards)
+    rewards = torch.where(real, token_rewards.detach().float(), 0)
+    earned_through = rewards.cumsum(dim=-1)  # [B, T], rewards up to and including token t
+    return torch.where(real, earned_through - rewards, 0), rewards.sum(dim=-1)
+
+
 @register_advantage("gae")
 def gae_advantages(
     *, token_rewards: Tensor, values: Tensor | None, mask: Tensor, gamma: float, lam: float
@@ -123,23 +142,23 @@ def gvm_advantages(
     gamma: float,
     lam: float,
     final_values: Tensor,
-    terminal: str = "gvm",
+    bootstrap: str = "final_value",
 ) -> tuple[Tensor, Tensor]:
     """DVPO: GAE on the frozen Global Value Model's values.
 
     `final_values [B]` is the GVM's value of the complete response, V(x, y_<=T): the state after the
-    last token. With `terminal="gvm"` (default) it is that state's value, one discounted step after
+    last token. With `bootstrap="final_value"` (default) it is that state's value, one discounted step after
     the last token, exactly as the GVM was trained (`td_lambda_returns` on s_1..s_T and the complete
     response): the last real token's TD error is `delta_T = r_T + gamma * V_final - V(s_T)`. With
-    `terminal="zero"` (the reference code) the value after the last token is 0:
+    `bootstrap="zero"` (the reference code) the value after the last token is 0:
     `delta_T = r_T - V(s_T)`, which penalises every good ending by its own value. The two differ by
     exactly `gamma * V_final * (gamma * lam)^(number of real tokens after t)` at real token t. With
     gamma = lam = 1, "gvm" gives `A_t = V_final - V(s_t) + sum_{k >= t} r_k`.
     """
     _require_values("gvm", values)
-    if terminal not in GVM_TERMINALS:
-        raise ValueError(f"unknown terminal {terminal!r}; known: {', '.join(GVM_TERMINALS)}")
-    if terminal == "gvm":
+    if bootstrap not in GVM_BOOTSTRAPS:
+        raise ValueError(f"unknown bootstrap {bootstrap!r}; known: {', '.join(GVM_BOOTSTRAPS)}")
+    if bootstrap == "final_value":
         # V_final bootstraps the step after the last token: a reward of gamma * V_final on it is the same TD error
         token_rewards = add_at_last_token(token_rewards, gamma * final_values.detach(), mask)
     elif final_values.shape != token_rewards.shape[:1]:  # "gvm" checks the shape in add_at_last_token

@@ -51,6 +51,12 @@ def kl_penalty(
     return log_ratio.abs()  # "abs"
 
 
+def sequence_kl(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, kind: str = "k1") -> Tensor:
+    """The `kind` estimate of each response's KL to the reference, summed over its real tokens, `[B]`."""
+    real = checked_mask(mask, logprobs=logprobs)
+    return torch.where(real, kl_penalty(logprobs, ref_logprobs, kind, real), 0).sum(dim=-1)
+
+
 class KLController:
     """The KL coefficient `value`, saved in checkpoints so a resumed run continues with it."""
 

@@ -123,6 +123,43 @@ def value_loss(
     return loss, stats
 
 
+@register_loss("gvm")
+def gvm_loss(
+    values: Tensor,
+    targets: Tensor,
+    mask: Tensor,
+    final_values: Tensor,
+    *,
+    ranking_weight: float = 0.0,
+    normalizers: LossNormalizers | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The Global Value Model's loss (docs/algorithms.md §4): the TD regression `value_loss(values, targets, mask)`
+    on its states, plus, with `ranking_weight` w > 0, a Bradley-Terry ranking term on the complete responses' values
+
+        L = 0.5 * mean_states (V(s) - R(s))^2  +  w * mean_pairs -log sigmoid(V_final(x, y_w) - V_final(x, y_l))
+
+    values, targets, mask `[2B, S]` and final_values `[2B]` hold the chosen rows first, then the rejected ones (the
+    GVM's pair layout). w = 0 is the paper's loss. The ranking term asks only that chosen outrank rejected, which
+    the preference data says, where the TD term also asks for the terminal reward's scale.
+
+    Stats: the `value` loss's, `td_loss`, and with w > 0 `ranking_loss` and `ranking_accuracy` (chosen's final
+    value strictly higher).
+    """
+    if ranking_weight < 0:
+        raise ValueError(f"ranking_weight must be >= 0; got {ranking_weight}")
+    td, stats = value_loss(values, targets, mask, normalizers=normalizers)
+    stats["td_loss"] = td.detach()
+    if ranking_weight == 0:
+        return td, stats
+    if final_values.shape[0] % 2:
+        raise ValueError(
+            f"final_values must hold chosen then rejected rows; got {final_values.shape[0]} rows"
+        )
+    ranking, accuracy = bradley_terry_loss(*final_values.chunk(2))
+    stats["ranking_loss"], stats["ranking_accuracy"] = ranking.mean().detach(), accuracy.mean()
+    return td + ranking_weight * ranking.mean(), stats
+
+
 @register_loss("kl")
 def kl_loss(
     logprobs: Tensor,

@@ -33,7 +33,7 @@ _STATUS = Path("/proc/self/status")
 class CudaProbe:
     """Peak allocated and reserved memory of one CUDA device, from the caching allocator."""
 
-    method = "torch.cuda.max_memory_allocated / max_memory_reserved"
+    method = "CUDA allocator peaks"
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -100,7 +100,7 @@ class _RssProbe(ABC):
 class ProcfsRssProbe(_RssProbe):
     """Linux: the kernel's resident-memory high-water mark (VmHWM), reset through /proc/self/clear_refs."""
 
-    method = "VmHWM from /proc/self/status, reset by writing 5 to /proc/self/clear_refs"
+    method = "VmHWM (the kernel's resident-memory high-water mark)"
 
     @staticmethod
     def available() -> bool:
@@ -125,7 +125,7 @@ class ProcfsRssProbe(_RssProbe):
 class SampledRssProbe(_RssProbe):
     """Anywhere psutil runs: the largest resident memory seen by a thread sampling every `interval_s` seconds."""
 
-    method = "psutil RSS sampled by a background thread"
+    method = "resident memory sampled by psutil"
 
     def __init__(self, interval_s: float = 0.005) -> None:
         super().__init__()

@@ -1,4 +1,4 @@
-"""PeakMemoryMonitor: the peak memory of every training step and RL stage, and of the whole fit."""
+"""PeakMemoryMonitor: the peak memory of every training step and RL phase, and of the whole fit."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def _raise_to(peaks: Peaks, new: Peaks) -> None:
 
 
 class PeakMemoryMonitor(Callback):
-    """Logs the peak memory of each training step and of each RL stage, and summarises the fit.
+    """Logs the peak memory of each training step and of each RL phase, and summarises the fit.
 
     What is measured (see `memory_probes` for the exact methods):
 
@@ -36,27 +36,27 @@ class PeakMemoryMonitor(Callback):
 
     A step is `on_train_batch_start` to `on_train_batch_end` (for on-policy modules: one RL iteration with all its
     optimiser steps). What happens between steps (data loading, validation, checkpointing) counts towards the fit's
-    overall peak only. The peak is read and reset at every step and stage boundary and credited to everything open
-    at the time, so stages never hide a step's peak from it.
+    overall peak only. The peak is read and reset at every step and phase boundary and credited to everything open
+    at the time, so phases never hide a step's peak from it.
 
-    Stages: on-policy modules call `on_rl_stage_start(trainer, pl_module, stage)` and `on_rl_stage_end(...)` around
-    "generate", "score" and "update"; the monitor logs `perf/<stage>/<peak metric>` at each stage end (CUDA:
-    `perf/<stage>/max_memory_allocated_gb` and `..._reserved_gb`; otherwise `perf/<stage>/peak_rss_above_baseline_gb`).
+    Phases of an RL iteration: on-policy modules call `on_rl_phase_start(trainer, pl_module, phase)` and `on_rl_phase_end(...)` around
+    "generate", "score" and "update"; the monitor logs `perf/<phase>/<peak metric>` at each phase end (CUDA:
+    `perf/<phase>/max_memory_allocated_gb` and `..._reserved_gb`; otherwise `perf/<phase>/peak_rss_above_baseline_gb`).
 
     Logging: on the trainer's logging steps (or every `log_every_n_steps`, a multiple of the trainer's), each value
     is the peak over the steps since the previous logged value, so with `log_every_n_steps=1` it is that step's own
     peak. Values are logged with `sync_dist=True, reduce_fx="max"`: with several processes, the largest of them.
 
-    At the end of fit, `summary` (a dict) holds the peak over the whole fit, overall and per stage (a stage run
+    At the end of fit, `summary` (a dict) holds the peak over the whole fit, overall and per phase (a phase run
     outside a training step, e.g. generation during validation, counts too), is printed as a table on rank zero
     and written to `<trainer.log_dir or default_root_dir>/peak_memory.json`. It is this process's (rank zero's).
     Runs other than `fit` (validate, test, predict) are not measured.
 
     Args:
         log_every_n_steps: log every this many training steps; None follows `Trainer(log_every_n_steps)`.
-        reset_each_step: reset the peak at every step and stage boundary (as described). With False the peak is
-            reset once at fit start, each logged value is the running peak of the fit, and stages are not measured
-            (a stage's peak needs a reset); use it when other code reads the same peak statistics.
+        reset_each_step: reset the peak at every step and phase boundary (as described). With False the peak is
+            reset once at fit start, each logged value is the running peak of the fit, and phases are not measured
+            (a phase's peak needs a reset); use it when other code reads the same peak statistics.
     """
 
     def __init__(self, log_every_n_steps: int | None = None, reset_each_step: bool = True) -> None:
@@ -64,13 +64,13 @@ class PeakMemoryMonitor(Callback):
         self.reset_each_step = reset_each_step
         self.summary: dict[str, Any] = {}
         self._probe = None
-        self._warned_no_stages = False
+        self._warned_no_phases = False
         self._in_step = False
         self._steps = 0
         self._window: Peaks = {}  # the steps since the last logged value
-        self._stage_windows: dict[str, Peaks] = {}  # each stage, same steps
-        self._open_stages: dict[str, Peaks] = {}  # stages started and not yet ended
-        self._fit: dict[str, Peaks] = {}  # "overall" and each stage, whole fit
+        self._phase_windows: dict[str, Peaks] = {}  # each phase, same steps
+        self._open_phases: dict[str, Peaks] = {}  # phases started and not yet ended
+        self._fit: dict[str, Peaks] = {}  # "overall" and each phase, whole fit
 
     # ---- fit ---------------------------------------------------------------------------------------------------
 
@@ -82,7 +82,7 @@ class PeakMemoryMonitor(Callback):
         self.summary = {}
         self._in_step = False
         self._steps = 0
-        self._window, self._stage_windows, self._open_stages = {}, {}, {}
+        self._window, self._phase_windows, self._open_phases = {}, {}, {}
         self._fit = {"overall": {}}
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -94,13 +94,13 @@ class PeakMemoryMonitor(Callback):
             "process_rank": trainer.global_rank,
             "training_steps": self._steps,
             "overall": self._fit["overall"],
-            "stages": {stage: peaks for stage, peaks in self._fit.items() if stage != "overall"},
+            "phases": {phase: peaks for phase, peaks in self._fit.items() if phase != "overall"},
         }
         write_json(self._summary_path, self.summary)
         rows = {
             f"{scope}/{name}": value for scope, peaks in self._fit.items() for name, value in peaks.items()
         }
-        print_table(f"Peak memory over the fit ({self.summary['method']})", rows)
+        print_table(f"Peak memory over the fit: {self.summary['method']}", rows)
         self._stop_probe()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -135,57 +135,57 @@ class PeakMemoryMonitor(Callback):
             return
         for name, value in {**self._window, **self._probe.current()}.items():
             self._log(pl_module, f"perf/{name}", value)
-        self._window, self._stage_windows = {}, {}
+        self._window, self._phase_windows = {}, {}
 
-    # ---- RL stages ---------------------------------------------------------------------------------------------
+    # ---- RL phases ---------------------------------------------------------------------------------------------
 
-    def on_rl_stage_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if not self._measures_stages():
+    def on_rl_phase_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, phase: str) -> None:
+        if not self._measures_phases():
             return
-        _check_stage_name(stage)
-        if stage in self._open_stages:
-            raise RuntimeError(f"on_rl_stage_start({stage!r}): stage {stage!r} is already running")
+        _check_phase_name(phase)
+        if phase in self._open_phases:
+            raise RuntimeError(f"on_rl_phase_start({phase!r}): phase {phase!r} is already running")
         self._fold()
-        self._open_stages[stage] = {}
+        self._open_phases[phase] = {}
 
-    def on_rl_stage_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if not self._measures_stages():
+    def on_rl_phase_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, phase: str) -> None:
+        if not self._measures_phases():
             return
-        if stage not in self._open_stages:
-            raise RuntimeError(f"on_rl_stage_end({stage!r}) without a matching on_rl_stage_start({stage!r})")
+        if phase not in self._open_phases:
+            raise RuntimeError(f"on_rl_phase_end({phase!r}) without a matching on_rl_phase_start({phase!r})")
         self._fold()
-        peaks = self._open_stages.pop(stage)
-        _raise_to(self._fit.setdefault(stage, {}), peaks)
+        peaks = self._open_phases.pop(phase)
+        _raise_to(self._fit.setdefault(phase, {}), peaks)
         if not (self._in_step and trainer.training):
             return
-        stage_window = self._stage_windows.setdefault(stage, {})
-        _raise_to(stage_window, peaks)
+        phase_window = self._phase_windows.setdefault(phase, {})
+        _raise_to(phase_window, peaks)
         if self._cadence.is_due(trainer):
-            for name, value in stage_window.items():
-                self._log(pl_module, f"perf/{stage}/{name}", value)
+            for name, value in phase_window.items():
+                self._log(pl_module, f"perf/{phase}/{name}", value)
 
-    def _measures_stages(self) -> bool:
+    def _measures_phases(self) -> bool:
         if self._probe is None:  # not inside fit
             return False
         if not self.reset_each_step:
-            if not self._warned_no_stages:
-                rank_zero_warn("PeakMemoryMonitor(reset_each_step=False) does not measure RL stages")
-                self._warned_no_stages = True
+            if not self._warned_no_phases:
+                rank_zero_warn("PeakMemoryMonitor(reset_each_step=False) does not measure RL phases")
+                self._warned_no_phases = True
             return False
         return True
 
     # ---- the ledger --------------------------------------------------------------------------------------------
 
     def _fold(self) -> None:
-        """Read the peak since the last reset, credit it to the fit, the open step and open stages; reset."""
+        """Read the peak since the last reset, credit it to the fit, the open step and open phases; reset."""
         peak = self._probe.peak()
         if self.reset_each_step:
             self._probe.reset()
         _raise_to(self._fit["overall"], peak)
         if self._in_step:
             _raise_to(self._window, peak)
-        for stage_peaks in self._open_stages.values():
-            _raise_to(stage_peaks, peak)
+        for phase_peaks in self._open_phases.values():
+            _raise_to(phase_peaks, peak)
 
     @staticmethod
     def _log(pl_module: pl.LightningModule, name: str, value: float) -> None:
@@ -194,6 +194,6 @@ class PeakMemoryMonitor(Callback):
         )
 
 
-def _check_stage_name(stage: Any) -> None:
-    if not isinstance(stage, str) or not stage or "/" in stage:
-        raise ValueError(f"an RL stage name must be a non-empty string without '/', got {stage!r}")
+def _check_phase_name(phase: Any) -> None:
+    if not isinstance(phase, str) or not phase or "/" in phase:
+        raise ValueError(f"an RL phase name must be a non-empty string without '/', got {phase!r}")

@@ -1,4 +1,4 @@
-"""SampleLogger: keep a few of the policy's rollouts (prompt, response, reward) as the run goes."""
+"""SampleLogger: keep a few of the policy's samples (prompt, response, rewards) as the run goes."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from dvpo_lightning.callbacks.cadence import check_every_n_steps, is_accumulating, training_step_number
@@ -35,18 +35,23 @@ def markdown_table(samples: Sequence[Mapping[str, Any]]) -> str:
 
 
 class SampleLogger(Callback):
-    """Every `every_n_steps` training steps, logs up to `max_samples` of the module's `last_samples`.
+    """Logs a few of the policy's samples: every `every_n_steps` training steps those of the last rollout, and
+    after each validation those of the validation.
 
     On-policy modules set `last_samples` after each rollout: a list of dicts such as
-    `{"prompt": str, "response": str, "reward": float, ...}`. Each logged sample is appended as one JSON line,
-    `{"global_step": trainer.global_step, **sample}`, to `<trainer.log_dir or default_root_dir>/samples.jsonl`,
-    and, for every attached TensorBoard logger, the batch is added as a markdown table (`add_text("samples")`).
-    A module without `last_samples` (or with an empty one) is skipped; the same list object is never logged
-    twice. Only rank zero's samples are logged. Without a logger, only the file is written.
+    `{"prompt": str, "response": str, "reward": float, ...}`; every stage sets `validation_samples` during
+    validation (`RLHFModule`: the policy's answers to validation prompts with their rewards, or a reward or value
+    model's scores of validation pairs). Each logged sample is appended as one JSON line,
+    `{"global_step": trainer.global_step, "split": "train" | "validation", **sample}`, to
+    `<trainer.log_dir or default_root_dir>/samples.jsonl`, and the batch goes, as a table under the tag `samples`
+    or `val_samples`, to every attached TensorBoard (markdown text), Weights & Biases (a `wandb.Table`) and MLflow
+    logger (a markdown artifact `<tag>/step_<N>.md`). A module without samples (or with an empty list) is
+    skipped; the same list object is never logged twice. Only rank zero's samples are logged. A run resumed into
+    an existing file drops its lines of steps after the checkpoint's, which the run logs again.
 
     Args:
-        every_n_steps: log on every this many training steps (training steps: see `cadence`).
-        max_samples: log at most this many samples of each rollout (the first ones).
+        every_n_steps: log the rollout's samples on every this many training steps (training steps: see `cadence`).
+        max_samples: log at most this many samples of each rollout or validation (the first ones).
         filename: the JSON-lines file, inside the run folder.
     """
 
@@ -65,30 +70,66 @@ class SampleLogger(Callback):
         self._last_logged = None
 
     @rank_zero_only
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A resumed run continuing the file logs again what was logged after its checkpoint's step.
+        if self.path.is_file():
+            lines = self.path.read_text().splitlines(keepends=True)
+            kept = [line for line in lines if json.loads(line)["global_step"] <= trainer.global_step]
+            if len(kept) < len(lines):
+                self.path.write_text("".join(kept))
+
+    @rank_zero_only
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if is_accumulating(trainer) or training_step_number(trainer) % self.every_n_steps:
             return
-        samples = getattr(pl_module, "last_samples", None)
+        self._log_new(trainer, pl_module, "last_samples", "train")
+
+    @rank_zero_only
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking and hasattr(self, "path"):  # `path` is set when fitting
+            self._log_new(trainer, pl_module, "validation_samples", "validation")
+
+    def _log_new(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, attribute: str, split: str
+    ) -> None:
+        samples = getattr(pl_module, attribute, None)
         if samples is None or samples is self._last_logged:
             return
         if not isinstance(samples, Sequence) or not all(isinstance(sample, Mapping) for sample in samples):
             raise TypeError(
-                f"{type(pl_module).__name__}.last_samples must be a list of dicts, got {samples!r:.200}"
+                f"{type(pl_module).__name__}.{attribute} must be a list of dicts, got {samples!r:.200}"
             )
         if not samples:
             return
         self._last_logged = samples
-        self._write(trainer, samples[: self.max_samples])
+        self._write(trainer, samples[: self.max_samples], split)
 
-    def _write(self, trainer: pl.Trainer, samples: Sequence[Mapping[str, Any]]) -> None:
+    def _write(self, trainer: pl.Trainer, samples: Sequence[Mapping[str, Any]], split: str) -> None:
+        step = trainer.global_step
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as file:
             for sample in samples:
-                file.write(json.dumps({"global_step": trainer.global_step, **sample}, default=_plain) + "\n")
+                file.write(json.dumps({"global_step": step, "split": split, **sample}, default=_plain) + "\n")
+        tag = "samples" if split == "train" else "val_samples"
+        columns = list(dict.fromkeys(key for sample in samples for key in sample))
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_text(
-                    "samples", markdown_table(samples), global_step=trainer.global_step
+                logger.experiment.add_text(tag, markdown_table(samples), global_step=step)
+            elif isinstance(logger, WandbLogger):
+                rows = [[_plain_cell(sample.get(column)) for column in columns] for sample in samples]
+                logger.log_text(key=tag, columns=columns, data=rows, step=step)
+            elif isinstance(logger, MLFlowLogger):
+                logger.experiment.log_text(
+                    logger.run_id, markdown_table(samples), f"{tag}/step_{step:08d}.md"
                 )
+
+
+def _plain_cell(value: Any) -> Any:
+    """A table cell a tracker stores as is: numbers, strings and booleans; anything else as JSON."""
+    return (
+        value
+        if value is None or isinstance(value, (bool, int, float, str))
+        else json.dumps(value, default=_plain)
+    )

@@ -30,7 +30,7 @@ from dvpo_lightning.data.formats import (
 from dvpo_lightning.data.resumable import EpochShuffle, LengthGroupedShuffle, ResumableDataLoader
 from dvpo_lightning.data.sources import RawSource, builtin_task_name, has_splits, is_local, load_source
 from dvpo_lightning.data.splits import split_rows, unique_prompts, validation_count
-from dvpo_lightning.data.tokenization import token_features, tokenize_batch
+from dvpo_lightning.data.tokenization import PROMPT_TRUNCATIONS, token_features, tokenize_batch
 from dvpo_lightning.data.tokenizers import (
     bpe_vocab_size,
     ensure_pad_token,
@@ -78,8 +78,15 @@ class RLHFDataModule(LightningDataModule):
 
     Tokenisation policy:
 
-    - A prompt is tokenised as the tokenizer does by default (with a BOS where it adds one). Rows
-      whose prompt is longer than `max_prompt_length` tokens are dropped (`prompt_too_long`).
+    - A prompt is tokenised as the tokenizer does by default (with a BOS where it adds one). A prompt
+      longer than `max_prompt_length` tokens is cut to its last `max_prompt_length` tokens after its BOS
+      (`prompt_truncation="keep_end"`, the default in every mode), to its first (`keep_start`), or its row is
+      dropped (`drop`, counted as `prompt_too_long`); `prompts_truncated` counts the cut ones. `keep_end` is
+      what TRL users know for preference and prompt data (DPOTrainer's and GRPO's prompt truncation): a long
+      conversation keeps its latest turns, next to the response that answers them. It is the default for SFT
+      data too: TRL's SFTTrainer truncates rather than drops, and only the end of a prompt keeps the response
+      coherent with what it answers. On HH-RLHF the default 256-token limit would otherwise drop a fifth of
+      the rows.
     - A response is its text's tokens followed by EOS: stored responses are complete. One longer
       than `max_response_length` is truncated, EOS included, and kept as an unfinished response;
       `truncated` counts them (the warning reports it).
@@ -110,8 +117,10 @@ class RLHFDataModule(LightningDataModule):
             fraction; 0 disables validation.
         prompt_dataset: a source of prompts for prompts mode (any format, detected; its prompts are used,
             a built-in task gives its prompt set, a hub dataset its `split`); None uses those of `dataset`.
-        max_prompt_length: longest prompt in tokens (longer rows are dropped); None is the built-in
-            task's recommendation, else 256.
+        max_prompt_length: longest prompt in tokens (longer ones are handled by `prompt_truncation`); None is
+            the built-in task's recommendation, else 256.
+        prompt_truncation: `keep_end`, `keep_start` or `drop`: what happens to a prompt longer than
+            `max_prompt_length` (see the tokenisation policy above).
         max_response_length: longest response in tokens, EOS included (longer ones are truncated);
             None is the built-in task's recommendation, else 256.
         max_samples: read at most this many rows of each source (quick runs).
@@ -140,6 +149,7 @@ class RLHFDataModule(LightningDataModule):
         val_size: int | float = 0.05,
         prompt_dataset: str | None = None,
         max_prompt_length: int | None = None,
+        prompt_truncation: str = "keep_end",
         max_response_length: int | None = None,
         max_samples: int | None = None,
         builtin_size: int = 4000,
@@ -157,6 +167,7 @@ class RLHFDataModule(LightningDataModule):
         self.task: BuiltinTask | None = get_task(task_name, seed) if task_name is not None else None
         _check_choice("format", format, format_names())
         _check_choice("mode", mode, MODES)
+        _check_choice("prompt_truncation", prompt_truncation, PROMPT_TRUNCATIONS)
         if tokenizer is None and self.task is None:
             raise ValueError(
                 f"dataset {dataset!r} is not a built-in task, so it needs a tokenizer: pass --data.tokenizer "
@@ -183,6 +194,7 @@ class RLHFDataModule(LightningDataModule):
         self.prompt_dataset = prompt_dataset
         self.max_prompt_length = _length(max_prompt_length, self.task, "recommended_max_prompt_length")
         self.max_response_length = _length(max_response_length, self.task, "recommended_max_response_length")
+        self.prompt_truncation = prompt_truncation
         self.max_samples = max_samples
         self.builtin_size = builtin_size
         self.batch_size = batch_size
@@ -194,6 +206,7 @@ class RLHFDataModule(LightningDataModule):
         self.cache_dir = cache_dir
         self.skipped: dict[str, int] = {}
         self.truncated = 0
+        self.prompts_truncated = 0
         self.train_dataset: datasets.Dataset | None = None
         self.val_dataset: datasets.Dataset | None = None
         self._tokenizer: PreTrainedTokenizerBase | None = None
@@ -279,6 +292,30 @@ class RLHFDataModule(LightningDataModule):
         """The validation data."""
         return self.val_dataloader()
 
+    def describe(self) -> dict:
+        """What the data of a run was, for the lineage of its export: sources, settings and row counts."""
+        return {
+            "dataset": self.dataset,
+            "split": self.split,
+            "val_split": self.val_split,
+            "prompt_dataset": self.prompt_dataset,
+            "format": self.format,
+            "mode": self.mode,
+            "tokenizer": self.tokenizer_name,
+            "seed": self.seed,
+            "max_prompt_length": self.max_prompt_length,
+            "max_response_length": self.max_response_length,
+            "prompt_truncation": self.prompt_truncation,
+            "rows": {
+                split: len(rows)
+                for split, rows in (("train", self.train_dataset), ("validation", self.val_dataset))
+                if rows is not None
+            },
+            "skipped": self.skipped,
+            "truncated": self.truncated,
+            "prompts_truncated": self.prompts_truncated,
+        }
+
     # --- loading and parsing ---------------------------------------------------------------------
 
     def _load(self, spec: str, split: str, prompts_only: bool = False) -> RawSource:
@@ -361,12 +398,14 @@ class RLHFDataModule(LightningDataModule):
                     "responses": responses,
                     "max_prompt_length": self.max_prompt_length,
                     "max_response_length": self.max_response_length,
+                    "prompt_truncation": self.prompt_truncation,
                 },
                 desc=f"Tokenising the {split} split",
             )
             kept = part.bad.drop(rows)
             part.bad.require_rows(len(kept), f"the {split} split")
         self.truncated += sum(kept["truncated"])
+        self.prompts_truncated += sum(kept["prompt_truncated"])
         columns = ["row", "prompt_ids", *(f"{key}_ids" for key in responses)]
         return kept.select_columns(columns + (list(SCORE_COLUMNS) if self._scores else []))
 
@@ -385,6 +424,13 @@ class RLHFDataModule(LightningDataModule):
             rank_zero_warn(
                 f"RLHFDataModule skipped {sum(self.skipped.values())} bad rows (strict=True fails on the first "
                 "instead). " + "; ".join(log.summary() for log in logs if log.counts)
+            )
+        if self.prompts_truncated:
+            end = "last" if self.prompt_truncation == "keep_end" else "first"
+            rank_zero_info(
+                f"RLHFDataModule: {self.prompts_truncated} prompts longer than max_prompt_length="
+                f"{self.max_prompt_length} were cut to their {end} tokens (prompt_truncation={self.prompt_truncation}; "
+                "drop skips such rows instead)"
             )
         if self.truncated:
             rank_zero_info(

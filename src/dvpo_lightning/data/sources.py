@@ -127,6 +127,11 @@ def _load_local(spec: str, split: str, cache_dir: str | None) -> RawSource:
             if isinstance(err.__cause__, SourceError):
                 raise err.__cause__ from None
             raise
+        except ValueError:
+            # `datasets` refuses a generator without records in words that name neither the file nor the problem.
+            if next(_json_records(os.path.abspath(path), ""), None) is None:
+                raise SourceError(f"dataset file {spec!r} holds no rows (it is empty)") from None
+            raise
         return RawSource(spec, rows, json_lines=".jsonl" in os.path.basename(path))
     raise SourceError(
         f"unsupported file type {spec!r}: expected a directory or one of {', '.join(FILE_SUFFIXES)}"

@@ -4,6 +4,7 @@ from dvpo_lightning.models.export import export_model, read_export_info
 from dvpo_lightning.models.factory import (
     build_policy,
     build_value_model,
+    context_length,
     freeze,
     is_value_model_config,
     value_head,
@@ -30,6 +31,7 @@ __all__ = [
     "build_policy",
     "build_value_model",
     "check_tokenizer_matches",
+    "context_length",
     "export_model",
     "freeze",
     "is_lora",

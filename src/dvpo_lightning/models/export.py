@@ -1,4 +1,4 @@
-"""Export a trained model as a self-contained HF directory (weights, config, tokenizer).
+"""Export a trained model as a self-contained HF directory (weights, config, tokenizer, lineage, model card).
 
 The next stage loads it by path with `from_pretrained`. LoRA adapters are merged into the weights so the
 export is an ordinary model that needs no peft to load.
@@ -13,9 +13,9 @@ import os
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from dvpo_lightning.models.card import model_card
+from dvpo_lightning.models.lineage import EXPORT_INFO
 from dvpo_lightning.models.lora import is_lora
-
-EXPORT_INFO = "dvpo_export.json"
 
 
 def export_model(
@@ -28,7 +28,8 @@ def export_model(
     """Save `model` (LoRA merged) and `tokenizer` to `directory`; returns the directory.
 
     `state_dict`, when given, is the full (gathered) state dict to write instead of the module's own: sharded
-    strategies gather it first. `info` is written as `dvpo_export.json` (what produced the export).
+    strategies gather it first. `info`, the export's lineage record (`dvpo_lightning.models.lineage`), is written
+    as `dvpo_export.json`, and the model card made from it as `README.md`.
     """
     os.makedirs(directory, exist_ok=True)
     if is_lora(model):
@@ -38,6 +39,8 @@ def export_model(
     if info is not None:
         with open(os.path.join(directory, EXPORT_INFO), "w") as handle:
             json.dump(info, handle, indent=2, sort_keys=True, default=str)
+        with open(os.path.join(directory, "README.md"), "w") as handle:
+            handle.write(model_card(info))
     return directory
 
 

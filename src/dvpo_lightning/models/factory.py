@@ -96,6 +96,19 @@ def value_head(model: nn.Module) -> nn.Linear:
     raise ValueError(f"{type(base).__name__} has no value head (looked for {VALUE_HEAD_NAMES})")
 
 
+def context_length(spec: ModelSpec) -> int | None:
+    """The longest sequence the model of `spec` reads (its config's `max_position_embeddings`), read without
+    loading any weights; None when the config names no limit."""
+    if spec.name_or_path is not None:
+        config = AutoConfig.from_pretrained(
+            spec.name_or_path, revision=spec.revision, trust_remote_code=spec.trust_remote_code
+        )
+    else:
+        arch = dict(spec.arch)
+        config = AutoConfig.for_model(arch.pop("model_type"), **arch)
+    return getattr(config, "max_position_embeddings", None)
+
+
 def is_value_model_config(config: PretrainedConfig) -> bool:
     return any(name.endswith("ForTokenClassification") for name in (config.architectures or []))
 
@@ -115,7 +128,8 @@ def _config_for(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, role: str) 
     if tokenizer.pad_token_id < config.vocab_size:
         config.pad_token_id = tokenizer.pad_token_id
     config.eos_token_id = tokenizer.eos_token_id
-    if tokenizer.bos_token_id is not None:
+    if tokenizer.bos_token_id is not None or spec.arch is not None:
+        # A random model's architecture default (GPT-2's 50256) may lie outside a small tokenizer's vocabulary.
         config.bos_token_id = tokenizer.bos_token_id
     if spec.disable_dropout:
         for key, value in config.to_dict().items():

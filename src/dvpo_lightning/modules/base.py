@@ -8,7 +8,9 @@ or a distributed checkpoint under FSDP2) holds only what training changed, and l
 trained key.
 
 Before any model is built, every model the stage will load by path is checked (`check_model_sources`): a local
-path that does not exist, or a model saved with another tokenizer than the run's, fails naming the option.
+path that does not exist, or a model saved with another tokenizer than the run's, fails naming the option. The
+export records the run's lineage and carries a model card (`modules.lineage`, `models.lineage`, `models.card`);
+inputs from different SFT exports, or rewritten since the run began, are warned about.
 """
 
 from __future__ import annotations
@@ -29,9 +31,16 @@ from dvpo_lightning.models import (
     build_policy,
     build_value_model,
     check_tokenizer_matches,
+    context_length,
     export_model,
     freeze,
     is_lora,
+)
+from dvpo_lightning.modules.lineage import (
+    current_inputs,
+    export_record,
+    warn_if_inputs_disagree,
+    warn_if_inputs_rewritten,
 )
 from dvpo_lightning.modules.optim import (
     OptimConfig,
@@ -40,6 +49,7 @@ from dvpo_lightning.modules.optim import (
     trainable_parameter_groups,
 )
 from dvpo_lightning.modules.sharding import FSDPConfig, full_state_dict, is_sharded, shard_model
+from dvpo_lightning.rl import Sequences, decode_responses
 
 
 class RLHFModule(pl.LightningModule):
@@ -68,10 +78,16 @@ class RLHFModule(pl.LightningModule):
         self.tokenizer = tokenizer
         self.export_dir = export_dir
         self.fsdp = fsdp or FSDPConfig()
-        self.stage_seconds: dict[str, float] = {}
+        self.phase_seconds: dict[str, float] = {}
         #: names of the current batch's quantities found non-finite (e.g. "advantages"); while it is not empty the
         #: `NonFiniteGuard` callback skips the batch's optimiser steps.
         self.nonfinite_quantities: list[str] = []
+        #: the `dvpo` command's whole configuration, recorded in the export's lineage (set by the CLI)
+        self.run_config: dict | None = None
+        #: a few rows (prompt, responses, rewards) of the current validation, for the `SampleLogger` callback
+        self.validation_samples: list[dict] = []
+        #: identity and lineage record of each model loaded by path, as the run began (`modules.lineage`)
+        self.inputs_at_start: dict[str, dict] | None = None
         self._models_built = False
         self.register_state_dict_post_hook(_drop_frozen_entries)
         self.register_load_state_dict_post_hook(_forgive_missing_frozen_entries)
@@ -89,37 +105,43 @@ class RLHFModule(pl.LightningModule):
                 "data module's tokenizer automatically)"
             )
         self.check_model_sources()
+        self.check_sequences_fit()
+        if self.inputs_at_start is None:  # else restored from the checkpoint of the run being resumed
+            self.inputs_at_start = current_inputs(self)
+            warn_if_inputs_disagree(self, self.inputs_at_start)
         self.build_models()
         for name in self.frozen_models:
             model = getattr(self, name, None)
             if model is not None:
                 freeze(model)
         self._models_built = True
-        self.check_sequences_fit()
         if self.device_mesh is not None:  # Lightning's ModelParallelStrategy: FSDP2
             mesh = self.device_mesh["data_parallel"]
             for name, model in self.hf_models().items():
                 shard_model(model, mesh, self.fsdp, frozen=name in self.frozen_models)
 
-    def check_sequences_fit(self) -> None:
+    def check_sequences_fit(self, datamodule=None) -> None:
         """Refuse training data whose prompt + response limits exceed a model's context.
 
         Past its context a model with learned positions fails with an index error deep inside its embedding (one
-        with rotary positions silently reads positions it never saw). On-policy stages check each rollout instead
-        (`PolicyModule.prompts_with_room`), since their responses are generated.
+        with rotary positions silently reads positions it never saw). The contexts come from the models' configs,
+        so the `dvpo` CLI runs this before the data is loaded (`datamodule` is then the run's, not yet attached to
+        a trainer); `configure_model` runs it again for runs that are not started by the CLI. On-policy stages
+        check each rollout instead (`PolicyModule.prompts_with_room`), since their responses are generated.
         """
-        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        if datamodule is None:
+            datamodule = self.trainer.datamodule if self._trainer is not None else None
         if datamodule is None or self.data_mode == "prompts":
             return
         longest = datamodule.max_prompt_length + datamodule.max_response_length
-        for name, model in self.hf_models().items():
-            context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        for option, spec in self.model_specs().items():
+            context = context_length(spec)
             if context is not None and longest > context:
                 raise ValueError(
                     f"{type(self).__name__}: --data.init_args.max_prompt_length={datamodule.max_prompt_length} plus "
                     f"--data.init_args.max_response_length={datamodule.max_response_length} allow {longest}-token "
-                    f"sequences, but the model `{name}` reads at most {context} (its max_position_embeddings): "
-                    "lower those limits or use a model with a longer context"
+                    f"sequences, but the model `{option}` ({spec.describe()}) reads at most {context} (its "
+                    "max_position_embeddings): lower those limits or use a model with a longer context"
                 )
 
     def model_specs(self) -> dict[str, ModelSpec]:
@@ -184,8 +206,8 @@ class RLHFModule(pl.LightningModule):
         raise NotImplementedError
 
     def export_info(self) -> dict:
-        """What the export records about how it was made (`dvpo_export.json`); stages add what later stages check."""
-        return {"stage": type(self).__name__, "global_step": self.global_step}
+        """What a stage adds to its export's lineage record (`dvpo_export.json`) for later stages to check."""
+        return {}
 
     def export(self, directory: str | None = None) -> str:
         """Write the stage's result as an HF directory (rank zero writes; every rank returns the path).
@@ -202,7 +224,10 @@ class RLHFModule(pl.LightningModule):
                 model = build(self.exported_model_spec(), self.tokenizer)
                 model.load_state_dict(state)
                 state = None
-            export_model(model, self.tokenizer, directory, info=self.export_info(), state_dict=state)
+            inputs = self.inputs_at_start if self.inputs_at_start is not None else current_inputs(self)
+            warn_if_inputs_rewritten(self, inputs)
+            info = {**export_record(self, directory, inputs), **self.export_info()}
+            export_model(model, self.tokenizer, directory, info=info, state_dict=state)
             rank_zero_info(f"Exported {self.exported_model} to {directory}")
         if self._trainer is not None:
             self.trainer.strategy.barrier("export")
@@ -211,28 +236,65 @@ class RLHFModule(pl.LightningModule):
     def on_fit_end(self) -> None:
         self.export()
 
-    # ------------------------------------------------------------------------------------------- stages
-    @contextlib.contextmanager
-    def stage(self, name: str):
-        """Time one part of an iteration ("generate", "score", "update") and tell callbacks about it.
+    def on_validation_epoch_start(self) -> None:
+        self.validation_samples = []
 
-        Callbacks that define `on_rl_stage_start(trainer, module, stage)` / `on_rl_stage_end(...)` (the peak
-        memory monitor does) are called around the block; the wall time is kept in `stage_seconds[name]`.
+    def remember_validation_samples(self, rows: list[dict], count: int = 4) -> None:
+        """Keep `rows` as this validation's samples, unless an earlier batch's already are."""
+        if not self.validation_samples:
+            self.validation_samples = rows[:count]
+
+    def remember_scored_pairs(
+        self, sequences: Sequences, chosen: torch.Tensor, rejected: torch.Tensor
+    ) -> None:
+        """Keep a few validation pairs (`sequences`: chosen rows, then rejected) with their scores `[B]`."""
+        if self.validation_samples:
+            return
+        prompts, texts = decode_responses(self.tokenizer, sequences)
+        size = chosen.shape[0]
+        self.remember_validation_samples(
+            [
+                {
+                    "prompt": prompts[row],
+                    "chosen": texts[row],
+                    "rejected": texts[size + row],
+                    "chosen_reward": chosen[row].item(),
+                    "rejected_reward": rejected[row].item(),
+                }
+                for row in range(size)
+            ]
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["inputs_at_start"] = self.inputs_at_start
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if checkpoint.get("inputs_at_start") is not None:
+            self.inputs_at_start = checkpoint["inputs_at_start"]
+            warn_if_inputs_rewritten(self, self.inputs_at_start)  # the resumed run loads what is there now
+
+    # ------------------------------------------------------------------------------------------- phases
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        """Time one phase of an RL iteration ("generate", "score", "update") and tell callbacks about it.
+
+        Callbacks that define `on_rl_phase_start(trainer, module, phase)` / `on_rl_phase_end(...)` (the peak
+        memory monitor does) are called around the block; the wall time is kept in `phase_seconds[name]`.
         """
         callbacks = self.trainer.callbacks if self._trainer is not None else []
         for callback in callbacks:
-            if hasattr(callback, "on_rl_stage_start"):
-                callback.on_rl_stage_start(self.trainer, self, name)
+            if hasattr(callback, "on_rl_phase_start"):
+                callback.on_rl_phase_start(self.trainer, self, name)
         start = time.perf_counter()
         try:
             yield
         finally:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
-            self.stage_seconds[name] = time.perf_counter() - start
+            self.phase_seconds[name] = time.perf_counter() - start
             for callback in callbacks:
-                if hasattr(callback, "on_rl_stage_end"):
-                    callback.on_rl_stage_end(self.trainer, self, name)
+                if hasattr(callback, "on_rl_phase_end"):
+                    callback.on_rl_phase_end(self.trainer, self, name)
 
 
 def _is_frozen_key(module: RLHFModule, key: str, prefix: str) -> bool:

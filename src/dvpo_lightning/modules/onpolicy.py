@@ -1,21 +1,12 @@
 """The LightningModule of every on-policy algorithm: one `training_step` is one RL iteration of the `rl` engine.
 
-    generate   sample responses to the batch's prompts (`rl.generate_responses`, the configured backend; the time
-               a backend spends compiling is logged apart, as `time/compile`)
-    score      `rl.ExperienceMaker`: log-probs, the algorithm's scorers, token rewards, advantages, returns
-    update     `rl.PPOUpdate`: epochs x mini-batches x micro-batches, one optimiser step per mini-batch
-
 Algorithms differ only in the models they build (`build_models`), the scorers they choose (`scorers`) and their
-advantage estimator (`advantage`, a config option). `trainer.global_step` counts optimiser steps, so
-`--trainer.max_steps` is a budget in optimiser steps, the same unit for every algorithm.
-
-Degenerate rollouts are handled, not crashed on: prompts without room in the policy's context for a whole
-response are dropped, and every process keeps as many prompts as the one with the fewest, so that all run the
-same optimiser steps and collectives (a batch left without prompts is skipped, see
-`PolicyModule.prompts_with_room`, and an epoch's worth of such batches in a row is an error); responses that never
-emit EOS are scored as unfinished (`rollout/finished_rate`, `ppo.missing_eos_penalty`); rewards, values,
-advantages or returns that are not finite are reported in `nonfinite_quantities`, so that the `NonFiniteGuard`
-callback skips that rollout's steps.
+advantage estimator (the `advantage` option); generating, scoring and updating are `rl`'s (docs/design.md, "The RL
+engine"). `trainer.global_step` counts optimiser steps, so `--trainer.max_steps` is the same unit for every
+algorithm. Degenerate rollouts are handled, not crashed on: prompts without room for a response are dropped, every
+process keeping as many as the one with the fewest (`PolicyModule.prompts_with_room`); responses without EOS are
+scored as unfinished (`ppo.missing_eos_penalty`); non-finite rewards, values, advantages or returns are reported in
+`nonfinite_quantities`, so that the `NonFiniteGuard` callback skips that rollout's steps.
 """
 
 from __future__ import annotations
@@ -43,6 +34,7 @@ from dvpo_lightning.rl import (
     experience_metrics,
     generate_responses,
     gold_rewards,
+    no_eos_warning,
     sample_rows,
     warmup_seconds,
 )
@@ -99,11 +91,22 @@ class OnPolicyModule(PolicyModule):
     def scorers(self) -> Scorers:
         raise NotImplementedError
 
+    def validation_reward(self, responses, ref_logprobs: torch.Tensor) -> torch.Tensor | None:
+        """The algorithm's reward `[B]` of validation answers: its sequence score, else its value scorer's value of
+        the complete response (DVPO's GVM), as `rollout/reward` logs it."""
+        scorers = self.scorers()
+        if scorers.score is not None:
+            return scorers.score(responses, ref_logprobs)
+        return scorers.values(responses)[1] if scorers.values is not None else None
+
     def trains_policy(self) -> bool:
         """Whether this iteration updates the policy (PPO's critic warm-up iterations do not)."""
         return True
 
     # --------------------------------------------------------------------------------------- the engine
+    def kl_coef(self) -> float:
+        return self.kl_controller.value
+
     def experience_maker(self) -> ExperienceMaker:
         return ExperienceMaker(
             self.policy,
@@ -111,13 +114,12 @@ class OnPolicyModule(PolicyModule):
             self.scorers(),
             self.ppo,
             self.advantage,
-            kl_coef=lambda: self.kl_controller.value,
-            temperature=self.sampling.temperature,
+            self.kl_coef,
+            self.sampling.temperature,
         )
 
     def updater(self) -> PPOUpdate:
-        kl_coef = lambda: self.kl_controller.value  # noqa: E731
-        return PPOUpdate(self.policy, self.critic, self.ppo, kl_coef, self.sampling.temperature)
+        return PPOUpdate(self.policy, self.critic, self.ppo, self.kl_coef, self.sampling.temperature)
 
     def training_step(self, batch: dict, batch_idx: int) -> dict | None:
         prompts = self.prompts_with_room(batch, self.sampling, "sampling", "rollout")
@@ -129,15 +131,15 @@ class OnPolicyModule(PolicyModule):
             tensor.repeat_interleave(self.ppo.samples_per_prompt, dim=0) for tensor in prompts
         )
         compiled_before = warmup_seconds(self.policy)
-        with self.stage("generate"), self.policy_for_generation():
+        with self.phase("generate"), self.policy_for_generation():
             responses = generate_responses(
                 self.policy, prompt_ids, prompt_mask, self.sampling, self.tokenizer
             )
         self.split_warmup(warmup_seconds(self.policy) - compiled_before)
-        with self.stage("score"):
+        with self.phase("score"):
             experience = self.experience_maker().make(responses)
             self.nonfinite_quantities = experience.nonfinite_quantities()
-        with self.stage("update"):
+        with self.phase("update"):
             update_stats = self.updater().run(
                 experience, self.manual_backward, self.optimizer_step_with_clipping, self.trains_policy()
             )
@@ -148,10 +150,10 @@ class OnPolicyModule(PolicyModule):
     def split_warmup(self, seconds: float) -> None:
         """Move the rollout backend's compile and warm-up time out of this iteration's `generate` time into
         `time/compile` (logged in the iterations that compiled; `sampling.backend: compiled`)."""
-        self.stage_seconds.pop("compile", None)
+        self.phase_seconds.pop("compile", None)
         if seconds > 0:
-            self.stage_seconds["generate"] -= seconds
-            self.stage_seconds["compile"] = seconds
+            self.phase_seconds["generate"] -= seconds
+            self.phase_seconds["compile"] = seconds
             rank_zero_info(
                 f"sampling.backend={self.sampling.backend}: compiled and warmed up in {seconds:.1f} s"
             )
@@ -183,17 +185,11 @@ class OnPolicyModule(PolicyModule):
     def log_iteration(self, experience: Experience, update_stats: dict[str, float]) -> None:
         responses = experience.responses
         if not bool(responses.finished.any()):
-            penalty = self.ppo.missing_eos_penalty
-            rank_zero_warn(
-                f"No response of a rollout emitted EOS within sampling.max_new_tokens={self.sampling.max_new_tokens} "
-                "tokens: all were scored as unfinished (rollout/finished_rate is 0"
-                + (f", each lost ppo.missing_eos_penalty={penalty}" if penalty is not None else "")
-                + "); raise sampling.max_new_tokens if responses need more room"
-            )
+            rank_zero_warn(no_eos_warning(self.sampling.max_new_tokens, self.ppo.missing_eos_penalty))
         metrics = {
             **experience_metrics(experience),
             "kl/coef": torch.tensor(self.kl_controller.value),
-            **{f"time/{name}": torch.tensor(seconds) for name, seconds in self.stage_seconds.items()},
+            **{f"time/{name}": torch.tensor(seconds) for name, seconds in self.phase_seconds.items()},
             **{name: torch.tensor(value) for name, value in update_stats.items()},
         }
         gold = None

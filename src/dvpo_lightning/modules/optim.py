@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -45,6 +46,15 @@ class OptimConfig:
             raise ValueError(f"scheduler must be one of {sorted(SCHEDULES)}; got {self.scheduler!r}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"warmup_ratio must be in [0, 1); got {self.warmup_ratio}")
+        # torch checks these only when the optimiser is built, after every model has loaded.
+        if not 0.0 < self.lr < math.inf:
+            raise ValueError(f"lr must be a positive number; got {self.lr}")
+        if not 0.0 <= self.weight_decay < math.inf:
+            raise ValueError(f"weight_decay must be >= 0; got {self.weight_decay}")
+        if not all(0.0 <= beta < 1.0 for beta in self.betas) or not self.eps > 0.0:
+            raise ValueError(f"betas must be in [0, 1) and eps > 0; got betas={self.betas}, eps={self.eps}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1]; got {self.min_lr_ratio}")
 
 
 def trainable_parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:

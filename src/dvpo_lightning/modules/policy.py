@@ -7,13 +7,14 @@ import dataclasses
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from dvpo_lightning.algos import kl_penalty, masked_sum
+from dvpo_lightning.algos import sequence_kl
 from dvpo_lightning.models import ModelSpec, build_policy
 from dvpo_lightning.modules.base import RLHFModule
 from dvpo_lightning.modules.sharding import gathered
 from dvpo_lightning.rl import (
     SamplingConfig,
     Sequences,
+    decode_responses,
     generate_responses,
     gold_rewards,
     policy_logprobs,
@@ -29,8 +30,10 @@ class PolicyModule(RLHFModule):
 
     Evaluation: when `eval_sampling` is set, every validation batch's prompts are answered by the policy and
     `val/response_length`, `val/finished_rate` and the KL to the reference (`val/kl_ref`, summed over the
-    response, k1 and k3) are logged; on the built-in task also the gold reward (`val/gold_reward`) and its
-    fraction of the optimum (`val/gold_fraction`).
+    response, k1 and k3) are logged; for on-policy stages also the reward their training optimises (`val/reward`:
+    their reward model's or GVM's score, on any data); on the built-in task also the gold reward
+    (`val/gold_reward`) and its fraction of the optimum (`val/gold_fraction`). The first answers of each
+    validation are kept in `validation_samples`.
 
     Room for a response: a prompt is only answered when a whole response of `max_new_tokens` fits after it in the
     policy's context (`max_position_embeddings`); longer prompts are dropped and counted (`prompts_with_room`).
@@ -163,6 +166,10 @@ class PolicyModule(RLHFModule):
         )
         return rows & (rows.long().cumsum(0) <= fewest)
 
+    def validation_reward(self, responses, ref_logprobs: torch.Tensor) -> torch.Tensor | None:
+        """The stage's own reward `[B]` of validation answers, where it has one (on-policy stages)."""
+        return None
+
     @torch.no_grad()
     def evaluate_generations(self, batch: dict, prefix: str = "val") -> None:
         """Answer the batch's prompts with the policy and log what the answers are worth."""
@@ -177,15 +184,38 @@ class PolicyModule(RLHFModule):
             "response_length": responses.lengths.float().mean(),
             "finished_rate": responses.finished.float().mean(),
         }
+        per_response = {"finished": responses.finished}  # [B] each
         if self.has_reference:
             temperature = self.eval_sampling.temperature if self.eval_sampling.do_sample else 1.0
             logprobs = policy_logprobs(self.policy, responses, temperature)[0]
             ref_logprobs = self.reference_logprobs(responses, temperature)
-            metrics["kl_ref"] = masked_sum(kl_penalty(logprobs, ref_logprobs, "k1"), mask, dim=-1).mean()
-            metrics["kl_ref_k3"] = masked_sum(kl_penalty(logprobs, ref_logprobs, "k3"), mask, dim=-1).mean()
+            per_response["kl_ref"] = sequence_kl(logprobs, ref_logprobs, mask, "k1")
+            metrics["kl_ref"] = per_response["kl_ref"].mean()
+            metrics["kl_ref_k3"] = sequence_kl(logprobs, ref_logprobs, mask, "k3").mean()
+            # On-policy stages score their validation answers as they score rollouts (their reward model, GVM,
+            # ...): the reward on the user's own data, where no gold reward is known.
+            reward = self.validation_reward(responses, ref_logprobs)
+            if reward is not None:
+                per_response["reward"] = reward
+                metrics["reward"] = reward.mean()
         task = self.gold_task
         if task is not None:
-            gold, fraction = gold_rewards(task, self.tokenizer, responses)
-            metrics["gold_reward"], metrics["gold_fraction"] = gold.mean(), fraction.mean()
+            per_response["gold_reward"], fraction = gold_rewards(task, self.tokenizer, responses)
+            metrics["gold_reward"], metrics["gold_fraction"] = (
+                per_response["gold_reward"].mean(),
+                fraction.mean(),
+            )
         for name, value in metrics.items():
             self.log(f"{prefix}/{name}", value, batch_size=mask.shape[0], sync_dist=True)
+        if prefix == "val" and not self.validation_samples:
+            prompts_text, texts = decode_responses(self.tokenizer, responses)
+            self.remember_validation_samples(
+                [
+                    {
+                        "prompt": prompt,
+                        "response": text,
+                        **{key: value[row].item() for key, value in per_response.items()},
+                    }
+                    for row, (prompt, text) in enumerate(zip(prompts_text, texts))
+                ]
+            )

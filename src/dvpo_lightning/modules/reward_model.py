@@ -10,7 +10,7 @@ from dvpo_lightning.algos import bradley_terry_loss
 from dvpo_lightning.models import ModelSpec, build_value_model
 from dvpo_lightning.modules.base import RLHFModule
 from dvpo_lightning.modules.optim import OptimConfig
-from dvpo_lightning.rl import final_values, pair_sequences, state_values
+from dvpo_lightning.rl import Sequences, final_values, pair_sequences, state_values
 
 
 class RewardModelModule(RLHFModule):
@@ -51,14 +51,14 @@ class RewardModelModule(RLHFModule):
     def build_models(self) -> None:
         self.reward_model = build_value_model(self.model_spec, self.tokenizer, role="reward model")
 
-    def pair_scores(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scores `[B]` of the chosen and of the rejected responses."""
-        sequences = pair_sequences(batch)
+    def pair_scores(self, sequences: Sequences) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores `[B]` of the chosen and of the rejected responses (`pair_sequences` of a batch)."""
         scores = final_values(state_values(self.reward_model, sequences), sequences.response_mask)
         return scores.chunk(2)
 
     def _step(self, batch: dict, prefix: str) -> torch.Tensor:
-        chosen, rejected = self.pair_scores(batch)
+        sequences = pair_sequences(batch)
+        chosen, rejected = self.pair_scores(sequences)
         losses, accuracies = bradley_terry_loss(chosen, rejected, margin=self.margin)
         loss = losses.mean()
         size = chosen.shape[0]
@@ -70,6 +70,7 @@ class RewardModelModule(RLHFModule):
             # Decisions, not margins: torchmetrics would read margins in [0, 1] as probabilities.
             self.val_accuracy.update((chosen > rejected).long(), torch.ones_like(chosen, dtype=torch.long))
             self.log("val/accuracy", self.val_accuracy, batch_size=size)
+            self.remember_scored_pairs(sequences, chosen, rejected)
             if "chosen_score" in batch:
                 self.val_score_pearson.update(
                     torch.cat([chosen, rejected]), torch.cat([batch["chosen_score"], batch["rejected_score"]])

@@ -19,7 +19,7 @@ from dvpo_lightning.rl.forward import (
     state_mask,
     state_values,
 )
-from dvpo_lightning.rl.metrics import experience_metrics, sample_rows
+from dvpo_lightning.rl.metrics import experience_metrics, no_eos_warning, sample_rows
 from dvpo_lightning.rl.rollout import (
     ROLLOUT_BACKENDS,
     SamplingConfig,
@@ -28,7 +28,15 @@ from dvpo_lightning.rl.rollout import (
     register_rollout_backend,
     warmup_seconds,
 )
-from dvpo_lightning.rl.scorers import DPOTokenReward, GoldReward, SequenceValue, StateValues, gold_rewards
+from dvpo_lightning.rl.scorers import (
+    DPOTokenReward,
+    GoldReward,
+    GoldValues,
+    SequenceValue,
+    StateValues,
+    gold_rewards,
+    gold_token_rewards,
+)
 from dvpo_lightning.rl.sequences import Responses, Sequences, pair_sequences, sft_sequences
 from dvpo_lightning.rl.update import PPOUpdate, clip_grad_norms
 
@@ -39,6 +47,7 @@ __all__ = [
     "Experience",
     "ExperienceMaker",
     "GoldReward",
+    "GoldValues",
     "PPOConfig",
     "PPOUpdate",
     "Responses",
@@ -52,7 +61,9 @@ __all__ = [
     "experience_metrics",
     "final_values",
     "generate_responses",
+    "no_eos_warning",
     "gold_rewards",
+    "gold_token_rewards",
     "pair_sequences",
     "policy_logprobs",
     "reference_logprobs",

@@ -131,7 +131,7 @@ class AdvantageConfig:
 
     Args:
         estimator: the estimator's registered name: gae, gvm, reinforce, rloo, grpo, or one registered by you.
-        options: its own keyword options, e.g. `{terminal: zero}` for gvm, `{scale_by_std: false}` for grpo
+        options: its own keyword options, e.g. `{bootstrap: zero}` for gvm, `{scale_by_std: false}` for grpo
             (Dr. GRPO), `{group_baseline: true}` for reinforce. Discount and lambda are `ppo.gamma`/`ppo.lam`.
     """
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from dvpo_lightning.algos import kl_penalty, masked_mean, masked_sum
+from dvpo_lightning.algos import masked_mean, masked_sum, sequence_kl
 from dvpo_lightning.rl.experience import Experience
 from dvpo_lightning.rl.rollout import decode_responses
 
@@ -14,12 +14,8 @@ def experience_metrics(experience: Experience) -> dict[str, torch.Tensor]:
     """Per-iteration means over the rollout's responses and tokens, under `rollout/`, `kl/`, `advantages/`,
     `returns/` and `value/`. `kl/k1` and `kl/k3` are the KL to the reference summed over each response."""
     responses, mask = experience.responses, experience.mask
-    kl_k1 = masked_sum(
-        kl_penalty(experience.old_logprobs, experience.ref_logprobs, "k1"), mask, dim=-1
-    )  # [B]
-    kl_k3 = masked_sum(
-        kl_penalty(experience.old_logprobs, experience.ref_logprobs, "k3"), mask, dim=-1
-    )  # [B]
+    kl_k1 = sequence_kl(experience.old_logprobs, experience.ref_logprobs, mask, "k1")  # [B]
+    kl_k3 = sequence_kl(experience.old_logprobs, experience.ref_logprobs, mask, "k3")  # [B]
     metrics = {
         "rollout/response_length": responses.lengths.float().mean(),
         "rollout/finished_rate": responses.finished.float().mean(),
@@ -54,3 +50,17 @@ def sample_rows(
         }
         for row, (prompt, text) in enumerate(zip(prompts, texts))
     ]
+
+
+def no_eos_warning(max_new_tokens: int, missing_eos_penalty: float | None) -> str:
+    """What to tell a user whose rollout has no response that emitted EOS."""
+    penalty = (
+        f", each lost ppo.missing_eos_penalty={missing_eos_penalty}"
+        if missing_eos_penalty is not None
+        else ""
+    )
+    return (
+        f"No response of a rollout emitted EOS within sampling.max_new_tokens={max_new_tokens} tokens: all were "
+        f"scored as unfinished (rollout/finished_rate is 0{penalty}); raise sampling.max_new_tokens if responses "
+        "need more room"
+    )

@@ -23,7 +23,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from dvpo_lightning.algos import Registry
-from dvpo_lightning.rl.sequences import Responses
+from dvpo_lightning.rl.sequences import Responses, Sequences
 
 ROLLOUT_BACKENDS = Registry("rollout backend")
 register_rollout_backend = ROLLOUT_BACKENDS.register
@@ -166,7 +166,7 @@ def split_responses(
     )
 
 
-def decode_responses(tokenizer: PreTrainedTokenizerBase, responses: Responses) -> tuple[list[str], list[str]]:
+def decode_responses(tokenizer: PreTrainedTokenizerBase, responses: Sequences) -> tuple[list[str], list[str]]:
     """Prompt and response texts, without padding or special tokens."""
     prompts = tokenizer.batch_decode(
         [ids[mask] for ids, mask in zip(responses.prompt_input_ids, responses.prompt_attention_mask)],

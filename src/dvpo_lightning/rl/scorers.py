@@ -6,7 +6,8 @@ Three kinds, by what they give the experience maker:
   (`SequenceValue` over a reward model, or over a GVM for GVM-scored GRPO; `GoldReward` on the built-in task);
 - a *dense scorer* `(responses, ref_logprobs) -> [B, R]`: a reward per response token (`DPOTokenReward`, RTO's);
 - a *value scorer* `(responses) -> (values [B, R], final_values [B])`: V(s_t) before each token and the value of
-  the complete response (`StateValues` over PPO's critic or DVPO's GVM).
+  the complete response (`StateValues` over PPO's critic or DVPO's GVM; `GoldValues`, the oracle of the built-in
+  task).
 
 A new scorer is a class with that call; an algorithm chooses its scorers in its LightningModule.
 """
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from dvpo_lightning.algos import dpo_token_reward, rs_ppo_shaping
+from dvpo_lightning.algos import dpo_token_reward, earned_values, rs_ppo_shaping
 from dvpo_lightning.rl.forward import final_values, policy_logprobs, state_values
 from dvpo_lightning.rl.rollout import decode_responses
 from dvpo_lightning.rl.sequences import Responses
@@ -86,6 +87,19 @@ class GoldReward:
         return gold_rewards(self.task, self.tokenizer, responses)[0].to(responses.response_mask.device)
 
 
+class GoldValues:
+    """An oracle critic on the built-in task: V(s_t) is the gold reward the prefix y_<t has earned and the complete
+    response's value its gold reward (`algos.earned_values` of `gold_token_rewards`). Its TD errors are the gold
+    token scores, so DVPO on it assigns credit exactly: the upper bound of what a frozen value model can give."""
+
+    def __init__(self, task, tokenizer: PreTrainedTokenizerBase):
+        self.task, self.tokenizer = task, tokenizer
+
+    def __call__(self, responses: Responses) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = responses.response_mask
+        return earned_values(gold_token_rewards(self.task, self.tokenizer, responses).to(mask.device), mask)
+
+
 def gold_rewards(
     task, tokenizer: PreTrainedTokenizerBase, responses: Responses
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,3 +108,28 @@ def gold_rewards(
     scores = torch.tensor(task.score(prompts, texts, responses.finished.tolist()), dtype=torch.float32)
     optimum = torch.tensor(task.optimum(prompts), dtype=torch.float32)
     return scores, scores / optimum.clamp(min=1e-8)
+
+
+def gold_token_rewards(task, tokenizer: PreTrainedTokenizerBase, responses: Responses) -> torch.Tensor:
+    """The built-in task's gold reward token by token, `[B, R]`, 0 on padding; each row sums to its gold reward.
+
+    Each word's score (`task.token_scores`) sits on its token and the end's on the EOS token; an unfinished
+    response's penalty for not finishing is added to its last token. Special tokens other than EOS score 0 (the
+    task never sees them). Needs a tokenizer with one token per word of the task, as the built-in tasks' are.
+    """
+    prompts, texts = decode_responses(tokenizer, responses)
+    special = set(tokenizer.all_special_ids)
+    rewards = torch.zeros(responses.response_mask.shape)
+    for row, (prompt, text, finished) in enumerate(zip(prompts, texts, responses.finished.tolist())):
+        ids = responses.response_input_ids[row][responses.response_mask[row]].tolist()
+        columns = torch.nonzero(responses.response_mask[row].cpu()).flatten().tolist()  # [T] of this row
+        scores = task.token_scores(prompt, text, bool(finished))  # one per word, then the end's
+        words = [column for column, token in zip(columns, ids) if token not in special]
+        if len(words) != len(scores) - 1:
+            raise ValueError(
+                f"the task {task.name!r} splits the response {text!r} into {len(scores) - 1} words but the tokenizer "
+                f"into {len(words)} tokens: gold token rewards need one token per word (the task's own tokenizer)"
+            )
+        rewards[row, words] = torch.tensor(scores[:-1])
+        rewards[row, columns[-1]] += scores[-1]
+    return rewards

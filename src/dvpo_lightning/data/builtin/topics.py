@@ -1,4 +1,4 @@
-"""`builtin:topics`: write about the listed topics, each once, and stop.
+"""`builtin:topics`: write about the listed topics, each once, and stop (`builtin:topics-long`: more of them).
 
 The world
 ---------
@@ -116,12 +116,13 @@ class TopicsTask(BuiltinTask):
     recommended_max_prompt_length = 12
     recommended_max_response_length = 16
     label_temperature = 0.5
+    topics_per_prompt = (2, 4)  # fewest and most
 
     def words(self) -> list[str]:
         return [*TOPICS, *FILLERS]
 
     def sample_prompt(self, rng: random.Random) -> str:
-        topics = rng.sample(TOPICS, rng.randint(2, 4))
+        topics = rng.sample(TOPICS, rng.randint(*self.topics_per_prompt))
         return " ".join([*rng.choice(PROMPT_LEADS), *topics, *PROMPT_END])
 
     def demonstrate(self, rng: random.Random, prompt: str) -> tuple[str, bool]:
@@ -185,3 +186,20 @@ def _noun_phrase(rng: random.Random, noun: str) -> list[str]:
         return [noun]
     adjective = [rng.choice(ADJECTIVES)] if rng.random() < P_ADJECTIVE else []
     return [rng.choice(DETERMINERS), *adjective, noun]
+
+
+class LongTopicsTask(TopicsTask):
+    """`builtin:topics-long`: the same world with 4-8 topics per prompt and a 32-token response budget.
+
+    A response holds about twice as many rewarded and penalised words as in `topics` (finished demonstrator answers
+    average 14 words against 8), so which token earned a response its reward matters more: the setting in which a
+    token-level value model (DVPO's GVM, PPO's critic) should pay off against sequence-level credit (GRPO, DPO).
+    Measured on 20,000 demonstrator answers (seed 0): mean gold reward 2.82 against a mean optimum of 6.00, 46% of
+    the optimum on average per prompt, 15% unfinished; in 5,000 pairs chosen has the strictly higher gold reward in
+    87% and the lower in 11% (chosen 3.62, rejected 1.89). Its configs are in `configs/hard/`.
+    """
+
+    name = "topics-long"
+    recommended_max_prompt_length = 15  # the longest lead-in (4 words), 8 topics, ". answer :"
+    recommended_max_response_length = 32  # the longest finished demonstrator answer of 20,000 has 31 words
+    topics_per_prompt = (4, 8)

@@ -1,0 +1,395 @@
+"""`value`: DVPO's value model measured as its paper measures it, and where DVPO loses its gold reward.
+
+Per seed, every run goes through the `dvpo` CLI from a config of `--configs` (default `configs/`; `configs/hard`
+is the harder built-in setting), as `table` runs them (`benchmarks/value_runs.py` lists them):
+
+- **value models**, at the configs' equal budgets from the same SFT export: the Bradley-Terry reward model, the
+  GVM as the paper trains it, and the GVM with each option beyond the paper (a ranking term on complete-response
+  values; two inner epochs on fixed targets per batch; the score mode on gold-scored pairs of the SFT policy's own
+  samples, `dvpo_lightning.sampled_pairs`); and PPO's critic after PPO (it starts from the reward model);
+- **policies**: DPO, PPO, PPO with a frozen critic, PPO with a GVM-initialised critic, DVPO on each GVM, DVPO at
+  lambda = 1, DVPO on the gold values (the oracle critic, `rl.GoldValues`), GVM-scored GRPO.
+
+Then, on the built-in task:
+
+- *value accuracy*: pairwise accuracy on the held-out pairs (`evaluation.pairwise_value_accuracy`), by the mean
+  value over a response's states (the paper's measure) and by the complete response's value;
+- *gold agreement* on the SFT policy's own samples and on the final DVPO policy's (`evaluation.gold_agreement`):
+  Pearson of the complete-response value with the gold reward, and of the TD errors with the gold token rewards;
+- *diagnostics*: every policy judged as `table` judges it (held-out gold reward, KL to SFT, win rate vs SFT).
+
+On the real HH-RLHF pairs (`../shared/data/hh-rlhf`; skipped where absent): SFT with a BPE tokenizer trained on
+the data, then the reward model, the GVMs and PPO at equal budgets, and their value accuracy on held-out pairs.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+from pathlib import Path
+
+import torch
+
+from benchmarks.report import Report, Table, mean_std
+from benchmarks.table import export_dir
+from benchmarks.value_runs import (
+    BUILTIN_RUNS,
+    FULL,
+    GVM_OPTIONS,
+    HH_FILE,
+    HH_NEW_TOKENS,
+    HH_RUNS,
+    HH_VALUE_MODELS,
+    POLICIES,
+    QUICK,
+    SAMPLED_PAIRS,
+    VALUE_MODELS,
+    Run,
+    Scale,
+    arguments,
+    check_configs,
+    config_file,
+    hh_data,
+    reduced,
+    sampled_pairs_count,
+)
+from dvpo_lightning.data import RLHFDataModule
+from dvpo_lightning.demo import StageRun
+from dvpo_lightning.evaluation import (
+    evaluate_policy,
+    evaluation_data,
+    gold_agreement,
+    held_out_responses,
+    pairwise_value_accuracy,
+    value_scorer,
+    win_rate,
+)
+from dvpo_lightning.models import ModelSpec, build_policy, export_model
+from dvpo_lightning.rl import GoldValues, SamplingConfig
+from dvpo_lightning.sampled_pairs import write_gold_scored_pairs
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+LABELS = {
+    "gold": "Gold reward (the oracle: the labels' own ceiling)",
+    "rm": "Reward model (Bradley-Terry)",
+    "gvm": "GVM (the paper's)",
+    "gvm_ranking": "GVM + ranking term",
+    "gvm_inner_epochs": "GVM, 2 inner epochs",
+    "gvm_sft_samples": "GVM on SFT samples (gold score)",
+    "ppo_critic": "PPO's critic after PPO",
+    "dpo": "DPO",
+    "ppo": "PPO",
+    "ppo_frozen_critic": "PPO, frozen critic (the RM's weights)",
+    "ppo_gvm_critic": "PPO, GVM-initialised critic",
+    "dvpo": "DVPO",
+    "dvpo_gvm_ranking": "DVPO on GVM + ranking term",
+    "dvpo_gvm_inner_epochs": "DVPO on GVM, 2 inner epochs",
+    "dvpo_gvm_sft_samples": "DVPO on GVM of SFT samples",
+    "dvpo_lam1": "DVPO, lambda = 1",
+    "dvpo_gold_values": "DVPO on the gold values (oracle critic)",
+    "gvm_grpo": "GVM-scored GRPO",
+}
+JUDGED = ("gold", *VALUE_MODELS, "ppo_critic")  # the value scorers of the built-in accuracy table
+DVPO_VARIANTS = ("dvpo", *(f"dvpo_{name}" for name in GVM_OPTIONS))
+
+
+def run(
+    quick: bool,
+    device: torch.device,
+    output: Path,
+    seeds: list[int] | None = None,
+    configs: Path = CONFIGS,
+    fraction: float | None = None,
+) -> Report:
+    check_configs(configs)
+    scale = QUICK if quick else (FULL if fraction is None else reduced(fraction))
+    seeds = tuple(seeds) if seeds is not None else scale.seeds
+    builtin, hh = {}, {}
+    for seed in seeds:
+        root = output / "runs" / "value" / f"seed{seed}"
+        shutil.rmtree(root, ignore_errors=True)  # every run starts from nothing
+        builtin[seed] = builtin_seed(seed, root / "builtin", scale, device, configs)
+        if HH_FILE.exists():
+            hh[seed] = hh_seed(seed, root / "hh", scale, device, configs)
+    return make_report(builtin, hh, scale, configs)
+
+
+# ---------------------------------------------------------------------------------------------- built-in
+def builtin_seed(seed: int, root: Path, scale: Scale, device: torch.device, configs: Path) -> dict:
+    """Train every built-in run for `seed`, then judge its value models and policies."""
+    seconds, held_out = {}, {}
+    for item in BUILTIN_RUNS:
+        print(f"[value] seed {seed}: {item.name}")
+        if item.name == "gvm_sft_samples":  # its data: gold-scored pairs of the SFT policy's samples
+            write_gold_scored_pairs(
+                str(export_dir(root, "sft")),
+                root / SAMPLED_PAIRS,
+                held_out["dataset"],
+                pairs=sampled_pairs_count(configs, scale),
+                sampling_seed=seed,
+                device=device,
+                seed=held_out["seed"],
+                builtin_size=held_out["builtin_size"],
+                val_size=held_out["val_size"],
+                batch_size=64,
+            )
+        stage = fit(item, seed, root, scale, device, configs)
+        seconds[item.name] = stage.seconds
+        held_out = held_out or stage.held_out  # the SFT stage's split, which every run holds out
+    pairs = RLHFDataModule(tokenizer=str(export_dir(root, "sft")), mode="pairs", batch_size=64, **held_out)
+    pairs.setup("validate")
+    prompts = evaluation_data(tokenizer=str(export_dir(root, "sft")), batch_size=64, **held_out)
+    sampling = SamplingConfig(max_new_tokens=prompts.max_response_length)
+    samples = {
+        name: held_out_responses(
+            policy(root, name, prompts, device), prompts, sampling, seed=0, device=device
+        )
+        for name in ("sft", "dvpo")
+    }
+    values = {}
+    for name in JUDGED:
+        scorer = (
+            GoldValues(prompts.task, prompts.tokenizer)
+            if name == "gold"
+            else value_scorer(str(value_model_dir(root, name)), prompts, device)
+        )
+        values[name] = {
+            "accuracy": vars(pairwise_value_accuracy(scorer, pairs, device)),
+            **{
+                f"{policy_name}_samples": vars(gold_agreement(scorer, samples[policy_name], prompts))
+                for policy_name in samples
+            },
+        }
+    reports = {
+        name: evaluate_policy(
+            str(export_dir(root, name)), str(export_dir(root, "sft")), prompts, sampling, device=device
+        )
+        for name in ("sft", *POLICIES)
+    }
+    policies = {
+        name: {
+            **report.summary(),
+            "win_rate_vs_sft": win_rate(report.per_prompt_gold, reports["sft"].per_prompt_gold),
+        }
+        for name, report in reports.items()
+    }
+    return {"values": values, "policies": policies, "seconds": seconds}
+
+
+def fit(
+    item: Run, seed: int, root: Path, scale: Scale, device: torch.device, configs: Path, hh: bool = False
+):
+    """One run through the CLI; PPO's critic is exported beside its policy (`<run>/critic`)."""
+    stage = StageRun.run(
+        item.name, config_file(configs, item), arguments(item, seed, root, scale, device, configs, hh)
+    )
+    if item.name == "ppo":
+        export_model(stage.model.critic_model, stage.model.tokenizer, str(root / "ppo" / "critic"))
+    stage.model = None  # its models are exported: free them
+    return stage
+
+
+def value_model_dir(root: Path, name: str) -> Path:
+    return root / "ppo" / "critic" if name == "ppo_critic" else export_dir(root, name)
+
+
+def policy(root: Path, name: str, data: RLHFDataModule, device: torch.device) -> torch.nn.Module:
+    spec = ModelSpec(name_or_path=str(export_dir(root, name)))
+    return build_policy(spec, data.tokenizer, role="policy").to(device).eval()
+
+
+# ----------------------------------------------------------------------------------------------- HH-RLHF
+def hh_seed(seed: int, root: Path, scale: Scale, device: torch.device, configs: Path) -> dict:
+    """SFT, reward model, GVMs and PPO on the real HH-RLHF pairs; value accuracy on their held-out pairs."""
+    for item in HH_RUNS:
+        print(f"[value] seed {seed}: HH-RLHF {item.name}")
+        fit(item, seed, root, scale, device, configs, hh=True)
+    options = {**hh_data(scale), "batch_size": 64}
+    pairs = RLHFDataModule(str(HH_FILE), tokenizer=str(export_dir(root, "sft")), mode="pairs", **options)
+    pairs.setup("validate")
+    return {
+        name: vars(
+            pairwise_value_accuracy(
+                value_scorer(str(value_model_dir(root, name)), pairs, device), pairs, device
+            )
+        )
+        for name in (*HH_VALUE_MODELS, "ppo_critic")
+    }
+
+
+# ------------------------------------------------------------------------------------------------ report
+def make_report(builtin: dict[int, dict], hh: dict[int, dict], scale: Scale, configs: Path) -> Report:
+    seeds = list(builtin)
+    tables = [accuracy_table(builtin), diagnostics_table(builtin)]
+    if hh:
+        tables.insert(1, hh_table(hh))
+    tables.append(targets_table(builtin, hh))
+    notes = [
+        f"Scale: {scale.name}; seeds {seeds}; configs `{configs.name}/`"
+        + (" (the hard setting, builtin:topics-long)" if configs.name == "hard" else " (builtin:topics)")
+        + ". Budgets are the configs' own (scaled): the reward model and every GVM take the same optimiser steps "
+        "and batch from the same SFT export (the 2-inner-epoch GVM draws half as many batches); PPO's critic "
+        "starts from the reward model and trains during PPO; every on-policy run has the same steps, rollout, epochs "
+        "and KL target.",
+        "Value accuracy: chosen valued strictly above rejected on the held-out pairs of the SFT stage's split. "
+        "Gold agreement: one sampled answer per held-out prompt (the same prompts and seed as the diagnostics); "
+        "token credit = Pearson, over every response token, of the value model's TD error V(s_t+1) - V(s_t) "
+        "(V_final after the last token) with the gold reward of that token.",
+        *gap_notes(builtin),
+    ]
+    if not hh:
+        notes.append(f"HH-RLHF: skipped, no data at {HH_FILE}.")
+    else:
+        notes.append(
+            f"HH-RLHF ({HH_FILE.name}): a BPE tokenizer of 1,024 tokens trained on its training split, prompts of at "
+            f"most 192 tokens, answers of 64 (PPO samples {HH_NEW_TOKENS}); the held-out pairs are the same for "
+            "every model."
+        )
+    raw = {"scale": scale.name, "configs": str(configs), "builtin": builtin, "hh": hh}
+    title = "value: DVPO's value model measured like the paper, and where DVPO loses"
+    if scale is not FULL:
+        title += f" ({scale.name} scale)" if scale is QUICK else f" ({scale.name}, seeds {seeds})"
+    return Report("value", title, tables, raw, notes)
+
+
+def accuracy_table(builtin: dict[int, dict]) -> Table:
+    def cell(name: str, *keys: str) -> str:
+        values = []
+        for result in builtin.values():
+            value = result["values"][name]
+            for key in keys:
+                value = value[key]
+            values.append(value)
+        return mean_std(values)
+
+    table = Table(
+        "Built-in task: value accuracy on held-out pairs and gold agreement on samples (mean ± std over seeds)",
+        [
+            "value model",
+            "pairwise accuracy (mean value)",
+            "pairwise accuracy (complete response)",
+            "value vs gold, SFT samples",
+            "value vs gold, DVPO samples",
+            "token credit vs gold, SFT samples",
+            "token credit vs gold, DVPO samples",
+        ],
+    )
+    for name in JUDGED:
+        table.rows.append(
+            [
+                LABELS[name],
+                cell(name, "accuracy", "mean_value"),
+                cell(name, "accuracy", "final_value"),
+                cell(name, "sft_samples", "final_value_pearson"),
+                cell(name, "dvpo_samples", "final_value_pearson"),
+                cell(name, "sft_samples", "token_credit_pearson"),
+                cell(name, "dvpo_samples", "token_credit_pearson"),
+            ]
+        )
+    return table
+
+
+def hh_table(hh: dict[int, dict]) -> Table:
+    table = Table(
+        "HH-RLHF: value accuracy on held-out pairs, equal budgets from the same SFT start (mean ± std over seeds)",
+        ["value model", "pairwise accuracy (mean value)", "pairwise accuracy (complete response)", "pairs"],
+    )
+    for name in (*HH_VALUE_MODELS, "ppo_critic"):
+        results = [seed_result[name] for seed_result in hh.values()]
+        table.rows.append(
+            [
+                LABELS[name],
+                mean_std([result["mean_value"] for result in results]),
+                mean_std([result["final_value"] for result in results]),
+                str(results[0]["pairs"]),
+            ]
+        )
+    return table
+
+
+def gains(builtin: dict[int, dict], name: str) -> list[float]:
+    """Held-out gold reward minus the same seed's SFT gold reward."""
+    return [
+        result["policies"][name]["gold_reward"] - result["policies"]["sft"]["gold_reward"]
+        for result in builtin.values()
+    ]
+
+
+def diagnostics_table(builtin: dict[int, dict]) -> Table:
+    table = Table(
+        "Diagnostics on the built-in task: where DVPO loses gold reward (held-out prompts, mean ± std over seeds)",
+        [
+            "policy",
+            "gain over SFT",
+            "gain minus DVPO's",
+            "win rate vs SFT",
+            "KL to SFT (nats)",
+            "fraction of optimum",
+        ],
+    )
+    dvpo = gains(builtin, "dvpo")
+    for name in POLICIES:
+        column = [result["policies"][name] for result in builtin.values()]
+        table.rows.append(
+            [
+                LABELS[name],
+                mean_std(gains(builtin, name)),
+                mean_std([gain - base for gain, base in zip(gains(builtin, name), dvpo)]),
+                mean_std([policy["win_rate_vs_sft"] for policy in column]),
+                mean_std([policy["kl_ref"] for policy in column]),
+                mean_std([policy["gold_fraction"] for policy in column]),
+            ]
+        )
+    return table
+
+
+def mean_gain(builtin: dict[int, dict], name: str) -> float:
+    return statistics.fmean(gains(builtin, name))
+
+
+def gap_notes(builtin: dict[int, dict]) -> list[str]:
+    """What the diagnostics say, in numbers (means over seeds of the gold gain over SFT)."""
+    gain = {name: mean_gain(builtin, name) for name in POLICIES}
+    best = max(DVPO_VARIANTS, key=gain.__getitem__)
+    return [
+        f"Where DVPO stands: DVPO {gain['dvpo']:+.3f}, PPO {gain['ppo']:+.3f}, DPO {gain['dpo']:+.3f}; the best GVM "
+        f"option, {LABELS[best]}, {gain[best]:+.3f}.",
+        f"A perfect frozen critic (the gold values) gains {gain['dvpo_gold_values']:+.3f}: "
+        f"{gain['dvpo_gold_values'] - gain['dvpo']:+.3f} over the GVM, the part of the gap that is the GVM's error.",
+        f"Training PPO's critic is worth {gain['ppo'] - gain['ppo_frozen_critic']:+.3f} (PPO minus PPO with its "
+        f"critic frozen at the reward model's weights); starting it from the GVM, "
+        f"{gain['ppo_gvm_critic'] - gain['ppo']:+.3f}.",
+        f"lambda = 1 (the GVM's complete-response value as outcome, its state values as baseline) moves DVPO by "
+        f"{gain['dvpo_lam1'] - gain['dvpo']:+.3f}; GVM-scored GRPO (no state values at all) by "
+        f"{gain['gvm_grpo'] - gain['dvpo']:+.3f}.",
+    ]
+
+
+def targets_table(builtin: dict[int, dict], hh: dict[int, dict]) -> Table:
+    table = Table("Targets", ["target", "measured", "verdict"])
+    if hh:
+        accuracy = {
+            name: statistics.fmean(result[name]["final_value"] for result in hh.values())
+            for name in ("gvm", "rm")
+        }
+        accuracy["ppo_critic"] = statistics.fmean(
+            result["ppo_critic"]["mean_value"] for result in hh.values()
+        )
+        met = accuracy["gvm"] >= accuracy["rm"] >= accuracy["ppo_critic"]
+        table.rows.append(
+            [
+                "HH-RLHF: GVM (complete response) >= RM >= PPO critic (mean value)",
+                f"{accuracy['gvm']:.3f} / {accuracy['rm']:.3f} / {accuracy['ppo_critic']:.3f}",
+                "met" if met else "missed",
+            ]
+        )
+    best = max(DVPO_VARIANTS, key=lambda name: mean_gain(builtin, name))
+    best_gain, ppo, dpo = (mean_gain(builtin, name) for name in (best, "ppo", "dpo"))
+    table.rows.append(
+        [
+            f"built-in: the best GVM option's DVPO gain >= PPO's and > DPO's ({LABELS[best]})",
+            f"{best_gain:+.3f} vs PPO {ppo:+.3f}, DPO {dpo:+.3f}",
+            "met" if best_gain >= ppo and best_gain > dpo else "missed",
+        ]
+    )
+    return table

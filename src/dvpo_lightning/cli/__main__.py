@@ -1,0 +1,3 @@
+from dvpo_lightning.cli import main
+
+main()

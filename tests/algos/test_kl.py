@@ -1,0 +1,116 @@
+"""KL estimators by hand, and the fixed / adaptive KL controllers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dvpo_lightning.algos import (
+    KL_ESTIMATORS,
+    AdaptiveKLController,
+    FixedKLController,
+    build_kl_controller,
+    kl_penalty,
+    sequence_kl,
+)
+
+# log_ratio = logprobs - ref_logprobs = (1, -1)
+LOGPROBS = torch.tensor([[-1.0, -2.0]])
+REF_LOGPROBS = torch.tensor([[-2.0, -1.0]])
+
+
+@pytest.mark.parametrize(
+    "kind, expected",
+    [
+        ("k1", [1.0, -1.0]),
+        ("k2", [0.5, 0.5]),
+        ("k3", [math.exp(-1) - 1 + 1, math.exp(1) - 1 - 1]),
+        ("abs", [1.0, 1.0]),
+    ],
+)
+def test_estimators_by_hand(kind, expected):
+    assert kl_penalty(LOGPROBS, REF_LOGPROBS, kind)[0].tolist() == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("kind", KL_ESTIMATORS)
+def test_nan_on_padding_is_zero_and_keeps_gradients_finite(kind):
+    logprobs = torch.tensor([[-1.0, float("nan")]], requires_grad=True)
+    mask = torch.tensor([[True, False]])
+    kl = kl_penalty(logprobs, torch.tensor([[-2.0, float("nan")]]), kind, mask=mask)
+    assert kl[0, 1].item() == 0.0
+    kl.sum().backward()
+    assert torch.isfinite(logprobs.grad).all() and logprobs.grad[0, 1].item() == 0.0
+
+
+def test_k3_is_non_negative_and_zero_only_at_equal_log_probs():
+    log_ratio = torch.linspace(-3, 3, 13)
+    k3 = kl_penalty(log_ratio, torch.zeros(13), "k3")
+    assert (k3 >= 0).all() and k3[6].item() == 0.0 and (k3[log_ratio != 0] > 0).all()
+
+
+def test_unknown_estimator_and_shape_mismatch_are_errors():
+    with pytest.raises(ValueError, match="unknown KL estimator 'k4'; known: k1, k2, k3, abs"):
+        kl_penalty(LOGPROBS, REF_LOGPROBS, "k4")
+    with pytest.raises(ValueError, match="differ in shape"):
+        kl_penalty(LOGPROBS, REF_LOGPROBS[:, :1])
+
+
+def test_fixed_controller_never_moves():
+    controller = FixedKLController(0.01)
+    assert controller.update(current_kl=100.0, n_steps=1000) == 0.01
+
+
+@pytest.mark.parametrize(
+    "current_kl, expected",
+    [
+        (12.0, 0.2 * (1 + 0.2 * 100 / 10000)),  # error 1.0, clipped to +0.2
+        (6.6, 0.2 * (1 + 0.1 * 100 / 10000)),  # error 0.1
+        (3.0, 0.2 * (1 - 0.2 * 100 / 10000)),  # error -0.5, clipped to -0.2
+        (torch.tensor(6.0), 0.2),  # on target: no change
+    ],
+)
+def test_adaptive_controller_rule_by_hand(current_kl, expected):
+    controller = AdaptiveKLController(init_kl_coef=0.2, target=6.0, horizon=10000)
+    assert controller.update(current_kl, n_steps=100) == pytest.approx(expected)
+    assert controller.value == pytest.approx(expected)
+
+
+def test_adaptive_controller_moves_the_kl_towards_target():
+    """A KL that falls as the coefficient rises (a toy policy) settles near the target."""
+    controller = AdaptiveKLController(init_kl_coef=0.1, target=6.0, horizon=100)
+    assert 1.2 / controller.value == pytest.approx(12.0)  # twice the target at the start
+    for _ in range(300):
+        controller.update(current_kl=1.2 / controller.value, n_steps=10)
+    assert 1.2 / controller.value == pytest.approx(6.0, rel=0.01)
+
+
+def test_state_round_trip_resumes_with_the_same_coefficient():
+    controller = AdaptiveKLController(init_kl_coef=0.2, target=6.0, horizon=10000)
+    controller.update(12.0, n_steps=500)
+    resumed = AdaptiveKLController(init_kl_coef=0.2, target=6.0, horizon=10000)
+    resumed.load_state_dict(controller.state_dict())
+    assert resumed.value == controller.value != 0.2
+    assert resumed.update(3.0, 10) == controller.update(3.0, 10)
+
+
+def test_factory():
+    assert isinstance(build_kl_controller("fixed", 0.01), FixedKLController)
+    adaptive = build_kl_controller("adaptive", 0.2, target=6.0, horizon=10000)
+    assert isinstance(adaptive, AdaptiveKLController) and adaptive.target == 6.0
+    with pytest.raises(ValueError, match="needs target and horizon"):
+        build_kl_controller("adaptive", 0.2)
+    with pytest.raises(ValueError, match="takes no target"):
+        build_kl_controller("fixed", 0.2, target=6.0)
+    with pytest.raises(ValueError, match="unknown KL controller 'pid'"):
+        build_kl_controller("pid", 0.2)
+
+
+def test_sequence_kl_sums_the_estimate_over_each_responses_real_tokens():
+    """Row 0: log-ratios (1, -1) -> k1 0, abs 2; row 1: only its first token (1) is real, NaN after."""
+    logprobs = torch.tensor([[-1.0, -2.0], [-1.0, float("nan")]])
+    ref_logprobs = torch.tensor([[-2.0, -1.0], [-2.0, 0.0]])
+    mask = torch.tensor([[True, True], [True, False]])
+    assert sequence_kl(logprobs, ref_logprobs, mask, "k1").tolist() == [0.0, 1.0]
+    assert sequence_kl(logprobs, ref_logprobs, mask, "abs").tolist() == [2.0, 1.0]

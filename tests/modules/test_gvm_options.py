@@ -1,0 +1,95 @@
+"""The GVM's training options beyond the paper: the ranking term and inner epochs on fixed targets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+
+from dvpo_lightning.modules import GVMModule, OptimConfig
+from dvpo_lightning.rl import final_values, pair_sequences, state_values
+from tests.helpers.stages import first_batch, quick_trainer, tiny, topics_data
+
+pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log")
+
+
+def gvm(tokenizer, **options) -> GVMModule:
+    module = GVMModule(tiny(init_seed=5), optim=OptimConfig(lr=1e-2), tokenizer=tokenizer, **options)
+    module.configure_model()
+    with torch.no_grad():  # a non-zero head: the values differ between responses
+        module.value_model.score.weight.normal_(generator=torch.Generator().manual_seed(0))
+    return module
+
+
+def test_the_ranking_term_adds_the_weighted_bradley_terry_loss_of_the_final_values(tokenizer, cache):
+    batch = first_batch(topics_data(cache, "pairs"))
+    plain, ranked = (
+        gvm(tokenizer).training_step(batch, 0),
+        gvm(tokenizer, ranking_weight=0.5).training_step(batch, 0),
+    )
+    with torch.no_grad():
+        sequences = pair_sequences(batch)
+        final = final_values(state_values(gvm(tokenizer).value_model, sequences), sequences.response_mask)
+    chosen, rejected = final.chunk(2)
+    expected = 0.5 * F.softplus(rejected - chosen).mean()
+    assert expected > 1e-3
+    torch.testing.assert_close(ranked - plain, expected)
+
+
+class RecordSteps(Callback):
+    """The gradient norm at each optimiser step (after clipping) and the batches the module trained on."""
+
+    def __init__(self):
+        self.norms, self.batches = [], 0
+
+    def on_before_optimizer_step(self, trainer, module, optimizer):
+        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        self.norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.batches += 1
+
+
+def test_inner_epochs_take_several_clipped_steps_per_batch_on_targets_fixed_at_its_start(
+    tokenizer, cache, tmp_path, monkeypatch
+):
+    module = gvm(tokenizer, inner_epochs=3, max_grad_norm=0.01)
+    recorded = []
+    loss = module.loss
+
+    def recording_loss(sequences, values, targets, training):
+        recorded.append((values.detach().clone(), targets))
+        return loss(sequences, values, targets, training)
+
+    monkeypatch.setattr(module, "loss", recording_loss)
+    steps = RecordSteps()
+    trainer = quick_trainer(tmp_path, max_steps=6, callbacks=[steps])
+    trainer.fit(module, datamodule=topics_data(cache))
+    assert (trainer.global_step, steps.batches) == (6, 2)  # max_steps counts optimiser steps: 2 batches of 3
+    assert max(steps.norms) <= 0.01 * (1 + 1e-4)
+    for first in range(0, 6, 3):  # each batch: one set of targets, values that move between its steps
+        (values, targets), *later = recorded[first : first + 3]
+        for later_values, later_targets in later:
+            assert later_targets is targets
+            assert not torch.equal(later_values, values)
+    assert not torch.equal(recorded[0][1], recorded[3][1])  # a new batch, new targets
+    assert module.export_info()["value_training"]["inner_epochs"] == 3
+
+
+def test_inner_epochs_stop_where_the_budget_ends(tokenizer, cache, tmp_path):
+    trainer = quick_trainer(tmp_path, max_steps=4)
+    trainer.fit(gvm(tokenizer, inner_epochs=3), datamodule=topics_data(cache))
+    assert trainer.global_step == 4
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"inner_epochs": 0}, "inner_epochs must be >= 1"),
+        ({"max_grad_norm": 1.0}, "set trainer.gradient_clip_val instead"),
+    ],
+)
+def test_bad_inner_epoch_options_are_named(tokenizer, options, message):
+    with pytest.raises(ValueError, match=message):
+        GVMModule(tiny(), tokenizer=tokenizer, **options)

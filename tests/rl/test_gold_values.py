@@ -1,0 +1,137 @@
+"""The built-in task's gold reward token by token, the oracle critic built from it, gold-scored pairs of a
+policy's own samples, and the evaluation of value models against the gold reward."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dvpo_lightning.data import RLHFDataModule
+from dvpo_lightning.data.builtin import get_task
+from dvpo_lightning.data.collate import pad_sequences
+from dvpo_lightning.evaluation import (
+    gold_agreement,
+    held_out_responses,
+    pairwise_value_accuracy,
+    value_scorer,
+)
+from dvpo_lightning.models import build_policy, export_model
+from dvpo_lightning.rl import GoldValues, Responses, SamplingConfig, gold_rewards, gold_token_rewards
+from dvpo_lightning.sampled_pairs import inner_special_tokens, write_gold_scored_pairs
+from tests.helpers.stages import export_random_value_model, tiny
+
+PROMPT = "tell me about : cat river . answer :"
+
+
+def rollout(tokenizer, texts: list[str], finished: list[bool]) -> Responses:
+    """Responses to PROMPT: each text's words, then EOS where finished."""
+    eos = [tokenizer.eos_token_id]
+    prompt = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    responses = [
+        tokenizer(text, add_special_tokens=False)["input_ids"] + (eos if done else [])
+        for text, done in zip(texts, finished)
+    ]
+    prompt_ids, prompt_mask = pad_sequences([prompt] * len(texts), tokenizer.pad_token_id, "left")
+    response_ids, response_mask = pad_sequences(responses, tokenizer.pad_token_id, "right")
+    return Responses(prompt_ids, prompt_mask, response_ids, response_mask, torch.tensor(finished))
+
+
+def test_gold_token_rewards_by_hand(tokenizer):
+    task = get_task("topics")
+    responses = rollout(tokenizer, ["cat and cat", "river dog"], [True, False])
+    rewards = gold_token_rewards(task, tokenizer, responses)
+    # cover +1, filler -1/16, repeat -0.5, EOS 0 | cover +1, off-topic -0.5 and unfinished -1 on the last token
+    assert rewards.tolist() == [[1.0, -0.0625, -0.5, 0.0], [1.0, -1.5, 0.0, 0.0]]
+    assert rewards.sum(-1).tolist() == gold_rewards(task, tokenizer, responses)[0].tolist()
+
+
+def test_a_special_token_inside_a_response_scores_nothing(tokenizer):
+    task = get_task("topics")
+    responses = rollout(tokenizer, ["cat <unk> river"], [True])
+    assert gold_token_rewards(task, tokenizer, responses).tolist() == [[1.0, 0.0, 1.0, 0.0]]
+
+
+def test_a_tokenizer_with_several_tokens_per_word_is_refused(tokenizer):
+    responses = rollout(tokenizer, ["cat river"], [True])
+
+    class OneWordTask:
+        name = "one-word"
+
+        def token_scores(self, prompt, response, finished):
+            return [1.0, 0.0]  # a single word, then the end
+
+    with pytest.raises(ValueError, match="into 1 words but the tokenizer into 2 tokens"):
+        gold_token_rewards(OneWordTask(), tokenizer, responses)
+
+
+def test_gold_values_are_the_gold_reward_earned_before_each_token(tokenizer):
+    responses = rollout(tokenizer, ["cat and cat", "river dog"], [True, False])
+    values, final = GoldValues(get_task("topics"), tokenizer)(responses)
+    assert values.tolist() == [[0.0, 1.0, 0.9375, 0.4375], [0.0, 1.0, 0.0, 0.0]]
+    assert final.tolist() == [0.4375, -0.5]
+
+
+def test_gold_scored_pairs_of_a_policys_samples(tokenizer, cache, tmp_path):
+    policy_dir = export_model(build_policy(tiny(init_seed=3), tokenizer), tokenizer, str(tmp_path / "policy"))
+    options = dict(builtin_size=120, val_size=20, batch_size=8, cache_dir=str(cache))
+    output = tmp_path / "pairs.jsonl"
+    written = write_gold_scored_pairs(policy_dir, output, pairs=6, **options)
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    assert written == len(rows) == 6
+    task = get_task("topics")
+    held_out = RLHFDataModule("builtin:topics", mode="prompts", **options)
+    held_out.setup("fit")
+    held_out_prompts = {held_out.tokenizer.decode(ids) for ids in held_out.val_dataset["prompt_ids"]}
+    for row in rows:
+        assert row["prompt"] not in held_out_prompts
+        assert row["chosen"] != row["rejected"] and row["chosen_score"] >= row["rejected_score"]
+        for key in ("chosen", "rejected"):
+            # as the data module will see it: unfinished exactly when it fills the response budget
+            finished = len(row[key].split()) < task.recommended_max_response_length
+            assert row[f"{key}_score"] == task.score([row["prompt"]], [row[key]], [finished])[0]
+    pairs = RLHFDataModule(str(output), tokenizer=policy_dir, mode="pairs", val_size=2, batch_size=4)
+    pairs.setup("fit")
+    batch = next(iter(pairs.train_dataloader()))
+    assert {"chosen_score", "rejected_score"} <= set(batch)  # ready for the GVM's terminal_reward: score
+
+
+def test_gold_scored_pairs_need_a_built_in_task(tokenizer, hh_file, tmp_path):
+    policy_dir = export_model(build_policy(tiny(), tokenizer), tokenizer, str(tmp_path / "policy"))
+    with pytest.raises(ValueError, match="need a built-in task's gold reward"):
+        write_gold_scored_pairs(policy_dir, tmp_path / "pairs.jsonl", dataset=str(hh_file), max_samples=50)
+
+
+def test_answers_with_a_special_token_inside_are_found(tokenizer):
+    responses = rollout(tokenizer, ["cat <unk> river", "cat river"], [True, False])
+    assert inner_special_tokens(responses, tokenizer).tolist() == [True, False]
+
+
+def test_the_gold_values_rank_held_out_pairs_as_their_gold_scores_do(cache):
+    pairs = RLHFDataModule(
+        "builtin:topics", mode="pairs", builtin_size=120, val_size=40, cache_dir=str(cache)
+    )
+    pairs.setup("validate")
+    accuracy = pairwise_value_accuracy(GoldValues(pairs.task, pairs.tokenizer), pairs)
+    chosen, rejected = (torch.tensor(pairs.val_dataset[f"{key}_score"]) for key in ("chosen", "rejected"))
+    assert accuracy.pairs == 40
+    assert accuracy.final_value == pytest.approx(float((chosen > rejected).float().mean()))
+
+
+def test_gold_agreement_of_the_oracle_is_perfect_and_of_a_random_value_model_is_not(
+    tokenizer, cache, tmp_path
+):
+    data = RLHFDataModule(
+        "builtin:topics", mode="prompts", builtin_size=120, val_size=24, cache_dir=str(cache)
+    )
+    data.setup("validate")
+    policy = build_policy(tiny(init_seed=3), tokenizer)
+    samples = held_out_responses(policy, data, SamplingConfig(max_new_tokens=16))
+    assert sum(len(responses.finished) for responses in samples) == 24
+    oracle = gold_agreement(GoldValues(data.task, tokenizer), samples, data)
+    assert (oracle.final_value_pearson, oracle.token_credit_pearson) == pytest.approx((1.0, 1.0))
+    random_model = export_random_value_model(tmp_path / "value", tokenizer)
+    random = gold_agreement(value_scorer(random_model, data), samples, data)
+    assert abs(random.final_value_pearson) < 0.9 and abs(random.token_credit_pearson) < 0.9
+    assert random.responses == 24
