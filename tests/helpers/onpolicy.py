@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from types import SimpleNamespace
 
+import lightning.pytorch as pl
 import torch
 from torch import nn
 
@@ -158,6 +159,39 @@ def build_onpolicy(
     return ONPOLICY[name].build(tokenizer, exports, optim, **ppo)
 
 
+# ---------------------------------------------------------------------------------------------------- fits
+@dataclass
+class Run:
+    """A configuration after one RL iteration (the `runs` fixture of tests/modules)."""
+
+    module: OnPolicyModule
+    trainer: pl.Trainer
+    before: dict[str, torch.Tensor]  # every parameter before training, by name
+
+
+def top_level(names) -> set[str]:
+    return {name.split(".", 1)[0] for name in names}
+
+
+def assert_trains_only_what_it_should(run: Run, trained: set[str], frozen: set[str]) -> None:
+    """One RL iteration of two optimiser steps moved every parameter of the models `trained` and left every
+    parameter of the models `frozen` bit-identical (a LoRA policy is in both: its base weights are frozen), and
+    the frozen models stay in eval mode."""
+    assert run.trainer.fit_loop.epoch_loop.batch_progress.total.completed == 1  # one RL iteration
+    assert run.trainer.global_step == 2  # of two PPO epochs, one optimiser step each
+    parameters = dict(run.module.named_parameters())
+    trainable = [key for key, parameter in parameters.items() if parameter.requires_grad]
+    frozen_keys = [key for key, parameter in parameters.items() if not parameter.requires_grad]
+    assert (top_level(trainable), top_level(frozen_keys)) == (trained, frozen)
+    assert [key for key in trainable if torch.equal(parameters[key], run.before[key])] == []
+    assert [key for key in frozen_keys if not torch.equal(parameters[key], run.before[key])] == []
+    run.module.train()  # as a strategy or user code may: frozen models must stay in eval mode
+    for model_name in run.module.frozen_models:
+        model = getattr(run.module, model_name, None)
+        if model is not None:
+            assert not model.training, f"frozen {model_name} left eval mode"
+
+
 # ------------------------------------------------------------------------------------------------ rollouts
 # The hand-built rollout: four rows with prompts of 3, 5, 2 and 4 tokens and responses of 4, 1, 3 and 5 tokens.
 # Rows 0 and 2 end with EOS (counted in their length); row 3 is unfinished and fills the response block.
@@ -184,6 +218,19 @@ def hand_built_rollout(tokenizer) -> Responses:
     prompt_ids, prompt_mask = pad_sequences(prompts, tokenizer.pad_token_id, "left")
     response_ids, response_mask = pad_sequences(responses, tokenizer.pad_token_id, "right")
     return Responses(prompt_ids, prompt_mask, response_ids, response_mask, torch.tensor(FINISHED))
+
+
+# Position ids count real tokens from 0, so V(s_t), read before response token t, is at position
+# (prompt length - 1 + t), and the complete response at its last real token, position
+# (prompt length - 1 + response length).
+STATE_POSITIONS = [[2, 3, 4, 5], [4], [1, 2, 3], [3, 4, 5, 6, 7]]
+FINAL_POSITIONS = [6, 5, 4, 8]
+
+
+def assert_state_positions(values: torch.Tensor, offset: float = 0.0) -> None:
+    """`values [B, >= R]` of the hand-built rollout are `PositionValues`' (plus `offset`) read before each token."""
+    for row, expected in enumerate(STATE_POSITIONS):
+        assert values[row, : len(expected)].tolist() == [position + offset for position in expected]
 
 
 def pad_rollout(responses: Responses, pad_id: int, left: int = 3, right: int = 2) -> Responses:
@@ -247,7 +294,7 @@ def bias_logits(policy: nn.Module, biases: dict[int, float]) -> None:
 
 def perturb(model: nn.Module, scale: float = 0.05, seed: int = 0) -> None:
     """Add seeded noise to every parameter of `model`, so that it no longer equals the reference."""
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.add_(scale * torch.randn(parameter.shape, generator=generator))

@@ -1,0 +1,37 @@
+"""Critic-free policy gradient (`CriticFreeModule`: GRPO, Dr. GRPO, GVM-scored GRPO, RLOO, REINFORCE++): what an
+iteration trains and keeps frozen in each, and the checks of its scorer and of its groups.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from dvpo_lightning.modules import CriticFreeModule, PPOConfig
+from tests.helpers.onpolicy import assert_trains_only_what_it_should
+from tests.helpers.stages import tiny
+
+#: critic-free configurations, and the models each one trains and keeps frozen.
+MODELS = {
+    "grpo": ({"policy"}, {"reference", "scorer"}),
+    "dr_grpo": ({"policy"}, {"reference", "scorer"}),
+    "gvm_grpo": ({"policy"}, {"reference", "scorer"}),
+    "rloo": ({"policy"}, {"reference", "scorer"}),
+    "reinforce_pp": ({"policy"}, {"reference", "scorer"}),
+}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_one_iteration_moves_every_trainable_parameter_and_no_frozen_one(name, runs):
+    assert_trains_only_what_it_should(runs(name), *MODELS[name])
+
+
+def test_critic_free_scoring_needs_exactly_one_of_a_reward_model_and_a_value_model():
+    groups = PPOConfig(samples_per_prompt=2)  # the default estimator's groups, checked first
+    for scorers in ({}, {"reward_model": tiny(), "value_model": tiny()}):
+        with pytest.raises(ValueError, match=r"exactly one of `reward_model` .* or\s+`value_model`"):
+            CriticFreeModule(policy=tiny(), ppo=groups, **scorers)
+
+
+def test_a_group_estimator_with_one_sample_per_prompt_fails_at_construction_naming_samples_per_prompt():
+    with pytest.raises(ValueError, match=r"advantage.estimator='grpo' .* \(set samples_per_prompt\)"):
+        CriticFreeModule(policy=tiny(), reward_model=tiny(), ppo=PPOConfig(samples_per_prompt=1))
