@@ -10,7 +10,8 @@ Every configuration runs in fresh processes (forked from a server that only impo
 DVPO taking turns. Memory: on the CPU the baseline is the resident memory after the imports and the data, before
 any model is built, and the peak is the kernel's high-water mark (VmHWM) at the end of training; on a GPU it is
 `torch.cuda.max_memory_allocated` with the models built inside the measurement; the median over the processes.
-Time: the median wall time of an RL iteration, over every process's iterations after its warm-up one.
+Time: the median wall time of an RL iteration, over every process's iterations after its warm-up one. Each stage's
+model FLOP/s is reported as a fraction of the machine's measured matmul peak (`benchmarks.flops`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from tempfile import TemporaryDirectory
 import lightning.pytorch as pl
 import torch
 
+from benchmarks.flops import LinearWork, describe_peak, fraction_of_peak, matmul_peak, percent
 from benchmarks.report import Report, Table, verdict
 from benchmarks.timing import StepClock, alternating, bare_trainer
 from dvpo_lightning.callbacks.memory_probes import make_probe
@@ -34,6 +36,7 @@ from dvpo_lightning.rl import PPOConfig, SamplingConfig
 
 MEMORY_TARGET = 0.62  # DVPO / PPO; the paper measured 0.66 at 3B
 TIME_TARGET = 0.60  # the paper measured 0.57 at 3B
+UPDATE_PEAK_TARGET = 0.5  # DVPO's update phase at the largest size, as a fraction of the measured matmul peak
 ALGORITHMS = ("ppo", "dvpo")
 STAGES = ("generate", "score", "update")  # the parts of an RL iteration
 # Bytes per parameter of the model states: fp32 weights, and for a trained model also its gradient and
@@ -100,6 +103,8 @@ class Exports:
     gvm: str
     policy_parameters: int
     value_parameters: int
+    policy_work: LinearWork
+    value_work: LinearWork
 
 
 @dataclass(frozen=True)
@@ -116,6 +121,7 @@ class Job:
 
 def run(quick: bool, device: torch.device) -> Report:
     scale = QUICK if quick else FULL
+    peak = matmul_peak(device, quick=quick)
     results = []
     with TemporaryDirectory(prefix="dvpo-bench-cost-") as tmp:
         tokenizer = RLHFDataModule("builtin:topics").tokenizer
@@ -129,24 +135,31 @@ def run(quick: bool, device: torch.device) -> Report:
                     )
                     job = Job(algorithm, size, exports, scale, str(device), torch.get_num_threads())
                     processes[algorithm].append(measure_in_fresh_process(job))
-            results += [combine(size, algorithm, runs, exports) for algorithm, runs in processes.items()]
-    return make_report(results, scale, device)
+            results += [
+                combine(size, algorithm, runs, exports, scale, peak) for algorithm, runs in processes.items()
+            ]
+    return make_report(results, scale, device, peak)
 
 
-def combine(size: str, algorithm: str, runs: list[dict], exports: Exports) -> dict:
+def combine(size: str, algorithm: str, runs: list[dict], exports: Exports, scale: Scale, peak: float) -> dict:
     """One configuration's numbers over its processes: the median peak, and the median of every iteration
     after each process's warm-up one."""
     steady = [run["iteration_seconds"][WARMUP:] for run in runs]
+    stage_seconds = {
+        stage: statistics.median(seconds[stage] for run in runs for seconds in run["stage_seconds"][WARMUP:])
+        for stage in STAGES
+    }
+    tokens = statistics.median(tokens for run in runs for tokens in run["tokens"][WARMUP:])
+    flops = stage_flops(algorithm, exports, scale, tokens)
     return {
         "size": size,
         "algorithm": algorithm,
         "peak_gb": statistics.median(run["peak_gb"] for run in runs),
         "iteration_seconds": statistics.median(seconds for run in steady for seconds in run),
-        "stage_seconds": {
-            stage: statistics.median(
-                seconds[stage] for run in runs for seconds in run["stage_seconds"][WARMUP:]
-            )
-            for stage in STAGES
+        "stage_seconds": stage_seconds,
+        "stage_flops": flops,
+        "fraction_of_matmul_peak": {
+            stage: fraction_of_peak(flops[stage], stage_seconds[stage], peak) for stage in STAGES
         },
         "policy_parameters": exports.policy_parameters,
         "value_parameters": exports.value_parameters,
@@ -155,22 +168,37 @@ def combine(size: str, algorithm: str, runs: list[dict], exports: Exports) -> di
     }
 
 
+def stage_flops(algorithm: str, exports: Exports, scale: Scale, tokens: float) -> dict[str, float]:
+    """Model FLOPs of each stage of an iteration over `tokens` real prompt and response tokens: generation runs the
+    policy; scoring the policy and the reference, and the GVM (DVPO) or the reward model and the critic (PPO);
+    every epoch of the update trains the policy, and the critic (PPO)."""
+    policy, value = exports.policy_work, exports.value_work
+    responses = scale.rollout_batch * scale.new_tokens  # the tokens whose logits are used
+    value_models = 2 if algorithm == "ppo" else 1
+    update = policy.training(tokens, responses) + (value.training(tokens) if algorithm == "ppo" else 0)
+    return {
+        "generate": policy.forward(tokens, responses),
+        "score": 2 * policy.forward(tokens, responses) + value_models * value.forward(tokens),
+        "update": scale.ppo_epochs * update,
+    }
+
+
 def export_models(directory: Path, arch: dict, tokenizer) -> Exports:
     """Random policy, reward model and GVM of architecture `arch` (distinct seeds, random value heads)."""
     policy = build_policy(ModelSpec(arch=dict(arch), init_seed=0), tokenizer)
     paths = {"policy": export_model(policy, tokenizer, str(directory / "policy"))}
-    value_parameters = 0
     for seed, name in enumerate(("reward_model", "gvm"), start=1):
         model = build_value_model(ModelSpec(arch=dict(arch), init_seed=seed), tokenizer)
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             value_head(model).weight.normal_(std=0.02)  # a zero head would score every response 0
         paths[name] = export_model(model, tokenizer, str(directory / name))
-        value_parameters = sum(p.numel() for p in model.parameters())
     return Exports(
         **paths,
         policy_parameters=sum(p.numel() for p in policy.parameters()),
-        value_parameters=value_parameters,
+        value_parameters=sum(p.numel() for p in model.parameters()),
+        policy_work=LinearWork.of(policy),
+        value_work=LinearWork.of(model),
     )
 
 
@@ -237,6 +265,7 @@ def measure(job: Job) -> dict:
         "peak_metric": metric,
         "iteration_seconds": clock.durations,
         "stage_seconds": clock.stages,
+        "tokens": clock.tokens,
         "torch_threads": torch.get_num_threads(),
     }
 
@@ -251,7 +280,7 @@ def model_state_floor_gb(exports: Exports, algorithm: str) -> float:
     return total / 2**30
 
 
-def make_report(results: list[dict], scale: Scale, device: torch.device) -> Report:
+def make_report(results: list[dict], scale: Scale, device: torch.device, peak: float) -> Report:
     by_key = {(result["size"], result["algorithm"]): result for result in results}
     measured = Table(
         "Per configuration (median over iterations after a warm-up one)",
@@ -262,6 +291,7 @@ def make_report(results: list[dict], scale: Scale, device: torch.device) -> Repo
             "model-state floor (GiB)",
             "time per RL iteration (s)",
             "generate / score / update (s)",
+            "% of matmul peak (generate / score / update)",
         ],
     )
     ratios = Table(
@@ -274,6 +304,7 @@ def make_report(results: list[dict], scale: Scale, device: torch.device) -> Repo
             "time ratio",
             f"target <= {TIME_TARGET}",
             "model-state floor ratio",
+            "DVPO update, % of matmul peak",
         ],
     )
     summary = {}
@@ -289,6 +320,7 @@ def make_report(results: list[dict], scale: Scale, device: torch.device) -> Repo
                     f"{result['floor_gb']:.3f}",
                     f"{result['iteration_seconds']:.2f}",
                     " / ".join(f"{value:.2f}" for value in seconds),
+                    " / ".join(percent(result["fraction_of_matmul_peak"][stage]) for stage in STAGES),
                 ]
             )
         ppo, dvpo = by_key[size, "ppo"], by_key[size, "dvpo"]
@@ -303,9 +335,24 @@ def make_report(results: list[dict], scale: Scale, device: torch.device) -> Repo
                 f"{time_ratio:.2f}",
                 verdict(time_ratio, TIME_TARGET),
                 f"{dvpo['floor_gb'] / ppo['floor_gb']:.2f}",
+                percent(dvpo["fraction_of_matmul_peak"]["update"]),
             ]
         )
         summary[size] = {"memory_ratio": memory_ratio, "time_ratio": time_ratio}
+    largest = list(scale.sizes)[-1]
+    update_fraction = by_key[largest, "dvpo"]["fraction_of_matmul_peak"]["update"]
+    targets = Table(
+        "Targets beside the ratios",
+        ["quantity", "value", "target", "verdict"],
+        [
+            [
+                f"DVPO update phase at {largest}, fraction of the matmul peak",
+                percent(update_fraction),
+                f">= {percent(UPDATE_PEAK_TARGET)}",
+                verdict(update_fraction, UPDATE_PEAK_TARGET, at_least=True),
+            ]
+        ],
+    )
     notes = [
         f"Settings (both algorithms): rollout batch {scale.rollout_batch}, {scale.new_tokens} new tokens "
         f"(min_new_tokens = max_new_tokens), {scale.ppo_epochs} PPO epochs, mini-batch {scale.mini_batch} "
@@ -322,6 +369,10 @@ def make_report(results: list[dict], scale: Scale, device: torch.device) -> Repo
         ),
         "Model-state floor: fp32 weights (4 B/parameter) of every model, plus gradient and two Adam moments "
         "(12 B/parameter more) of each trained one: PPO trains actor and critic, DVPO only the actor.",
+        "Stage FLOPs: generate runs the policy over the iteration's real prompt and response tokens; score runs the "
+        "policy and the reference, and the GVM (DVPO) or the reward model and the critic (PPO); the update trains "
+        "the policy (and PPO's critic) once per PPO epoch.",
+        describe_peak(peak, device),
     ]
-    raw = {"runs": results, "ratios": summary}
-    return Report("cost", "cost: DVPO vs PPO, memory and time", [ratios, measured], raw, notes)
+    raw = {"runs": results, "ratios": summary, "matmul_peak_flops": peak}
+    return Report("cost", "cost: DVPO vs PPO, memory and time", [ratios, targets, measured], raw, notes)

@@ -1,10 +1,13 @@
-"""`rollout`: generated tokens per second of the engine's rollout against a bare `model.generate` call.
+"""`rollout`: generated tokens per second of the engine's rollout backends against a bare `model.generate` call.
 
-Both sample from the same random Llama policy, the same prompt batch (the built-in task's, left-padded) and the
-same settings (temperature 1, no top-k / top-p, min_new_tokens = max_new_tokens so every row generates exactly
-`new_tokens` tokens). The engine (`rl.generate_responses`) adds what RL needs on top of the bare
-call: the pad token suppressed at every step, and the split layout (response mask cut after the first EOS,
-finished flags). Runs alternate between the two (one warm-up run of each first) and the median is reported.
+All sample from the same random Llama policy, the same prompt batch (the built-in task's, left-padded) and the same
+settings (temperature 1, no top-k / top-p, min_new_tokens = max_new_tokens so every row generates exactly
+`new_tokens` tokens). The engine's `generate` backend (`rl.generate_responses`) adds what RL needs on top of the
+bare call: the pad token suppressed at every step, and the split layout (response mask cut after the first EOS,
+finished flags). The `compiled` backend (`rl.compiled_rollout`: static KV cache, one `torch.compile`d decoding step)
+does the same with a compiled step; its compile and warm-up time is reported on its own. Runs alternate between the
+three (one warm-up run of each first, which compiles) and the median is reported, with each one's model FLOP/s as a
+fraction of the machine's measured matmul peak (`benchmarks.flops`).
 """
 
 from __future__ import annotations
@@ -17,13 +20,16 @@ from functools import partial
 import torch
 
 from benchmarks.cost import llama
+from benchmarks.flops import LinearWork, describe_peak, fraction_of_peak, matmul_peak, percent
 from benchmarks.report import Report, Table, verdict
 from benchmarks.timing import alternating, synchronize
 from dvpo_lightning.data import RLHFDataModule
 from dvpo_lightning.models import ModelSpec, build_policy
-from dvpo_lightning.rl import SamplingConfig, generate_responses
+from dvpo_lightning.rl import SamplingConfig, generate_responses, warmup_seconds
 
 TARGET = 0.95  # engine tokens/s over bare generate tokens/s
+COMPILED_TARGET = 2.0  # compiled backend tokens/s over bare generate tokens/s, after its warm-up
+CALLS = ("engine", "bare", "compiled")
 
 
 @dataclass(frozen=True)
@@ -32,10 +38,18 @@ class Scale:
     batch: int
     new_tokens: int
     runs: int  # timed runs of each, after one warm-up run
+    compile_backend: str  # of the compiled backend; "eager" traces the graph without generating code
 
 
-FULL = Scale(sizes={"h256-l4": llama(256, 4), "h512-l8": llama(512, 8)}, batch=32, new_tokens=16, runs=21)
-QUICK = Scale(sizes={"h32-l2": llama(32, 2)}, batch=4, new_tokens=4, runs=2)
+FULL = Scale(
+    sizes={"h256-l4": llama(256, 4), "h512-l8": llama(512, 8)},
+    batch=32,
+    new_tokens=16,
+    runs=21,
+    compile_backend="inductor",
+)
+# Quick: the compiled backend's graph is traced, not compiled (inductor takes tens of seconds even on this model).
+QUICK = Scale(sizes={"h32-l2": llama(32, 2)}, batch=4, new_tokens=4, runs=2, compile_backend="eager")
 
 
 def run(quick: bool, device: torch.device) -> Report:
@@ -47,48 +61,90 @@ def run(quick: bool, device: torch.device) -> Report:
     prompt_mask = batch["prompt_attention_mask"].to(device)  # [B, P]
     tokenizer = data.tokenizer
     sampling = SamplingConfig(max_new_tokens=scale.new_tokens, min_new_tokens=scale.new_tokens)
+    compiled = SamplingConfig(
+        max_new_tokens=scale.new_tokens,
+        min_new_tokens=scale.new_tokens,
+        backend="compiled",
+        backend_options={"compile_backend": scale.compile_backend},
+    )
+    peak = matmul_peak(device, quick=quick)
+    prompt_tokens = int(prompt_mask.sum())
+    generated = scale.batch * scale.new_tokens
     table = Table(
         f"Tokens/s, batch {scale.batch}, {scale.new_tokens} new tokens, median of {scale.runs} runs",
-        ["model", "engine (tokens/s)", "bare generate (tokens/s)", "ratio", f"target >= {TARGET}"],
+        [
+            "model",
+            "engine (tokens/s)",
+            "bare generate (tokens/s)",
+            "ratio",
+            f"target >= {TARGET}",
+            "compiled (tokens/s)",
+            "compiled / bare",
+            f"target >= {COMPILED_TARGET}",
+            "compile + warm-up (s)",
+            "% of matmul peak (engine / bare / compiled)",
+        ],
     )
-    raw = {}
+    raw = {"matmul_peak_flops": peak}
     for size, arch in scale.sizes.items():
-        print(f"[rollout] {size}: {scale.runs} runs each of the engine and of bare generate")
+        print(
+            f"[rollout] {size}: {scale.runs} runs each of the engine, bare generate and the compiled backend"
+        )
         policy = build_policy(ModelSpec(arch=dict(arch)), tokenizer).to(device).eval()
         calls = {
             "engine": partial(engine_tokens, policy, prompt_ids, prompt_mask, sampling, tokenizer),
             "bare": partial(bare_tokens, policy, prompt_ids, prompt_mask, sampling, tokenizer),
+            "compiled": partial(engine_tokens, policy, prompt_ids, prompt_mask, compiled, tokenizer),
         }
         rates = {name: [] for name in calls}
         for run_index in range(scale.runs + 1):
             for name in alternating(calls, run_index):
                 rate = tokens_per_second(calls[name], device)
-                if run_index > 0:  # the first run of each is a warm-up
+                if run_index > 0:  # the first run of each is a warm-up (the compiled backend compiles in it)
                     rates[name].append(rate)
-        engine_rate, bare_rate = (statistics.median(rates[name]) for name in ("engine", "bare"))
-        # Each run's two calls follow each other, so their ratio is the least disturbed by a busy machine.
-        ratio = statistics.median(engine / bare for engine, bare in zip(rates["engine"], rates["bare"]))
+        medians = {name: statistics.median(values) for name, values in rates.items()}
+        # Each run's calls follow each other, so their ratios are the least disturbed by a busy machine.
+        ratio, compiled_ratio = (
+            statistics.median(fast / bare for fast, bare in zip(rates[name], rates["bare"]))
+            for name in ("engine", "compiled")
+        )
+        # FLOPs of a rollout: the prompts' real tokens and every generated token through the policy.
+        flops = LinearWork.of(policy).forward(prompt_tokens + generated, logit_tokens=generated)
+        fractions = {name: fraction_of_peak(flops, generated / medians[name], peak) for name in CALLS}
+        compile_seconds = warmup_seconds(policy)
         table.rows.append(
             [
                 size,
-                f"{engine_rate:.0f}",
-                f"{bare_rate:.0f}",
+                f"{medians['engine']:.0f}",
+                f"{medians['bare']:.0f}",
                 f"{ratio:.3f}",
                 verdict(ratio, TARGET, at_least=True),
+                f"{medians['compiled']:.0f}",
+                f"{compiled_ratio:.2f}",
+                verdict(compiled_ratio, COMPILED_TARGET, at_least=True),
+                f"{compile_seconds:.1f}",
+                " / ".join(percent(fractions[name]) for name in CALLS),
             ]
         )
         raw[size] = {
-            "engine_tokens_per_s": rates["engine"],
-            "bare_tokens_per_s": rates["bare"],
+            **{f"{name}_tokens_per_s": rates[name] for name in CALLS},
             "ratio": ratio,
+            "compiled_ratio": compiled_ratio,
+            "compile_and_warmup_seconds": compile_seconds,
+            "flops_per_rollout": flops,
+            "fraction_of_matmul_peak": fractions,
         }
     notes = [
-        "Same model, prompts and sampling settings for both; the engine also suppresses the pad token and builds "
+        "Same model, prompts and sampling settings for all; the engine also suppresses the pad token and builds "
         "the split layout (response mask, finished flags) from the output.",
-        "Runs alternate between the two after one warm-up run of each; tokens/s = generated tokens / wall time "
-        "(median over runs); ratio = median over runs of the engine's rate over the bare rate of the same run.",
+        f"compiled: `sampling.backend: compiled` with torch.compile's {scale.compile_backend!r} backend (static KV "
+        "cache, the decoding step compiled once per shape bucket); its first run compiles, and that time is the "
+        "'compile + warm-up' column, not counted in its tokens/s.",
+        "Runs alternate between the three after one warm-up run of each; tokens/s = generated tokens / wall time "
+        "(median over runs); ratios = median over runs of a backend's rate over the bare rate of the same run.",
+        describe_peak(peak, device),
     ]
-    return Report("rollout", "rollout: engine generation vs bare generate", [table], raw, notes)
+    return Report("rollout", "rollout: the engine's backends vs bare generate", [table], raw, notes)
 
 
 def tokens_per_second(generate, device: torch.device) -> float:

@@ -64,7 +64,8 @@ class StepClock(Callback):
     `intervals` (from one batch end to the next: also data loading and Lightning's own work between steps).
 
     For on-policy modules a step is one RL iteration; `stages` then holds a copy of the module's
-    `stage_seconds` (generate, score, update) of each iteration. `first_loss` is the loss of the first step.
+    `phase_seconds` (generate, score, update) of each iteration. `first_loss` is the loss of the first step;
+    `tokens` the real tokens of each step that reports them (`num_tokens`).
     """
 
     def __init__(self) -> None:
@@ -72,6 +73,7 @@ class StepClock(Callback):
         self.intervals: list[float] = []
         self.stages: list[dict[str, float]] = []
         self.first_loss: float | None = None
+        self.tokens: list[int] = []
         self._start = 0.0
         self._last_end: float | None = None
 
@@ -87,5 +89,9 @@ class StepClock(Callback):
             self.intervals.append(now - self._last_end)
         self._last_end = now
         self.stages.append(dict(getattr(pl_module, "phase_seconds", {})))
-        if self.first_loss is None and isinstance(outputs, dict) and "loss" in outputs:
+        if not isinstance(outputs, dict):
+            return
+        if self.first_loss is None and "loss" in outputs:
             self.first_loss = float(outputs["loss"])
+        if "num_tokens" in outputs:
+            self.tokens.append(int(outputs["num_tokens"]))

@@ -11,9 +11,10 @@ import pytest
 import torch
 import transformers
 
-from benchmarks import cost, run, value_runs
+from benchmarks import cost, peer, run, value_runs
 from benchmarks import table as table_benchmark
 from benchmarks import value as value_benchmark
+from benchmarks.flops import LinearWork, matmul_peak
 from benchmarks.report import Table, mean_std, write_index
 from benchmarks.timing import alternating, resolve_device
 
@@ -36,9 +37,18 @@ COLUMNS = {
         "model-state floor (GiB)",
         "peak memory above baseline (GiB)",
         "time per RL iteration (s)",
+        "% of matmul peak (generate / score / update)",
+        "DVPO update, % of matmul peak",
     ],
-    "rollout": ["engine (tokens/s)", "bare generate (tokens/s)", "ratio"],
-    "peer": ["samples (pairs)/s", "first-step loss", "verdict"],
+    "rollout": [
+        "engine (tokens/s)",
+        "bare generate (tokens/s)",
+        "ratio",
+        "compiled (tokens/s)",
+        "compile + warm-up (s)",
+        "% of matmul peak (engine / bare / compiled)",
+    ],
+    "peer": ["samples (pairs)/s", "real tokens/s", "first-step loss", "verdict", "% of matmul peak"],
     "value": [
         "pairwise accuracy (mean value)",
         "pairwise accuracy (complete response)",
@@ -112,9 +122,13 @@ def test_table_evaluates_every_policy_on_the_same_prompts(quick_run):
 def test_peer_first_losses_agree(quick_run):
     output, _ = quick_run
     results = json.loads((output / "peer.json").read_text())["results"]
-    ours, theirs = results["first_losses"]["ours"], results["first_losses"]["trl"]
-    assert abs(ours - theirs) <= 1e-5
-    assert abs(ours - 0.6931472) > 1e-4  # the reference differs from the policy: not the trivial log 2
+    jobs = ["builtin"] + (["hh"] if peer.HH_FILE.exists() else [])
+    assert [job for job in ("builtin", "hh") if job in results] == jobs
+    for job in jobs:
+        ours, theirs = results[job]["first_losses"]["ours"], results[job]["first_losses"]["trl"]
+        assert abs(ours - theirs) <= 1e-5
+        assert abs(ours - 0.6931472) > 1e-4  # the reference differs from the policy: not the trivial log 2
+        assert 0 < results[job]["fraction_of_matmul_peak"]["ours"] < 1
 
 
 def test_value_judges_every_value_model_and_policy_of_its_runs(quick_run):
@@ -188,7 +202,10 @@ def test_bad_arguments_are_named(argv, message, capsys):
 
 
 def test_model_state_floor_counts_trained_and_frozen_models():
-    exports = cost.Exports("p", "r", "g", policy_parameters=10, value_parameters=8)
+    work = LinearWork(body=0, head=0)
+    exports = cost.Exports(
+        "p", "r", "g", policy_parameters=10, value_parameters=8, policy_work=work, value_work=work
+    )
     gib = 2**30
     # PPO: actor 10 and critic 8 trained (16 B each), reference 10 and reward model 8 frozen (4 B each).
     assert cost.model_state_floor_gb(exports, "ppo") * gib == 16 * 18 + 4 * 18
@@ -228,3 +245,30 @@ def test_device_choice():
     assert resolve_device("cpu") == torch.device("cpu")
     with pytest.raises(ValueError, match="--device must be one of"):
         resolve_device("tpu")
+
+
+def test_linear_work_counts_the_body_and_the_lm_head_apart(tokenizer):
+    from dvpo_lightning.models import ModelSpec, build_policy, build_value_model
+
+    arch = cost.llama(64, 2)  # per layer 4 x 64^2 attention + 3 x 64 x 256 MLP
+    policy = build_policy(ModelSpec(arch=dict(arch)), tokenizer)
+    work = LinearWork.of(policy)
+    assert work == LinearWork(body=2 * (4 * 64 * 64 + 3 * 64 * 256), head=64 * len(tokenizer))
+    assert work.forward(10, logit_tokens=3) == 2 * work.body * 10 + 2 * work.head * 3
+    assert work.training(10) == 3 * work.forward(10)
+    value = LinearWork.of(build_value_model(ModelSpec(arch=dict(arch)), tokenizer))
+    assert value.body == work.body + 64 and value.head == 0  # a scalar head is no LM head
+
+
+def test_stage_flops_count_each_algorithms_models():
+    work = LinearWork(body=100, head=10)
+    exports = cost.Exports("p", "r", "g", 0, 0, policy_work=work, value_work=LinearWork(body=50, head=0))
+    scale = cost.QUICK  # 4 prompts x 4 new tokens, 1 epoch
+    ppo, dvpo = (cost.stage_flops(name, exports, scale, tokens=40) for name in ("ppo", "dvpo"))
+    assert ppo["generate"] == dvpo["generate"] == 2 * 100 * 40 + 2 * 10 * 16
+    assert ppo["score"] - dvpo["score"] == 2 * 50 * 40  # PPO also runs its critic
+    assert ppo["update"] - dvpo["update"] == 6 * 50 * 40  # and trains it
+
+
+def test_matmul_peak_is_a_rate():
+    assert 1e6 < matmul_peak(torch.device("cpu"), quick=True) < 1e14

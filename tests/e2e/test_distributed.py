@@ -1,4 +1,4 @@
-"""GVM and DVPO on 2 CPU processes (gloo) under DDP and FSDP2 against 1 process, and FSDP2 save/resume.
+"""GVM, DVPO and DPO on 2 CPU processes (gloo) under DDP and FSDP2 against 1 process, and FSDP2 save/resume.
 
 The runs are `tests/helpers/distributed_scenarios.py`, launched once per session as subprocesses (Lightning would
 re-run the whole pytest session as rank 1 if a test built a multi-device Trainer in process).
@@ -29,6 +29,7 @@ TWO_RANK_SCENARIOS = [
     "gvm-fsdp2",
     "dvpo-ddp",
     "dvpo-fsdp2",
+    "dpo-fsdp2",
     "gvm-fsdp2-resume",
     "dvpo-ddp-room",
     "dvpo-fsdp2-room",
@@ -71,7 +72,10 @@ def runs(tmp_path_factory) -> Path:
         str(root / "cache"),
     ]
     repo = Path(__file__).resolve().parents[2]
-    _launch([sys.executable, str(SCRIPT), *paths, "gvm-single", "dvpo-single", "dvpo-single-room"], repo)
+    _launch(
+        [sys.executable, str(SCRIPT), *paths, "gvm-single", "dvpo-single", "dpo-single", "dvpo-single-room"],
+        repo,
+    )
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     _launch([*torchrun, str(SCRIPT), *paths, *TWO_RANK_SCENARIOS], repo)
     return root / "out"
@@ -85,7 +89,7 @@ def _result(runs: Path, scenario: str) -> dict:
     return json.loads((runs / scenario / "result.json").read_text())
 
 
-@pytest.mark.parametrize("scenario", ["gvm-ddp", "gvm-fsdp2", "dvpo-ddp", "dvpo-fsdp2"])
+@pytest.mark.parametrize("scenario", ["gvm-ddp", "gvm-fsdp2", "dvpo-ddp", "dvpo-fsdp2", "dpo-fsdp2"])
 def test_two_ranks_train_exactly_like_one_process_on_the_same_global_batch(runs, scenario):
     algorithm = scenario.split("-")[0]
     single, sharded = _weights(runs, f"{algorithm}-single"), _weights(runs, scenario)
@@ -119,8 +123,9 @@ def test_ranks_that_drop_different_prompts_keep_step_and_train_like_one_process_
 def test_the_runs_actually_trained(runs):
     """Guards the equivalence test: identical weights must not come from weights that never moved."""
     start = load_file(runs.parent / "sft" / "model.safetensors")
-    trained = _weights(runs, "dvpo-single")
-    assert max(float((trained[key] - start[key]).abs().max()) for key in start) > 1e-3
+    for scenario in ("dvpo-single", "dpo-single"):
+        trained = _weights(runs, scenario)
+        assert max(float((trained[key] - start[key]).abs().max()) for key in start) > 1e-3, scenario
 
 
 def test_fsdp2_resume_continues_with_the_same_steps_optimiser_state_and_data(runs):

@@ -1,8 +1,8 @@
 """Training scenarios that `tests/e2e/test_distributed.py` runs on 1 process and on 2 (torchrun, gloo, CPU).
 
-    python tests/helpers/distributed_scenarios.py --root R --sft S --gvm G gvm-single dvpo-single
+    python tests/helpers/distributed_scenarios.py --root R --sft S --gvm G gvm-single dvpo-single dpo-single
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/helpers/distributed_scenarios.py \
-        --root R --sft S --gvm G gvm-ddp gvm-fsdp2 dvpo-ddp dvpo-fsdp2 gvm-fsdp2-resume
+        --root R --sft S --gvm G gvm-ddp gvm-fsdp2 dvpo-ddp dvpo-fsdp2 dpo-fsdp2 gvm-fsdp2-resume
 
 Every run sees the same global batches: `GLOBAL_BATCH` rows per step, split over the ranks by an unshuffled
 `DistributedSampler`, so 2 ranks and 1 rank must end with the same weights. Each scenario exports its trained
@@ -30,7 +30,7 @@ from dvpo_lightning.data import RLHFDataModule
 from dvpo_lightning.data.collate import Collator
 from dvpo_lightning.data.resumable import ResumableDataLoader
 from dvpo_lightning.models import ModelSpec
-from dvpo_lightning.modules import DVPOModule, GVMModule, OptimConfig, PPOConfig, SamplingConfig
+from dvpo_lightning.modules import DPOModule, DVPOModule, GVMModule, OptimConfig, PPOConfig, SamplingConfig
 
 GLOBAL_BATCH = 4
 STEPS = 3
@@ -60,6 +60,13 @@ def build(algorithm: str, args, data: RLHFDataModule, export_dir: Path):
     if algorithm == "gvm":
         return GVMModule(
             model=ModelSpec(name_or_path=args.sft), optim=OptimConfig(optimizer="sgd", lr=0.5), **common
+        )
+    if algorithm == "dpo":  # each pair's prompt read once for both responses, under every strategy
+        return DPOModule(
+            policy=ModelSpec(name_or_path=args.sft),
+            reference=ModelSpec(name_or_path=args.sft),
+            optim=OptimConfig(optimizer="sgd", lr=0.5),
+            **common,
         )
     return DVPOModule(
         policy=ModelSpec(name_or_path=args.sft),
@@ -92,7 +99,7 @@ def run(scenario: str, args, world: int, rank: int) -> None:
     data = RLHFDataModule(
         "builtin:topics",
         builtin_size=40,
-        mode="pairs" if algorithm == "gvm" else "prompts",
+        mode="pairs" if algorithm in ("gvm", "dpo") else "prompts",
         cache_dir=args.cache,
     )
     data.setup("fit")

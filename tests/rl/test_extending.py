@@ -76,7 +76,7 @@ def test_a_registered_estimator_and_rollout_backend_train_from_a_config(tmp_path
 
 
 def test_an_unknown_backend_or_estimator_option_is_refused_at_construction_naming_the_known_ones():
-    with pytest.raises(ValueError, match="unknown rollout backend 'vllm'; known: generate"):
+    with pytest.raises(ValueError, match="unknown rollout backend 'vllm'; known: compiled, generate"):
         SamplingConfig(backend="vllm")
     with pytest.raises(
         ValueError, match=r"\['scale_by_mean'\] are not options of the 'grpo' estimator; its options: "

@@ -27,7 +27,7 @@ from dvpo_lightning.data.formats import (
     normalize_batch,
     sample_records,
 )
-from dvpo_lightning.data.resumable import EpochShuffle, ResumableDataLoader
+from dvpo_lightning.data.resumable import EpochShuffle, LengthGroupedShuffle, ResumableDataLoader
 from dvpo_lightning.data.sources import RawSource, builtin_task_name, has_splits, is_local, load_source
 from dvpo_lightning.data.splits import split_rows, unique_prompts, validation_count
 from dvpo_lightning.data.tokenization import PROMPT_TRUNCATIONS, token_features, tokenize_batch
@@ -126,6 +126,9 @@ class RLHFDataModule(LightningDataModule):
         max_samples: read at most this many rows of each source (quick runs).
         builtin_size: how many rows a built-in task generates.
         batch_size: training batch size (in prompts mode: prompts per rollout).
+        group_by_length: draw training batches of rows of similar prompt and response lengths: the same rows each
+            epoch, less padding in every batch (TRL's `group_by_length`, on both blocks of the split layout); see
+            `dvpo_lightning.data.resumable.LengthGroupedShuffle`. Off by default: it changes which rows share a batch.
         eval_batch_size: validation and test batch size; None is `batch_size`.
         num_workers: DataLoader worker processes.
         seed: seed of the built-in task, the validation split and the training shuffle.
@@ -151,6 +154,7 @@ class RLHFDataModule(LightningDataModule):
         max_samples: int | None = None,
         builtin_size: int = 4000,
         batch_size: int = 8,
+        group_by_length: bool = False,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         seed: int = 0,
@@ -194,6 +198,7 @@ class RLHFDataModule(LightningDataModule):
         self.max_samples = max_samples
         self.builtin_size = builtin_size
         self.batch_size = batch_size
+        self.group_by_length = group_by_length
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
         self.seed = seed
@@ -254,10 +259,28 @@ class RLHFDataModule(LightningDataModule):
         return self._loader(
             self.train_dataset,
             self.batch_size,
-            sampler=EpochShuffle(self.train_dataset, self.seed),
+            sampler=self._train_sampler(),
             drop_last=self.mode == "prompts",
             loader_class=ResumableDataLoader,
         )
+
+    def _train_sampler(self) -> EpochShuffle:
+        if not self.group_by_length:
+            return EpochShuffle(self.train_dataset, self.seed)
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        return LengthGroupedShuffle(
+            self.row_lengths(self.train_dataset), self.batch_size * world_size, self.seed
+        )
+
+    def row_lengths(self, dataset: datasets.Dataset) -> list[tuple[int, int]] | list[int]:
+        """Tokens of each row: `(prompt, longest response)`, the widths it needs in a batch's two blocks; in prompts
+        mode the prompt's."""
+        prompts = [len(prompt) for prompt in dataset["prompt_ids"]]
+        if self.mode == "prompts":
+            return prompts
+        responses = [dataset[f"{key}_ids"] for key in RESPONSES[self.mode]]
+        longest = [max(map(len, answers)) for answers in zip(*responses)]
+        return list(zip(prompts, longest))
 
     def val_dataloader(self) -> DataLoader | list:
         """Validation batches; an empty list (Lightning then skips validation) when `val_size` is 0."""

@@ -9,7 +9,12 @@ from dvpo_lightning.models.factory import (
     is_value_model_config,
     value_head,
 )
-from dvpo_lightning.models.forward import response_logits, response_values
+from dvpo_lightning.models.forward import (
+    recomputes_activations,
+    response_logits,
+    response_values,
+    shared_prompt_response_logits,
+)
 from dvpo_lightning.models.lora import apply_lora, is_lora
 from dvpo_lightning.models.spec import LoraSpec, ModelSpec
 from dvpo_lightning.models.tokenizers import (
@@ -32,7 +37,9 @@ __all__ = [
     "is_lora",
     "is_value_model_config",
     "read_export_info",
+    "recomputes_activations",
     "response_logits",
+    "shared_prompt_response_logits",
     "response_values",
     "tokenizer_difference",
     "value_head",

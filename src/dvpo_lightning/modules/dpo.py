@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from dvpo_lightning.algos import PreferenceObjective, masked_sum
+from dvpo_lightning.algos import PreferenceLosses, PreferenceObjective, masked_sum
 from dvpo_lightning.modules.optim import OptimConfig
 from dvpo_lightning.modules.policy import PolicyModule
 from dvpo_lightning.rl import Sequences, pair_sequences, policy_logprobs
@@ -41,6 +42,9 @@ class DPOModule(PolicyModule):
         simpo_gamma: SimPO's target margin gamma (default 0.5).
         precompute_reference: compute the reference's log-probs of every training and validation pair once,
             before training, and free the reference model (the generation metrics then carry no KL).
+        share_prompts: read a pair's prompt once with a KV cache for both of its responses (about a third less work
+            per step on HH-RLHF). Off by default: the same numbers up to float rounding, but not bit for bit, so a
+            run keeps the figures it had.
         optim: optimiser and schedule.
         **kwargs: `policy`, `reference`, `reference_as_disabled_adapter`, `eval_sampling` (see `PolicyModule`),
             `tokenizer`, `export_dir`, `fsdp` (see `RLHFModule`).
@@ -60,6 +64,7 @@ class DPOModule(PolicyModule):
         discopop_tau: float | None = None,
         simpo_gamma: float | None = None,
         precompute_reference: bool = False,
+        share_prompts: bool = False,
         optim: OptimConfig | None = None,
         **kwargs,
     ):
@@ -76,6 +81,7 @@ class DPOModule(PolicyModule):
         if not self.objective.needs_reference:
             self._refuse_reference_options(loss_type, precompute_reference)
         self.precompute_reference = precompute_reference
+        self.share_prompts = share_prompts
         self.optim = optim or OptimConfig(lr=1e-6)
         self._reference_cache: dict[str, dict[int, torch.Tensor]] = {}
         self.save_hyperparameters(ignore=["tokenizer"])
@@ -109,7 +115,7 @@ class DPOModule(PolicyModule):
             cache = self._reference_cache.setdefault(split, {})
             for batch in loader:
                 batch = self.trainer.strategy.batch_to_device(batch)
-                logps = self._reference_sequence_logps(pair_sequences(batch))  # [2B]
+                logps = self._reference_sequence_logps(self.pairs(batch))  # [2B]
                 for index, pair in zip(batch["index"].tolist(), torch.stack(logps.chunk(2), dim=-1).cpu()):
                     cache[index] = pair
         rank_zero_info(
@@ -130,8 +136,15 @@ class DPOModule(PolicyModule):
         return torch.cat([pairs[:, 0], pairs[:, 1]])
 
     # --------------------------------------------------------------------------------------------- steps
-    def _step(self, batch: dict, split: str) -> torch.Tensor:
+    def pairs(self, batch: dict) -> Sequences:
+        """The batch's chosen and rejected responses as one `[2B]` batch, sharing their prompts if asked."""
         sequences = pair_sequences(batch)
+        return sequences if self.share_prompts else dataclasses.replace(sequences, prompt_of_row=None)
+
+    def pair_losses(self, batch: dict, split: str) -> tuple[PreferenceLosses, torch.Tensor, torch.Tensor]:
+        """The objective on a batch of pairs (its `losses` `[B]`, one per pair), and the policy's sequence log-probs
+        of the chosen and of the rejected responses `[B]` each."""
+        sequences = self.pairs(batch)
         logprobs, _ = policy_logprobs(self.policy, sequences)
         mask = sequences.response_mask  # [2B, R]
         policy_chosen, policy_rejected = masked_sum(logprobs, mask, dim=-1).chunk(2)
@@ -147,6 +160,10 @@ class DPOModule(PolicyModule):
             rejected_lengths=rejected_lengths,
             **reference,
         )
+        return result, policy_chosen, policy_rejected
+
+    def _step(self, batch: dict, split: str) -> torch.Tensor:
+        result, policy_chosen, policy_rejected = self.pair_losses(batch, split)
         loss = result.losses.mean()
         chosen_rewards, rejected_rewards = result.chosen_rewards, result.rejected_rewards
         metrics = {

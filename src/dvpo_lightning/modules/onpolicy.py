@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from dvpo_lightning.modules.optim import (
     OptimConfig,
@@ -36,6 +36,7 @@ from dvpo_lightning.rl import (
     gold_rewards,
     no_eos_warning,
     sample_rows,
+    warmup_seconds,
 )
 
 
@@ -129,10 +130,12 @@ class OnPolicyModule(PolicyModule):
         prompt_ids, prompt_mask = (
             tensor.repeat_interleave(self.ppo.samples_per_prompt, dim=0) for tensor in prompts
         )
+        compiled_before = warmup_seconds(self.policy)
         with self.phase("generate"), self.policy_for_generation():
             responses = generate_responses(
                 self.policy, prompt_ids, prompt_mask, self.sampling, self.tokenizer
             )
+        self.split_warmup(warmup_seconds(self.policy) - compiled_before)
         with self.phase("score"):
             experience = self.experience_maker().make(responses)
             self.nonfinite_quantities = experience.nonfinite_quantities()
@@ -143,6 +146,17 @@ class OnPolicyModule(PolicyModule):
         self.log_iteration(experience, update_stats)
         tokens = responses.response_mask.sum() + responses.prompt_attention_mask.sum()
         return {"num_tokens": tokens, "num_samples": len(experience)}
+
+    def split_warmup(self, seconds: float) -> None:
+        """Move the rollout backend's compile and warm-up time out of this iteration's `generate` time into
+        `time/compile` (logged in the iterations that compiled; `sampling.backend: compiled`)."""
+        self.phase_seconds.pop("compile", None)
+        if seconds > 0:
+            self.phase_seconds["generate"] -= seconds
+            self.phase_seconds["compile"] = seconds
+            rank_zero_info(
+                f"sampling.backend={self.sampling.backend}: compiled and warmed up in {seconds:.1f} s"
+            )
 
     def optimizer_step_with_clipping(self) -> dict[str, float]:
         """Clip each trained model's gradient norm, step the optimiser and the schedule; the norms before clipping.

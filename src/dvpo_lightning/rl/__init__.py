@@ -9,6 +9,7 @@ on-policy LightningModules only choose models, scorers and the estimator, and ha
 `PPOUpdate`; a notebook or `dvpo_lightning.evaluation` uses the same pieces without a Trainer.
 """
 
+from dvpo_lightning.rl import compiled_rollout  # noqa: F401  (registers the "compiled" rollout backend)
 from dvpo_lightning.rl.config import AdvantageConfig, PPOConfig
 from dvpo_lightning.rl.experience import Experience, ExperienceMaker, Scorers
 from dvpo_lightning.rl.forward import (
@@ -25,6 +26,7 @@ from dvpo_lightning.rl.rollout import (
     decode_responses,
     generate_responses,
     register_rollout_backend,
+    warmup_seconds,
 )
 from dvpo_lightning.rl.scorers import (
     DPOTokenReward,
@@ -70,4 +72,5 @@ __all__ = [
     "sft_sequences",
     "state_mask",
     "state_values",
+    "warmup_seconds",
 ]

@@ -112,17 +112,30 @@ class ExperienceMaker:
         self.policy, self.reference, self.scorers = policy, reference, scorers
         self.ppo, self.advantage, self.kl_coef, self.temperature = ppo, advantage, kl_coef, temperature
 
-    def blocks(self, size: int) -> list[slice]:
-        """Row slices of one forward pass of a scorer."""
-        step = self.ppo.scoring_batch_size or size
-        return [slice(start, start + step) for start in range(0, size, step)]
+    def blocks(self, responses: Responses) -> list[torch.Tensor]:
+        """Row indices of each forward pass of a scorer (`ppo.scoring_batch_size` rows): the rows sorted by length,
+        so that a block holds rows of similar lengths and little padding."""
+        size = len(responses.finished)
+        if self.ppo.scoring_batch_size is None or self.ppo.scoring_batch_size >= size:
+            return [torch.arange(size, device=responses.response_mask.device)]  # one block: nothing to sort
+        order = torch.argsort(responses.total_lengths, stable=True)
+        return list(order.split(self.ppo.scoring_batch_size))
 
     def in_blocks(self, responses: Responses, function: Callable) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        """`function(block, rows)` on each block of rows of `responses`, the results concatenated along rows."""
-        results = [function(responses.select(rows), rows) for rows in self.blocks(len(responses.finished))]
-        if isinstance(results[0], tuple):
-            return tuple(torch.cat(parts) for parts in zip(*results))
-        return torch.cat(results)
+        """`function(block, rows)` on each block of rows of `responses`, trimmed of the padding its rows do not need;
+        the results (`[b]` or `[b, w]` each) put back in row order, `[B]` or `[B, R]`."""
+        blocks = self.blocks(responses)
+        results = []
+        for rows in blocks:
+            block = responses.select(rows, max(int(responses.response_mask[rows].sum(-1).max()), 1))
+            result = function(block, rows)
+            results.append(result if isinstance(result, tuple) else (result,))
+        order = torch.cat(blocks)
+        merged = []
+        for pieces in zip(*results):  # one quantity, block by block
+            by_block = torch.cat([_widen(piece, responses.response_length) for piece in pieces])
+            merged.append(torch.empty_like(by_block).index_copy_(0, order, by_block))
+        return tuple(merged) if isinstance(result, tuple) else merged[0]
 
     @torch.no_grad()
     def make(self, responses: Responses) -> Experience:
@@ -139,10 +152,14 @@ class ExperienceMaker:
         raw_score = None
         if self.scorers.score is not None:
             raw_score = self.in_blocks(
-                responses, lambda block, rows: self.scorers.score(block, ref_logprobs[rows])
+                responses,
+                lambda block, rows: self.scorers.score(block, ref_logprobs[rows, : block.response_length]),
             )
         dense = [
-            self.in_blocks(responses, lambda block, rows, scorer=scorer: scorer(block, ref_logprobs[rows]))
+            self.in_blocks(
+                responses,
+                lambda block, rows, scorer=scorer: scorer(block, ref_logprobs[rows, : block.response_length]),
+            )
             for scorer in self.scorers.dense
         ]
         kl = kl_penalty(old_logprobs, ref_logprobs, self.ppo.kl_estimator, mask=mask)
@@ -184,3 +201,8 @@ class ExperienceMaker:
         if self.scorers.score_clip is not None:
             score = clamp_scores(score, self.scorers.score_clip)
         return self.scorers.score_weight * score
+
+
+def _widen(piece: torch.Tensor, width: int) -> torch.Tensor:
+    """A block's per-token result `[b, w]` padded with zeros to the rollout's `[b, width]`; `[b]` as it is."""
+    return torch.nn.functional.pad(piece, (0, width - piece.shape[1])) if piece.dim() == 2 else piece

@@ -6,7 +6,13 @@ import torch
 from torch import nn
 
 from dvpo_lightning.algos import entropy_from_logits, last_token_values, token_logprobs
-from dvpo_lightning.models import is_lora, response_logits, response_values
+from dvpo_lightning.models import (
+    is_lora,
+    recomputes_activations,
+    response_logits,
+    response_values,
+    shared_prompt_response_logits,
+)
 from dvpo_lightning.rl.sequences import Sequences
 
 
@@ -18,8 +24,7 @@ def policy_logprobs(
     Logits are divided by the sampling temperature, so the log-probs are those of the distribution the
     responses were sampled from.
     """
-    input_ids, attention_mask = sequences.model_inputs()
-    logits = response_logits(policy, input_ids, attention_mask, sequences.response_length)  # [B, R, V]
+    logits = sequence_logits(policy, sequences)  # [B, R, V]
     if temperature != 1.0:
         logits = logits / temperature
     logprobs = token_logprobs(logits, sequences.response_input_ids, mask=sequences.response_mask)
@@ -28,6 +33,22 @@ def policy_logprobs(
         with torch.no_grad():
             entropy = entropy_from_logits(logits.detach(), mask=sequences.response_mask)
     return logprobs, entropy
+
+
+def sequence_logits(policy: nn.Module, sequences: Sequences) -> torch.Tensor:
+    """Logits `[B, R, V]` that predict each response token; rows that share a prompt (`prompt_of_row`) read it once,
+    unless the policy recomputes activations (gradient checkpointing turns its KV cache off)."""
+    if sequences.prompt_of_row is not None and not recomputes_activations(policy):
+        return shared_prompt_response_logits(
+            policy,
+            sequences.prompt_input_ids,
+            sequences.prompt_attention_mask,
+            sequences.prompt_of_row,
+            sequences.response_input_ids,
+            sequences.response_mask,
+        )
+    input_ids, attention_mask = sequences.model_inputs()
+    return response_logits(policy, input_ids, attention_mask, sequences.response_length)
 
 
 def state_values(value_model: nn.Module, sequences: Sequences) -> torch.Tensor:

@@ -7,7 +7,7 @@ response block.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,6 +22,9 @@ class Sequences:
     prompt_attention_mask: torch.Tensor  # [B, P] bool
     response_input_ids: torch.Tensor  # [B, R]
     response_mask: torch.Tensor  # [B, R] bool
+    #: [B] long: row `i` answers the prompt of row `prompt_of_row[i]` (a pair's chosen and rejected responses); a
+    #: policy then runs each prompt once (`models.shared_prompt_response_logits`). None: rows share no prompt.
+    prompt_of_row: torch.Tensor | None = field(default=None, kw_only=True)
 
     def model_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """`(input_ids, attention_mask)` `[B, P + R]`."""
@@ -52,12 +55,19 @@ class Responses(Sequences):
     def lengths(self) -> torch.Tensor:  # [B]
         return self.response_mask.sum(-1)
 
+    @property
+    def total_lengths(self) -> torch.Tensor:  # [B] real prompt and response tokens of each row
+        return self.prompt_attention_mask.sum(-1) + self.response_mask.sum(-1)
+
     def select(self, rows: torch.Tensor | slice, width: int | None = None) -> Responses:
-        """Rows `rows`, with the response block cut to `width` columns when given."""
+        """Rows `rows`, with the response block cut to `width` columns when given and the prompt block to their
+        longest prompt (padding columns only: no number changes)."""
+        prompt_mask = self.prompt_attention_mask[rows]
+        prompt_columns = slice(prompt_mask.shape[1] - int(prompt_mask.sum(-1).max()), None)
         columns = slice(None, width)
         return Responses(
-            self.prompt_input_ids[rows],
-            self.prompt_attention_mask[rows],
+            self.prompt_input_ids[rows][:, prompt_columns],
+            prompt_mask[:, prompt_columns],
             self.response_input_ids[rows][:, columns],
             self.response_mask[rows][:, columns],
             self.finished[rows],
@@ -74,11 +84,13 @@ def sft_sequences(batch: dict) -> Sequences:
 
 
 def pair_sequences(batch: dict) -> Sequences:
-    """Chosen and rejected responses of a pairs batch as one `[2B]` batch: rows `:B` chosen, `B:` rejected."""
+    """Chosen and rejected responses of a pairs batch as one `[2B]` batch: rows `:B` chosen, `B:` rejected, the
+    rejected rows marked as answering the prompts of the chosen ones (a policy reads each prompt once)."""
     prompt_ids, prompt_mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
     return Sequences(
         torch.cat([prompt_ids, prompt_ids]),
         torch.cat([prompt_mask, prompt_mask]),
         torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]]),
         torch.cat([batch["chosen_mask"], batch["rejected_mask"]]),
+        prompt_of_row=torch.arange(len(prompt_ids), device=prompt_ids.device).repeat(2),
     )
