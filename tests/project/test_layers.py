@@ -87,3 +87,26 @@ def test_no_lightning_module_computes_an_advantage_or_an_rl_loss():
         if name in ENGINE_FORMULAS
     ]
     assert offenders == []
+
+
+#: "about 200 lines": a LightningModule file holds a stage's choices and Lightning's hooks; what stages share goes to
+#: the helper modules beside them (docs/design.md, "Modules").
+MODULE_FILE_LINES = 215
+
+
+def test_lightning_module_files_stay_short():
+    defines_a_module = [
+        path
+        for path in (PACKAGE / "modules").glob("*.py")
+        if any(
+            isinstance(node, ast.ClassDef) and node.name.endswith("Module")
+            for node in ast.parse(path.read_text()).body
+        )
+    ]
+    assert len(defines_a_module) >= 10  # every stage's module, so the check cannot pass by finding none
+    too_long = {
+        path.name: lines
+        for path in defines_a_module
+        if (lines := len(path.read_text().splitlines())) > MODULE_FILE_LINES
+    }
+    assert too_long == {}

@@ -7,49 +7,35 @@ take no part in the module's `state_dict()`: they are rebuilt from their paths, 
 or a distributed checkpoint under FSDP2) holds only what training changed, and loading still checks every
 trained key.
 
-Before any model is built, every model the stage will load by path is checked (`check_model_sources`): a local
-path that does not exist, or a model saved with another tokenizer than the run's, fails naming the option. The
-export records the run's lineage and carries a model card (`modules.lineage`, `models.lineage`, `models.card`);
-inputs from different SFT exports, or rewritten since the run began, are warned about.
+Before any model is built, every model the stage will load by path is checked (`modules.checks`): a local path
+that does not exist, or a model saved with another tokenizer than the run's, fails naming the option. The export
+(`modules.export`) records the run's lineage and carries a model card (`modules.lineage`, `models.lineage`,
+`models.card`); inputs from different SFT exports, or rewritten since the run began, are warned about.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import time
 from typing import ClassVar
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from dvpo_lightning.data.sources import is_local
-from dvpo_lightning.models import (
-    ModelSpec,
-    build_policy,
-    build_value_model,
-    check_tokenizer_matches,
-    context_length,
-    export_model,
-    freeze,
-    is_lora,
-)
-from dvpo_lightning.modules.lineage import (
-    current_inputs,
-    export_record,
-    warn_if_inputs_disagree,
-    warn_if_inputs_rewritten,
-)
+from dvpo_lightning.models import ModelSpec, freeze
+from dvpo_lightning.modules.checks import check_model_sources, check_sequences_fit
+from dvpo_lightning.modules.export import export_stage
+from dvpo_lightning.modules.frozen import leave_frozen_models_out_of_checkpoints
+from dvpo_lightning.modules.lineage import current_inputs, warn_if_inputs_disagree, warn_if_inputs_rewritten
 from dvpo_lightning.modules.optim import (
     OptimConfig,
     build_optimizer,
     build_scheduler,
     trainable_parameter_groups,
 )
-from dvpo_lightning.modules.sharding import FSDPConfig, full_state_dict, is_sharded, shard_model
-from dvpo_lightning.rl import Sequences, decode_responses
+from dvpo_lightning.modules.samples import scored_pair_rows
+from dvpo_lightning.modules.sharding import FSDPConfig, shard_model
+from dvpo_lightning.rl import Sequences
 
 
 class RLHFModule(pl.LightningModule):
@@ -78,7 +64,6 @@ class RLHFModule(pl.LightningModule):
         self.tokenizer = tokenizer
         self.export_dir = export_dir
         self.fsdp = fsdp or FSDPConfig()
-        self.phase_seconds: dict[str, float] = {}
         #: names of the current batch's quantities found non-finite (e.g. "advantages"); while it is not empty the
         #: `NonFiniteGuard` callback skips the batch's optimiser steps.
         self.nonfinite_quantities: list[str] = []
@@ -89,8 +74,7 @@ class RLHFModule(pl.LightningModule):
         #: identity and lineage record of each model loaded by path, as the run began (`modules.lineage`)
         self.inputs_at_start: dict[str, dict] | None = None
         self._models_built = False
-        self.register_state_dict_post_hook(_drop_frozen_entries)
-        self.register_load_state_dict_post_hook(_forgive_missing_frozen_entries)
+        leave_frozen_models_out_of_checkpoints(self)
 
     # ----------------------------------------------------------------------------------------- models
     def build_models(self) -> None:
@@ -121,28 +105,16 @@ class RLHFModule(pl.LightningModule):
                 shard_model(model, mesh, self.fsdp, frozen=name in self.frozen_models)
 
     def check_sequences_fit(self, datamodule=None) -> None:
-        """Refuse training data whose prompt + response limits exceed a model's context.
+        """Refuse data whose prompt + response limits exceed a model's context (`modules.checks`).
 
-        Past its context a model with learned positions fails with an index error deep inside its embedding (one
-        with rotary positions silently reads positions it never saw). The contexts come from the models' configs,
-        so the `dvpo` CLI runs this before the data is loaded (`datamodule` is then the run's, not yet attached to
-        a trainer); `configure_model` runs it again for runs that are not started by the CLI. On-policy stages
-        check each rollout instead (`PolicyModule.prompts_with_room`), since their responses are generated.
+        The `dvpo` CLI runs this before the data is loaded (`datamodule` is then the run's, not yet attached to a
+        trainer); `configure_model` runs it again for runs the CLI did not start. On-policy stages check each
+        rollout instead (`modules.rooms`), since their responses are generated.
         """
         if datamodule is None:
             datamodule = self.trainer.datamodule if self._trainer is not None else None
-        if datamodule is None or self.data_mode == "prompts":
-            return
-        longest = datamodule.max_prompt_length + datamodule.max_response_length
-        for option, spec in self.model_specs().items():
-            context = context_length(spec)
-            if context is not None and longest > context:
-                raise ValueError(
-                    f"{type(self).__name__}: --data.init_args.max_prompt_length={datamodule.max_prompt_length} plus "
-                    f"--data.init_args.max_response_length={datamodule.max_response_length} allow {longest}-token "
-                    f"sequences, but the model `{option}` ({spec.describe()}) reads at most {context} (its "
-                    "max_position_embeddings): lower those limits or use a model with a longer context"
-                )
+        if datamodule is not None and self.data_mode != "prompts":
+            check_sequences_fit(type(self).__name__, self.model_specs(), datamodule)
 
     def model_specs(self) -> dict[str, ModelSpec]:
         """The spec of every model the stage builds, by option name (`policy`, `value_model`, ...).
@@ -157,19 +129,7 @@ class RLHFModule(pl.LightningModule):
 
     def check_model_sources(self) -> None:
         """Refuse, before anything is loaded, a model path that does not exist or a model of another tokenizer."""
-        checked = set()
-        for option, spec in self.model_specs().items():
-            path = spec.name_or_path
-            if path is None or path in checked:
-                continue  # an inline architecture, or a model already checked under another option
-            checked.add(path)
-            if is_local(path) and not os.path.exists(os.path.expanduser(path)):
-                raise FileNotFoundError(
-                    f"{type(self).__name__} option `{option}`: name_or_path {path!r} does not exist; export that "
-                    "model first (run the stage that writes it) or correct the path"
-                )
-            role = (self.exported_model if option == "model" else option).replace("_", " ")
-            check_tokenizer_matches(path, self.tokenizer, role, option=option)
+        check_model_sources(type(self).__name__, self.model_specs(), self.tokenizer, self.exported_model)
 
     def hf_models(self) -> dict[str, torch.nn.Module]:
         """The stage's Hugging Face models (trained and frozen) by attribute name."""
@@ -210,27 +170,9 @@ class RLHFModule(pl.LightningModule):
         return {}
 
     def export(self, directory: str | None = None) -> str:
-        """Write the stage's result as an HF directory (rank zero writes; every rank returns the path).
-
-        A sharded model is gathered first (a collective: every rank takes part); a sharded LoRA model is loaded into
-        an unsharded twin on rank zero, whose adapters are then merged as usual.
-        """
+        """Write the stage's result as an HF directory (`modules.export`); every rank returns the path."""
         directory = directory or self.default_export_dir()
-        model = getattr(self, self.exported_model)
-        state = full_state_dict(model) if is_sharded(model) else None
-        if self._trainer is None or self.trainer.is_global_zero:
-            if state is not None and is_lora(model):
-                build = build_policy if self.exported_model == "policy" else build_value_model
-                model = build(self.exported_model_spec(), self.tokenizer)
-                model.load_state_dict(state)
-                state = None
-            inputs = self.inputs_at_start if self.inputs_at_start is not None else current_inputs(self)
-            warn_if_inputs_rewritten(self, inputs)
-            info = {**export_record(self, directory, inputs), **self.export_info()}
-            export_model(model, self.tokenizer, directory, info=info, state_dict=state)
-            rank_zero_info(f"Exported {self.exported_model} to {directory}")
-        if self._trainer is not None:
-            self.trainer.strategy.barrier("export")
+        export_stage(self, directory)
         return directory
 
     def on_fit_end(self) -> None:
@@ -248,22 +190,8 @@ class RLHFModule(pl.LightningModule):
         self, sequences: Sequences, chosen: torch.Tensor, rejected: torch.Tensor
     ) -> None:
         """Keep a few validation pairs (`sequences`: chosen rows, then rejected) with their scores `[B]`."""
-        if self.validation_samples:
-            return
-        prompts, texts = decode_responses(self.tokenizer, sequences)
-        size = chosen.shape[0]
-        self.remember_validation_samples(
-            [
-                {
-                    "prompt": prompts[row],
-                    "chosen": texts[row],
-                    "rejected": texts[size + row],
-                    "chosen_reward": chosen[row].item(),
-                    "rejected_reward": rejected[row].item(),
-                }
-                for row in range(size)
-            ]
-        )
+        if not self.validation_samples:
+            self.remember_validation_samples(scored_pair_rows(self.tokenizer, sequences, chosen, rejected))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["inputs_at_start"] = self.inputs_at_start
@@ -272,41 +200,3 @@ class RLHFModule(pl.LightningModule):
         if checkpoint.get("inputs_at_start") is not None:
             self.inputs_at_start = checkpoint["inputs_at_start"]
             warn_if_inputs_rewritten(self, self.inputs_at_start)  # the resumed run loads what is there now
-
-    # ------------------------------------------------------------------------------------------- phases
-    @contextlib.contextmanager
-    def phase(self, name: str):
-        """Time one phase of an RL iteration ("generate", "score", "update") and tell callbacks about it.
-
-        Callbacks that define `on_rl_phase_start(trainer, module, phase)` / `on_rl_phase_end(...)` (the peak
-        memory monitor does) are called around the block; the wall time is kept in `phase_seconds[name]`.
-        """
-        callbacks = self.trainer.callbacks if self._trainer is not None else []
-        for callback in callbacks:
-            if hasattr(callback, "on_rl_phase_start"):
-                callback.on_rl_phase_start(self.trainer, self, name)
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            self.phase_seconds[name] = time.perf_counter() - start
-            for callback in callbacks:
-                if hasattr(callback, "on_rl_phase_end"):
-                    callback.on_rl_phase_end(self.trainer, self, name)
-
-
-def _is_frozen_key(module: RLHFModule, key: str, prefix: str) -> bool:
-    return key.startswith(prefix) and key[len(prefix) :].split(".", 1)[0] in module.frozen_models
-
-
-def _drop_frozen_entries(module: RLHFModule, state_dict: dict, prefix: str, local_metadata) -> None:
-    for key in [key for key in state_dict if _is_frozen_key(module, key, prefix)]:
-        del state_dict[key]
-
-
-def _forgive_missing_frozen_entries(module: RLHFModule, incompatible_keys) -> None:
-    incompatible_keys.missing_keys[:] = [
-        key for key in incompatible_keys.missing_keys if not _is_frozen_key(module, key, "")
-    ]

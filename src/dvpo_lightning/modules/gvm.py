@@ -21,10 +21,16 @@ from torchmetrics.regression import PearsonCorrCoef
 from dvpo_lightning.algos import gvm_loss, loss_normalizers, masked_mean, td_lambda_returns
 from dvpo_lightning.models import ModelSpec, build_value_model
 from dvpo_lightning.modules.base import RLHFModule
-from dvpo_lightning.modules.optim import OptimConfig
-from dvpo_lightning.rl import Sequences, final_values, pair_sequences, state_mask, state_values
-
-TERMINAL_REWARDS = ("preference", "score", "reward_model")
+from dvpo_lightning.modules.optim import OptimConfig, schedule_length, step_manually
+from dvpo_lightning.rl import (
+    Sequences,
+    check_terminal_reward,
+    final_values,
+    pair_sequences,
+    state_mask,
+    state_values,
+    terminal_rewards,
+)
 
 
 class GVMModule(RLHFModule):
@@ -84,13 +90,7 @@ class GVMModule(RLHFModule):
                 f"max_grad_norm={max_grad_norm} clips the steps of inner_epochs > 1; with one step per batch Lightning "
                 "clips: set trainer.gradient_clip_val instead"
             )
-        if terminal_reward not in TERMINAL_REWARDS:
-            raise ValueError(f"terminal_reward must be one of {TERMINAL_REWARDS}; got {terminal_reward!r}")
-        if (terminal_reward == "reward_model") != (reward_model is not None):
-            raise ValueError(
-                "terminal_reward='reward_model' and `reward_model` go together: give the reward model's path "
-                f"with it, and only with it (got terminal_reward={terminal_reward!r}, reward_model={reward_model})"
-            )
+        check_terminal_reward(terminal_reward, reward_model)
         self.model_spec = model
         self.reward_model_spec = reward_model
         self.gamma, self.lam = gamma, lam
@@ -131,32 +131,17 @@ class GVMModule(RLHFModule):
             else None
         )
 
-    def terminal_rewards(self, batch: dict, sequences: Sequences) -> torch.Tensor:
-        """Terminal reward `[2B]` of each trajectory: chosen rows first, then rejected."""
-        if self.terminal_reward == "preference":
-            size = batch["chosen_input_ids"].shape[0]
-            sign = torch.cat([torch.ones(size), -torch.ones(size)]).to(self.device)
-            return self.preference_reward * sign
-        if self.terminal_reward == "score":
-            if "chosen_score" not in batch:
-                raise ValueError(
-                    "terminal_reward='score' needs `chosen_score` and `rejected_score` columns in the data; "
-                    "this dataset has none (use terminal_reward='preference' or a reward model)"
-                )
-            return torch.cat([batch["chosen_score"], batch["rejected_score"]]).float()
-        with torch.no_grad():
-            return final_values(state_values(self.reward_model, sequences), sequences.response_mask)
+    def trained_states(self, sequences: Sequences) -> torch.Tensor:
+        """Mask `[2B, R + 1]` of the states the loss fits: s_1..s_T, and the complete response with `train_final_value`."""
+        return state_mask(sequences.response_mask, include_final=self.train_final_value)
 
     def targets(self, batch: dict, sequences: Sequences, values: torch.Tensor) -> torch.Tensor:
         """TD(lambda) targets `[2B, R + 1]` from the values `[2B, R + 1]` (detached) and the terminal rewards."""
         mask = self.trained_states(sequences)
-        return td_lambda_returns(
-            self.terminal_rewards(batch, sequences), values.detach(), mask, self.gamma, self.lam
+        rewards = terminal_rewards(
+            batch, sequences, self.terminal_reward, self.preference_reward, self.reward_model
         )
-
-    def trained_states(self, sequences: Sequences) -> torch.Tensor:
-        """Mask `[2B, R + 1]` of the states the loss fits: s_1..s_T, and the complete response with `train_final_value`."""
-        return state_mask(sequences.response_mask, include_final=self.train_final_value)
+        return td_lambda_returns(rewards, values.detach(), mask, self.gamma, self.lam)
 
     def loss(
         self, sequences: Sequences, values: torch.Tensor, targets: torch.Tensor, training: bool
@@ -186,7 +171,6 @@ class GVMModule(RLHFModule):
     def inner_epoch_steps(self, batch: dict, sequences: Sequences) -> tuple[torch.Tensor, dict]:
         """`inner_epochs` optimiser steps on the batch, towards targets fixed before the first; returns the first
         step's loss and stats (the loss before this batch's updates, as in automatic optimisation)."""
-        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         with torch.no_grad():
             targets = self.targets(batch, sequences, state_values(self.value_model, sequences))
         steps = []
@@ -195,13 +179,7 @@ class GVMModule(RLHFModule):
                 sequences, state_values(self.value_model, sequences), targets, training=True
             )
             self.manual_backward(loss)
-            if self.max_grad_norm is not None:
-                self.clip_gradients(
-                    optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm"
-                )
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
+            step_manually(self, self.max_grad_norm)
             steps.append((loss.detach(), stats))
             if 0 < self.trainer.max_steps <= self.global_step:
                 break  # the budget ends inside this batch's steps
@@ -215,11 +193,10 @@ class GVMModule(RLHFModule):
         mean_value = masked_mean(values, state_mask(mask, include_final=False), dim=-1)  # [2B]
         final_value = final_values(values, mask)  # [2B]
         self.val_loss.update(loss, weight=mask.shape[0])
-        for metric, value in (
-            (self.val_accuracy_mean_value, mean_value),
-            (self.val_accuracy_final_value, final_value),
+        for metric, (chosen, rejected) in (
+            (self.val_accuracy_mean_value, mean_value.chunk(2)),
+            (self.val_accuracy_final_value, final_value.chunk(2)),
         ):
-            chosen, rejected = value.chunk(2)
             metric.update((chosen > rejected).float())
         self.log("val/loss", self.val_loss)
         self.log("val/accuracy_mean_value", self.val_accuracy_mean_value)
@@ -232,8 +209,6 @@ class GVMModule(RLHFModule):
             self.log("val/score_pearson", self.val_score_pearson)
 
     def configure_optimizers(self):
-        # Optimiser steps: `max_steps` counts them; without it, each batch takes `inner_epochs` of them.
-        steps = self.trainer.max_steps
-        if steps <= 0:
-            steps = self.trainer.estimated_stepping_batches * self.inner_epochs
+        # Each batch takes `inner_epochs` optimiser steps.
+        steps = schedule_length(self.trainer, lambda: self.inner_epochs)
         return self.optimizer_for(self.value_model, self.optim, steps)

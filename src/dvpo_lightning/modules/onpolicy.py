@@ -4,7 +4,7 @@ Algorithms differ only in the models they build (`build_models`), the scorers th
 advantage estimator (the `advantage` option); generating, scoring and updating are `rl`'s (docs/design.md, "The RL
 engine"). `trainer.global_step` counts optimiser steps, so `--trainer.max_steps` is the same unit for every
 algorithm. Degenerate rollouts are handled, not crashed on: prompts without room for a response are dropped, every
-process keeping as many as the one with the fewest (`PolicyModule.prompts_with_room`); responses without EOS are
+process keeping as many as the one with the fewest (`modules.rooms`); responses without EOS are
 scored as unfinished (`ppo.missing_eos_penalty`); non-finite rewards, values, advantages or returns are reported in
 `nonfinite_quantities`, so that the `NonFiniteGuard` callback skips that rollout's steps.
 """
@@ -13,15 +13,19 @@ from __future__ import annotations
 
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 
 from dvpo_lightning.modules.optim import (
     OptimConfig,
     build_optimizer,
     build_scheduler,
+    schedule_length,
+    step_manually,
     trainable_parameter_groups,
 )
+from dvpo_lightning.modules.phases import split_warmup, timed_phase
 from dvpo_lightning.modules.policy import PolicyModule
+from dvpo_lightning.modules.rooms import EmptyBatches, prompts_with_room
 from dvpo_lightning.rl import (
     AdvantageConfig,
     Experience,
@@ -30,10 +34,9 @@ from dvpo_lightning.rl import (
     PPOUpdate,
     SamplingConfig,
     Scorers,
-    clip_grad_norms,
-    experience_metrics,
     generate_responses,
     gold_rewards,
+    iteration_metrics,
     no_eos_warning,
     sample_rows,
     warmup_seconds,
@@ -80,7 +83,8 @@ class OnPolicyModule(PolicyModule):
         self.optim = optim or OptimConfig(lr=1e-6)
         self.kl_controller = self.ppo.build_kl_controller()
         self.last_samples: list[dict] = []
-        self._skipped_batches_in_a_row = 0
+        self.phase_seconds: dict[str, float] = {}  # of the last iteration, by phase (`modules.phases`)
+        self.empty_batches = EmptyBatches()
 
     # ------------------------------------------------------------------------------------- subclass API
     @property
@@ -92,12 +96,7 @@ class OnPolicyModule(PolicyModule):
         raise NotImplementedError
 
     def validation_reward(self, responses, ref_logprobs: torch.Tensor) -> torch.Tensor | None:
-        """The algorithm's reward `[B]` of validation answers: its sequence score, else its value scorer's value of
-        the complete response (DVPO's GVM), as `rollout/reward` logs it."""
-        scorers = self.scorers()
-        if scorers.score is not None:
-            return scorers.score(responses, ref_logprobs)
-        return scorers.values(responses)[1] if scorers.values is not None else None
+        return self.scorers().reward(responses, ref_logprobs)
 
     def trains_policy(self) -> bool:
         """Whether this iteration updates the policy (PPO's critic warm-up iterations do not)."""
@@ -122,24 +121,24 @@ class OnPolicyModule(PolicyModule):
         return PPOUpdate(self.policy, self.critic, self.ppo, self.kl_coef, self.sampling.temperature)
 
     def training_step(self, batch: dict, batch_idx: int) -> dict | None:
-        prompts = self.prompts_with_room(batch, self.sampling, "sampling", "rollout")
+        prompts = prompts_with_room(self, batch, self.sampling, self.context_length(), "sampling", "rollout")
         if prompts is None:
-            self.skip_batch_without_prompts()
+            self.empty_batches.count(self.trainer, self.sampling, self.context_length())
             return None  # nothing to roll out: no optimiser step either
-        self._skipped_batches_in_a_row = 0
+        self.empty_batches.reset()
         prompt_ids, prompt_mask = (
             tensor.repeat_interleave(self.ppo.samples_per_prompt, dim=0) for tensor in prompts
         )
         compiled_before = warmup_seconds(self.policy)
-        with self.phase("generate"), self.policy_for_generation():
+        with timed_phase(self, "generate"), self.policy_for_generation():
             responses = generate_responses(
                 self.policy, prompt_ids, prompt_mask, self.sampling, self.tokenizer
             )
-        self.split_warmup(warmup_seconds(self.policy) - compiled_before)
-        with self.phase("score"):
+        split_warmup(self.phase_seconds, warmup_seconds(self.policy) - compiled_before, self.sampling.backend)
+        with timed_phase(self, "score"):
             experience = self.experience_maker().make(responses)
             self.nonfinite_quantities = experience.nonfinite_quantities()
-        with self.phase("update"):
+        with timed_phase(self, "update"):
             update_stats = self.updater().run(
                 experience, self.manual_backward, self.optimizer_step_with_clipping, self.trains_policy()
             )
@@ -147,55 +146,25 @@ class OnPolicyModule(PolicyModule):
         tokens = responses.response_mask.sum() + responses.prompt_attention_mask.sum()
         return {"num_tokens": tokens, "num_samples": len(experience)}
 
-    def split_warmup(self, seconds: float) -> None:
-        """Move the rollout backend's compile and warm-up time out of this iteration's `generate` time into
-        `time/compile` (logged in the iterations that compiled; `sampling.backend: compiled`)."""
-        self.phase_seconds.pop("compile", None)
-        if seconds > 0:
-            self.phase_seconds["generate"] -= seconds
-            self.phase_seconds["compile"] = seconds
-            rank_zero_info(
-                f"sampling.backend={self.sampling.backend}: compiled and warmed up in {seconds:.1f} s"
-            )
-
     def optimizer_step_with_clipping(self) -> dict[str, float]:
-        """Clip each trained model's gradient norm, step the optimiser and the schedule; the norms before clipping.
-
-        Under FSDP1 (`FSDPStrategy`) a parameter's gradient is a local shard, so the norm must come from the FSDP
-        root: Lightning's `clip_gradients` clips all trained parameters together there.
-        """
-        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        """One optimiser step with the gradient norms clipped (`modules.optim.step_manually`); the norms before
+        clipping. Under FSDP1 (`FSDPStrategy`) all trained parameters are clipped together and no norm is returned."""
         if isinstance(self.trainer.strategy, FSDPStrategy):
-            norms = {}
-            if self.ppo.max_grad_norm is not None:
-                self.clip_gradients(
-                    optimizer, gradient_clip_val=self.ppo.max_grad_norm, gradient_clip_algorithm="norm"
-                )
-        else:
-            models = {"policy/grad_norm": self.policy}
-            if self.critic is not None:
-                models["value/grad_norm"] = self.critic
-            norms = clip_grad_norms(models, self.ppo.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        return norms
+            return step_manually(self, self.ppo.max_grad_norm)
+        models = {"policy/grad_norm": self.policy}
+        if self.critic is not None:
+            models["value/grad_norm"] = self.critic
+        return step_manually(self, self.ppo.max_grad_norm, models)
 
     # ----------------------------------------------------------------------------------------- logging
     def log_iteration(self, experience: Experience, update_stats: dict[str, float]) -> None:
         responses = experience.responses
         if not bool(responses.finished.any()):
             rank_zero_warn(no_eos_warning(self.sampling.max_new_tokens, self.ppo.missing_eos_penalty))
-        metrics = {
-            **experience_metrics(experience),
-            "kl/coef": torch.tensor(self.kl_controller.value),
-            **{f"time/{name}": torch.tensor(seconds) for name, seconds in self.phase_seconds.items()},
-            **{name: torch.tensor(value) for name, value in update_stats.items()},
-        }
-        gold = None
-        if self.gold_task is not None:
-            gold, fraction = gold_rewards(self.gold_task, self.tokenizer, responses)
-            metrics["rollout/gold_reward"], metrics["rollout/gold_fraction"] = gold.mean(), fraction.mean()
+        gold = gold_rewards(self.gold_task, self.tokenizer, responses) if self.gold_task is not None else None
+        metrics = iteration_metrics(
+            experience, update_stats, self.kl_controller.value, self.phase_seconds, gold
+        )
         size = len(experience)
         for name, value in metrics.items():
             self.log(
@@ -207,23 +176,9 @@ class OnPolicyModule(PolicyModule):
             )
         mean_kl = float(self.trainer.strategy.reduce(metrics["kl/k1"], reduce_op="mean"))
         self.kl_controller.update(mean_kl, n_steps=size * self.trainer.world_size)
-        self.last_samples = sample_rows(experience, self.tokenizer, gold)
-
-    def skip_batch_without_prompts(self) -> None:
-        """Count a skipped batch; an epoch's worth of them in a row means no batch will ever train: an error."""
-        self._skipped_batches_in_a_row += 1
-        if self._skipped_batches_in_a_row >= self.trainer.num_training_batches:
-            raise ValueError(
-                f"{self._skipped_batches_in_a_row} training batches in a row (an epoch's worth) had no prompt with "
-                f"room for a response of sampling.max_new_tokens={self.sampling.max_new_tokens} tokens in the "
-                f"policy's context of {self.context_length()} tokens: lower data.max_prompt_length or "
-                "sampling.max_new_tokens"
-            )
+        self.last_samples = sample_rows(experience, self.tokenizer, gold[0] if gold is not None else None)
 
     # ---------------------------------------------------------------------------------------- plumbing
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self.evaluate_generations(batch)
-
     def trained_parameter_groups(self) -> list[dict]:
         """Parameter groups of every trained model, each with its own learning rate and decay."""
         groups = trainable_parameter_groups(self.policy, self.optim.weight_decay)
@@ -232,18 +187,19 @@ class OnPolicyModule(PolicyModule):
         return groups
 
     def configure_optimizers(self):
-        if self.trainer.max_steps > 0:
-            total = self.trainer.max_steps
-        elif getattr(self.trainer, "datamodule", None) is None:
+        optimizer = build_optimizer(self.trained_parameter_groups(), self.optim)
+        total = schedule_length(self.trainer, self.optimizer_steps_per_batch)
+        return [optimizer], [build_scheduler(optimizer, self.optim, total)]
+
+    def optimizer_steps_per_batch(self) -> int:
+        if getattr(self.trainer, "datamodule", None) is None:
             raise ValueError(
                 "without a data module the rollout size is unknown, so the LR schedule cannot be sized from the "
                 "number of iterations: set --trainer.max_steps (optimiser steps)"
             )
-        else:
-            rollout = self.trainer.datamodule.batch_size * self.ppo.samples_per_prompt
-            total = self.trainer.estimated_stepping_batches * self.ppo.optimizer_steps_per_rollout(rollout)
-        optimizer = build_optimizer(self.trained_parameter_groups(), self.optim)
-        return [optimizer], [build_scheduler(optimizer, self.optim, int(total))]
+        return self.ppo.optimizer_steps_per_rollout(
+            self.trainer.datamodule.batch_size * self.ppo.samples_per_prompt
+        )
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+import lightning.pytorch as pl
 import torch
 from torch import nn
+
+from dvpo_lightning.rl import clip_grad_norms
 
 OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor")
 SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine_with_min_lr"}
@@ -93,3 +96,32 @@ def build_scheduler(
         num_training_steps=max(total_steps, 1),
         scheduler_specific_kwargs=extra,
     )
+
+
+def step_manually(
+    module: pl.LightningModule, max_grad_norm: float | None, norms_of: dict[str, nn.Module] | None = None
+) -> dict[str, float]:
+    """One optimiser step of a module that optimises manually: clip, step, zero the gradients, step the schedule.
+
+    With `norms_of` (metric name -> model) each model's gradient norm is clipped on its own and the norms before
+    clipping are returned. Without it Lightning's `clip_gradients` clips all trained parameters together, which
+    FSDP1 (`FSDPStrategy`) needs: there a parameter's gradient is a local shard, and only the FSDP root knows the norm.
+    """
+    optimizer, scheduler = module.optimizers(), module.lr_schedulers()
+    norms = {}
+    if norms_of is not None:
+        norms = clip_grad_norms(norms_of, max_grad_norm)
+    elif max_grad_norm is not None:
+        module.clip_gradients(optimizer, gradient_clip_val=max_grad_norm, gradient_clip_algorithm="norm")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    return norms
+
+
+def schedule_length(trainer: pl.Trainer, steps_per_batch: Callable[[], int]) -> int:
+    """The optimiser steps a learning-rate schedule spans: `--trainer.max_steps` when set (it counts optimiser steps
+    in every stage), else the fit's batches times `steps_per_batch()` (called only then)."""
+    if trainer.max_steps > 0:
+        return trainer.max_steps
+    return int(trainer.estimated_stepping_batches * steps_per_batch())

@@ -5,16 +5,16 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 
 from dvpo_lightning.algos import sequence_kl
 from dvpo_lightning.models import ModelSpec, build_policy
 from dvpo_lightning.modules.base import RLHFModule
+from dvpo_lightning.modules.rooms import prompts_with_room
+from dvpo_lightning.modules.samples import answer_rows
 from dvpo_lightning.modules.sharding import gathered
 from dvpo_lightning.rl import (
     SamplingConfig,
     Sequences,
-    decode_responses,
     generate_responses,
     gold_rewards,
     policy_logprobs,
@@ -36,7 +36,7 @@ class PolicyModule(RLHFModule):
     validation are kept in `validation_samples`.
 
     Room for a response: a prompt is only answered when a whole response of `max_new_tokens` fits after it in the
-    policy's context (`max_position_embeddings`); longer prompts are dropped and counted (`prompts_with_room`).
+    policy's context (`max_position_embeddings`); longer prompts are dropped and counted (`modules.rooms`).
 
     Args:
         policy: the policy to train, usually the SFT export.
@@ -109,73 +109,21 @@ class PolicyModule(RLHFModule):
         """The policy's context in tokens (its config's `max_position_embeddings`), or None if it names none."""
         return getattr(getattr(self.policy, "config", None), "max_position_embeddings", None)
 
-    def prompts_with_room(
-        self, batch: dict, sampling: SamplingConfig, option: str, prefix: str
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The batch's prompt ids and mask `[B', P]`, without the prompts that leave no room in the policy's context
-        for a response of `sampling.max_new_tokens` tokens; None when no prompt is left on some process.
-
-        Past its context a model with learned positions fails with an index error deep inside its embedding, and
-        one with rotary positions answers from positions it never saw, so such prompts are dropped, with a warning,
-        and counted in `<prefix>/prompts_without_room`. Every process then keeps as many prompts as the process that
-        kept the fewest (the first ones with room; the others counted in `<prefix>/prompts_dropped_to_balance`):
-        equal rollouts give every process the same mini-batches, optimiser steps and collectives, which would
-        otherwise pair up wrongly or hang. A batch left empty on any process is thus skipped by every process.
-        """
-        ids, mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
-        context = self.context_length()
-        if context is None:
-            return ids, mask
-        if sampling.max_new_tokens >= context:
-            raise ValueError(
-                f"{option}.max_new_tokens={sampling.max_new_tokens} leaves no room for a prompt in the policy's "
-                f"context of {context} tokens (max_position_embeddings): lower {option}.max_new_tokens"
-            )
-        fits = mask.sum(-1) + sampling.max_new_tokens <= context  # [B]
-        dropped = int((~fits).sum())
-        self.log(f"{prefix}/prompts_without_room", float(dropped), batch_size=len(fits), sync_dist=True)
-        if dropped:
-            rank_zero_warn(
-                f"Prompts that leave no room for a response of {option}.max_new_tokens={sampling.max_new_tokens} "
-                f"tokens in the policy's context of {context} tokens are dropped (counted in "
-                f"{prefix}/prompts_without_room); lower data.max_prompt_length or {option}.max_new_tokens to keep them"
-            )
-        kept = self.fewest_on_any_rank(fits)
-        self.log(
-            f"{prefix}/prompts_dropped_to_balance",
-            float(fits.sum() - kept.sum()),
-            batch_size=len(fits),
-            sync_dist=True,
-        )
-        if not bool(kept.any()):
-            rank_zero_warn(
-                f"A {prefix} batch has no prompt with room for a response of {option}.max_new_tokens="
-                f"{sampling.max_new_tokens} tokens in the policy's context of {context} tokens (on at least one "
-                "process): the batch is skipped"
-            )
-            return None
-        return ids[kept], mask[kept]
-
-    def fewest_on_any_rank(self, rows: torch.Tensor) -> torch.Tensor:
-        """`rows [B]` (bool) less its last true rows, so that it has as many as the process with the fewest."""
-        count = rows.sum()
-        fewest = (
-            self.trainer.strategy.reduce(count.clone(), reduce_op="min")
-            if self._trainer is not None
-            else count
-        )
-        return rows & (rows.long().cumsum(0) <= fewest)
-
     def validation_reward(self, responses, ref_logprobs: torch.Tensor) -> torch.Tensor | None:
         """The stage's own reward `[B]` of validation answers, where it has one (on-policy stages)."""
         return None
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.evaluate_generations(batch)
 
     @torch.no_grad()
     def evaluate_generations(self, batch: dict, prefix: str = "val") -> None:
         """Answer the batch's prompts with the policy and log what the answers are worth."""
         if self.eval_sampling is None:
             return
-        prompts = self.prompts_with_room(batch, self.eval_sampling, "eval_sampling", prefix)
+        prompts = prompts_with_room(
+            self, batch, self.eval_sampling, self.context_length(), "eval_sampling", prefix
+        )
         if prompts is None:
             return
         responses = generate_responses(self.policy, *prompts, self.eval_sampling, self.tokenizer)
@@ -208,14 +156,4 @@ class PolicyModule(RLHFModule):
         for name, value in metrics.items():
             self.log(f"{prefix}/{name}", value, batch_size=mask.shape[0], sync_dist=True)
         if prefix == "val" and not self.validation_samples:
-            prompts_text, texts = decode_responses(self.tokenizer, responses)
-            self.remember_validation_samples(
-                [
-                    {
-                        "prompt": prompt,
-                        "response": text,
-                        **{key: value[row].item() for key, value in per_response.items()},
-                    }
-                    for row, (prompt, text) in enumerate(zip(prompts_text, texts))
-                ]
-            )
+            self.remember_validation_samples(answer_rows(self.tokenizer, responses, per_response))

@@ -19,7 +19,7 @@ from dvpo_lightning.rl.forward import (
     state_mask,
     state_values,
 )
-from dvpo_lightning.rl.metrics import experience_metrics, no_eos_warning, sample_rows
+from dvpo_lightning.rl.metrics import experience_metrics, iteration_metrics, no_eos_warning, sample_rows
 from dvpo_lightning.rl.rollout import (
     ROLLOUT_BACKENDS,
     SamplingConfig,
@@ -39,6 +39,7 @@ from dvpo_lightning.rl.scorers import (
 )
 from dvpo_lightning.rl.sequences import Responses, Sequences, pair_sequences, sft_sequences
 from dvpo_lightning.rl.update import PPOUpdate, clip_grad_norms
+from dvpo_lightning.rl.value_targets import TERMINAL_REWARDS, check_terminal_reward, terminal_rewards
 
 __all__ = [
     "ROLLOUT_BACKENDS",
@@ -56,9 +57,12 @@ __all__ = [
     "SequenceValue",
     "Sequences",
     "StateValues",
+    "TERMINAL_REWARDS",
+    "check_terminal_reward",
     "clip_grad_norms",
     "decode_responses",
     "experience_metrics",
+    "iteration_metrics",
     "final_values",
     "generate_responses",
     "no_eos_warning",
@@ -69,6 +73,7 @@ __all__ = [
     "reference_logprobs",
     "register_rollout_backend",
     "sample_rows",
+    "terminal_rewards",
     "sft_sequences",
     "state_mask",
     "state_values",

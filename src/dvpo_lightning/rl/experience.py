@@ -94,6 +94,13 @@ class Scorers:
     score_clip: float | None = None  # clamp of the (penalised) score
     score_weight: float = 1.0  # weight of the (penalised, clamped) score
 
+    def reward(self, responses: Responses, ref_logprobs: torch.Tensor) -> torch.Tensor | None:
+        """The reward `[B]` of answers as `rollout/reward` logs it: the sequence score, else the value scorer's value
+        of the complete response (DVPO's GVM); None for neither."""
+        if self.score is not None:
+            return self.score(responses, ref_logprobs)
+        return self.values(responses)[1] if self.values is not None else None
+
 
 class ExperienceMaker:
     """Scores rollouts of `policy` against its reference with `scorers`, the KL coefficient `kl_coef()` and the

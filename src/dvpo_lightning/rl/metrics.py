@@ -34,6 +34,27 @@ def experience_metrics(experience: Experience) -> dict[str, torch.Tensor]:
     return metrics
 
 
+def iteration_metrics(
+    experience: Experience,
+    update_stats: dict[str, float],
+    kl_coef: float,
+    phase_seconds: dict[str, float],
+    gold: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """What one RL iteration logs: its experience's metrics, the KL coefficient (`kl/coef`), each phase's wall time
+    (`time/<phase>`), the update's statistics and, on the built-in task, the gold reward and its fraction of the
+    optimum of each response (`gold`: two `[B]`)."""
+    metrics = {
+        **experience_metrics(experience),
+        "kl/coef": torch.tensor(kl_coef),
+        **{f"time/{name}": torch.tensor(seconds) for name, seconds in phase_seconds.items()},
+        **{name: torch.tensor(value) for name, value in update_stats.items()},
+    }
+    if gold is not None:
+        metrics["rollout/gold_reward"], metrics["rollout/gold_fraction"] = (part.mean() for part in gold)
+    return metrics
+
+
 def sample_rows(
     experience: Experience, tokenizer: PreTrainedTokenizerBase, gold: torch.Tensor | None, count: int = 4
 ) -> list[dict]:

@@ -1,0 +1,51 @@
+"""The terminal reward of each trajectory of a preference pair: what a value model (DVPO's GVM) is trained towards.
+
+"preference" gives the chosen response `+preference_reward` and the rejected one `-preference_reward`; "score"
+takes the data's `chosen_score` / `rejected_score` columns; "reward_model" a frozen reward model's score of each
+response.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dvpo_lightning.rl.forward import final_values, state_values
+from dvpo_lightning.rl.sequences import Sequences
+
+TERMINAL_REWARDS = ("preference", "score", "reward_model")
+
+
+def check_terminal_reward(terminal_reward: str, reward_model) -> None:
+    """Refuse an unknown `terminal_reward`, or a `reward_model` given without terminal_reward='reward_model'."""
+    if terminal_reward not in TERMINAL_REWARDS:
+        raise ValueError(f"terminal_reward must be one of {TERMINAL_REWARDS}; got {terminal_reward!r}")
+    if (terminal_reward == "reward_model") != (reward_model is not None):
+        raise ValueError(
+            "terminal_reward='reward_model' and `reward_model` go together: give the reward model's path "
+            f"with it, and only with it (got terminal_reward={terminal_reward!r}, reward_model={reward_model})"
+        )
+
+
+def terminal_rewards(
+    batch: dict,
+    sequences: Sequences,
+    terminal_reward: str,
+    preference_reward: float = 1.0,
+    reward_model: nn.Module | None = None,
+) -> torch.Tensor:
+    """Terminal reward `[2B]` of each trajectory of a pair batch (`sequences = pair_sequences(batch)`: chosen rows
+    first, then rejected)."""
+    if terminal_reward == "preference":
+        size = batch["chosen_input_ids"].shape[0]
+        sign = torch.cat([torch.ones(size), -torch.ones(size)]).to(sequences.response_mask.device)
+        return preference_reward * sign
+    if terminal_reward == "score":
+        if "chosen_score" not in batch:
+            raise ValueError(
+                "terminal_reward='score' needs `chosen_score` and `rejected_score` columns in the data; "
+                "this dataset has none (use terminal_reward='preference' or a reward model)"
+            )
+        return torch.cat([batch["chosen_score"], batch["rejected_score"]]).float()
+    with torch.no_grad():
+        return final_values(state_values(reward_model, sequences), sequences.response_mask)
