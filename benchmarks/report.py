@@ -144,6 +144,31 @@ def write_report(report: Report, output: Path, command: str, device: torch.devic
     return markdown
 
 
+def read_parts(directories: Sequence[Path], name: str) -> list[dict]:
+    """The raw results of report `name` in each of `directories` (runs of a benchmark to merge into one report, e.g.
+    one seed each, run in parallel processes); one message naming a directory that has none."""
+    parts = []
+    for directory in directories:
+        path = Path(directory) / f"{name}.json"
+        if not path.exists():
+            raise FileNotFoundError(
+                f"--merge: {directory} has no {name}.json (run that part first, or drop it)"
+            )
+        parts.append(json.loads(path.read_text())["results"])
+    return parts
+
+
+def merged_seeds(parts: Sequence[dict], key: str) -> dict[int, dict]:
+    """`{seed: result}` from every part's `part[key]` (JSON keys are strings); refuses a seed found twice."""
+    merged = {}
+    for part in parts:
+        for seed, result in part[key].items():
+            if int(seed) in merged:
+                raise ValueError(f"--merge: seed {seed} is in more than one of the merged runs")
+            merged[int(seed)] = result
+    return dict(sorted(merged.items()))
+
+
 def write_index(
     output: Path, order: Sequence[str] = ("table", "value", "cost", "rollout", "peer", "gpu")
 ) -> Path:

@@ -6,6 +6,10 @@
     python -m benchmarks.run --only table --seeds 0,1,2 --device cuda
     python -m benchmarks.run --only value --configs configs/hard    # the value benchmark in the hard setting
     python -m benchmarks.run --only value --seeds 0 --fraction 0.25 # a reduced run: a quarter of every budget
+    python -m benchmarks.run --only table --configs configs/hard      # the method comparison in the hard setting
+    # seeds as parallel processes (one core each), then one report from their outputs:
+    python -m benchmarks.run --only value --seeds 0 --output out/s0 & python -m benchmarks.run --only value --seeds 1 --output out/s1
+    python -m benchmarks.run --only value --merge out/s0,out/s1
 
 Each benchmark writes `<output>/<name>.md` (date, machine, command, tables, notes), `<output>/<name>.json` (raw
 numbers) and its figures, and `<output>/README.md` is rewritten to show the latest report of each.
@@ -34,6 +38,7 @@ BENCHMARKS: dict[str, Callable[..., Report]] = {
     "peer": peer.run,
     "value": value.run,
 }
+MERGEABLE = ("table", "value")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -52,13 +57,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--configs",
         type=Path,
         default=value.CONFIGS,
-        help="the configs value trains from (default configs/; configs/hard is the hard setting)",
+        help="the configs table and value train from (default configs/; configs/hard is the hard setting)",
     )
     parser.add_argument(
         "--fraction",
         type=fraction,
         default=None,
         help="value only: a reduced run, this fraction of every config's optimiser steps (default: all of them)",
+    )
+    parser.add_argument(
+        "--merge",
+        type=directories,
+        default=None,
+        help="table and value: instead of running, write one report from the runs written to these comma-separated "
+        "output directories (e.g. one seed each, run as parallel processes)",
     )
     parser.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA when available")
     parser.add_argument(
@@ -74,7 +86,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help=f"where the reports go (default {DEFAULT_OUTPUT}; with --quick {QUICK_OUTPUT})",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.merge and set(args.only) - set(MERGEABLE):
+        parser.error(
+            f"--merge merges {' and '.join(MERGEABLE)} only: add --only {','.join(MERGEABLE)} or a part of it"
+        )
+    return args
 
 
 def names(text: str) -> list[str]:
@@ -85,6 +102,10 @@ def names(text: str) -> list[str]:
             f"unknown benchmark(s) {unknown}; choose from {', '.join(BENCHMARKS)}"
         )
     return chosen
+
+
+def directories(text: str) -> list[Path]:
+    return [Path(part.strip()) for part in text.split(",") if part.strip()]
 
 
 def seeds(text: str) -> list[int]:
@@ -121,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     for name in args.only:
         start = time.perf_counter()
         options = {
-            "table": {"seeds": args.seeds, "output": output},
+            "table": {"seeds": args.seeds, "output": output, "configs": args.configs},
             "value": {
                 "seeds": args.seeds,
                 "output": output,
@@ -129,6 +150,14 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
                 "fraction": args.fraction,
             },
         }.get(name, {})
+        if args.merge:
+            if name == "table":
+                merged = table.merge(args.merge, output, args.configs)
+            else:
+                merged = value.merge(args.merge, args.configs)
+            written[name] = write_report(merged, output, command, device)
+            print(f"[{name}] merged from {len(args.merge)} runs; report: {written[name]}")
+            continue
         try:
             report = BENCHMARKS[name](quick=args.quick, device=device, **options)
         except peer.Skipped as skipped:

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from benchmarks.report import Report, Table, mean_std
+from benchmarks.report import Report, Table, mean_std, merged_seeds, read_parts
 from benchmarks.timing import accelerator
 from dvpo_lightning.demo import StageRun
 from dvpo_lightning.evaluation import evaluate_policy, evaluation_data, win_rate
@@ -69,6 +69,33 @@ def label(name: str) -> str:
     return LABELS.get(name, name.upper())
 
 
+def stages_in(configs: Path) -> tuple[str, ...]:
+    """The stages whose config `configs` holds (`configs/hard` holds the value-model comparison only); refuses a
+    directory without SFT or DVPO, or a stage without the config of a stage it loads."""
+    present = tuple(stage for stage in STAGES if (configs / f"{stage}.yaml").exists())
+    missing = sorted({"sft", "dvpo"} - set(present)) + sorted(
+        f"{upstream} (for {stage})"
+        for stage in present
+        for upstream in INPUTS[stage].values()
+        if upstream not in present
+    )
+    if missing:
+        raise ValueError(
+            f"--configs {configs} lacks the config of {', '.join(missing)}, which the table needs"
+        )
+    return present
+
+
+def dataset_of(configs: Path) -> str:
+    return yaml.safe_load((configs / "sft.yaml").read_text())["data"]["init_args"]["dataset"]
+
+
+def report_name(configs: Path, benchmark: str = "table") -> str:
+    """`<benchmark>`, or `<benchmark>_<setting>` for another configs directory (`table_hard`), so that the report
+    of one setting never overwrites another's."""
+    return benchmark if configs.resolve() == CONFIGS.resolve() else f"{benchmark}_{configs.name}"
+
+
 @dataclass(frozen=True)
 class Budget:
     seeds: tuple[int, ...]
@@ -94,19 +121,26 @@ QUICK = Budget(
 )
 
 
-def budget_note(budget: Budget) -> str:
+def budget_note(budget: Budget, configs: Path, stages: tuple[str, ...]) -> str:
     """The policy stages' budgets, as their configs set them (the configs give PPO, DVPO and RTO equal ones)."""
+    offline_stages = tuple(stage for stage in OFFLINE if stage in stages)
+    on_policy_stages = tuple(stage for stage in ON_POLICY if stage in stages)
     config = {
-        stage: yaml.safe_load((CONFIGS / f"{stage}.yaml").read_text()) for stage in (*OFFLINE, *ON_POLICY)
+        stage: yaml.safe_load((configs / f"{stage}.yaml").read_text())
+        for stage in (*offline_stages, *on_policy_stages)
     }
     offline = {
         stage: (config[stage]["trainer"]["max_steps"], config[stage]["data"]["init_args"]["batch_size"])
-        for stage in OFFLINE
+        for stage in offline_stages
     }
-    if len(set(offline.values())) == 1:
+    if len(offline) == 1:
+        ((stage, (steps, batch)),) = offline.items()
+        offline_note = f"{label(stage)} {steps} optimiser steps of {batch} pairs"
+    elif len(set(offline.values())) == 1:
+        steps, batch = next(iter(offline.values()))
         offline_note = (
-            f"{', '.join(map(label, OFFLINE[:-1]))} and {label(OFFLINE[-1])} {offline['dpo'][0]} optimiser steps of "
-            f"{offline['dpo'][1]} pairs each"
+            f"{', '.join(map(label, offline_stages[:-1]))} and {label(offline_stages[-1])} {steps} optimiser "
+            f"steps of {batch} pairs each"
         )
     else:
         offline_note = "; ".join(
@@ -114,7 +148,7 @@ def budget_note(budget: Budget) -> str:
             for stage, (steps, batch) in offline.items()
         )
     on_policy = {}
-    for stage in ON_POLICY:
+    for stage in on_policy_stages:
         ppo = config[stage]["model"]["init_args"]["ppo"]
         responses = config[stage]["data"]["init_args"]["batch_size"] * ppo.get("samples_per_prompt", 1)
         on_policy[stage] = (
@@ -129,7 +163,7 @@ def budget_note(budget: Budget) -> str:
     rollouts = steps // (epochs * -(-batch // mini_batch))
     note = (
         f"Budgets, from the configs: {offline_note}; every on-policy algorithm {steps} optimiser steps ({rollouts} "
-        f"rollouts of {batch} responses -- GRPO, RLOO and GVM-GRPO: 4 to each of a quarter as many prompts --, "
+        f"rollouts of {batch} responses{grouped_note(on_policy_stages)}, "
         f"{epochs} PPO epochs, mini-batch {mini_batch}), the KL coefficient steered to {kl_target} nats per response; "
         "SFT, RM and GVM as in their configs. Seeds: `--seed_everything` and the SFT model's `init_seed`."
     )
@@ -140,23 +174,64 @@ def budget_note(budget: Budget) -> str:
     return note
 
 
-def run(quick: bool, device: torch.device, output: Path, seeds: list[int] | None = None) -> Report:
+def grouped_note(stages: tuple[str, ...]) -> str:
+    grouped = [label(stage) for stage in ("grpo", "rloo", "gvm_grpo") if stage in stages]
+    if not grouped:
+        return ""
+    names = grouped[0] if len(grouped) == 1 else f"{', '.join(grouped[:-1])} and {grouped[-1]}"
+    return f" -- {names}: 4 to each of a quarter as many prompts --"
+
+
+def run(
+    quick: bool,
+    device: torch.device,
+    output: Path,
+    seeds: list[int] | None = None,
+    configs: Path = CONFIGS,
+) -> Report:
+    stages = stages_in(configs)
     budget = QUICK if quick else FULL
+    name = report_name(configs)
     runs = {}
     for seed in seeds if seeds is not None else budget.seeds:
-        root = output / "runs" / f"seed{seed}"
+        root = output / "runs" / name / f"seed{seed}"
         shutil.rmtree(root, ignore_errors=True)  # scratch of an earlier run: every run starts from nothing
-        runs[seed] = run_seed(seed, root, budget, device)
-    figure = reward_vs_kl(
+        runs[seed] = run_seed(seed, root, budget, device, configs, stages)
+    return make_report(runs, budget, reward_vs_kl_figure(runs, stages, output, name), configs, stages)
+
+
+def merge(directories: list[Path], output: Path, configs: Path = CONFIGS) -> Report:
+    """One report from the table runs written to `directories` (e.g. one seed each, run in parallel processes), all
+    at one budget and from one configs directory; the figure is drawn again in `output`."""
+    name = report_name(configs)
+    parts = read_parts(directories, name)
+    overrides = {tuple(part["budget"]["overrides"]) for part in parts}
+    if len(overrides) != 1:
+        raise ValueError(
+            "--merge: the runs have different budgets (one is a --quick run); merge runs of one budget"
+        )
+    budget = next(known for known in (FULL, QUICK) if tuple(known.stage_overrides("dvpo")) in overrides)
+    runs = merged_seeds(parts, "seeds")
+    stages = stages_in(configs)
+    report = make_report(runs, budget, reward_vs_kl_figure(runs, stages, output, name), configs, stages)
+    report.raw["benchmark_seconds"] = sum(part["benchmark_seconds"] for part in parts)
+    return report
+
+
+def reward_vs_kl_figure(runs: dict[int, dict], stages: tuple[str, ...], output: Path, name: str) -> Path:
+    return reward_vs_kl(
         {
-            label(name): [
-                (seed_run[name]["kl_ref"], seed_run[name]["gold_reward"]) for seed_run in runs.values()
+            label(stage): [
+                (seed_run[stage]["kl_ref"], seed_run[stage]["gold_reward"]) for seed_run in runs.values()
             ]
-            for name in POLICIES
+            for stage in policies_of(stages)
         },
-        output / "table_reward_vs_kl.png",
+        output / f"{name}_reward_vs_kl.png",
     )
-    return make_report(runs, budget, figure)
+
+
+def policies_of(stages: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(stage for stage in POLICIES if stage in stages)
 
 
 def stage_arguments(stage: str, seed: int, root: Path, budget: Budget, device: torch.device) -> list[str]:
@@ -181,13 +256,20 @@ def export_dir(root: Path, stage: str) -> Path:
     return root / stage / "model"
 
 
-def run_seed(seed: int, root: Path, budget: Budget, device: torch.device) -> dict[str, dict]:
+def run_seed(
+    seed: int,
+    root: Path,
+    budget: Budget,
+    device: torch.device,
+    configs: Path = CONFIGS,
+    stages: tuple[str, ...] = STAGES,
+) -> dict[str, dict]:
     """Train every stage for `seed`, then evaluate every policy; returns per stage its cost and evaluation."""
     results, held_out = {}, {}
-    for stage in STAGES:
+    for stage in stages:
         print(f"[table] seed {seed}: {stage}")
         stage_run = StageRun.run(
-            stage, CONFIGS / f"{stage}.yaml", stage_arguments(stage, seed, root, budget, device)
+            stage, configs / f"{stage}.yaml", stage_arguments(stage, seed, root, budget, device)
         )
         results[stage] = {"seconds": stage_run.seconds, "peak_gb": stage_run.peak_gb}
         held_out[stage] = stage_run.held_out
@@ -197,7 +279,7 @@ def run_seed(seed: int, root: Path, budget: Budget, device: torch.device) -> dic
     sampling = SamplingConfig(max_new_tokens=data.max_response_length)
     reports = {
         name: evaluate_policy(str(export_dir(root, name)), sft_dir, data, sampling, device=device)
-        for name in POLICIES
+        for name in policies_of(stages)
     }
     for name, report in reports.items():
         results[name].update(report.summary())
@@ -206,7 +288,13 @@ def run_seed(seed: int, root: Path, budget: Budget, device: torch.device) -> dic
     return results
 
 
-def make_report(runs: dict[int, dict[str, dict]], budget: Budget, figure: Path) -> Report:
+def make_report(
+    runs: dict[int, dict[str, dict]],
+    budget: Budget,
+    figure: Path,
+    configs: Path = CONFIGS,
+    stages: tuple[str, ...] = STAGES,
+) -> Report:
     def column(stage: str, key: str) -> list[float]:
         return [seed_run[stage][key] for seed_run in runs.values()]
 
@@ -232,7 +320,7 @@ def make_report(runs: dict[int, dict[str, dict]], budget: Budget, figure: Path) 
             "stage peak memory (GiB)",
         ],
     )
-    for name in POLICIES:
+    for name in policies_of(stages):
         policies.rows.append(
             [
                 label(name),
@@ -245,17 +333,17 @@ def make_report(runs: dict[int, dict[str, dict]], budget: Budget, figure: Path) 
                 memory(name),
             ]
         )
-    stages = Table(
+    costs = Table(
         "Every stage's cost (mean ± std over seeds)",
         ["stage", "wall time (s)", "peak memory (GiB)"],
-        [[name, mean_std(column(name, "seconds"), digits=0), memory(name)] for name in STAGES],
+        [[name, mean_std(column(name, "seconds"), digits=0), memory(name)] for name in stages],
     )
     per_seed = Table(
         "Per seed",
         ["seed", "algorithm", "gold reward", "fraction of optimum", "win rate vs SFT", "KL to SFT (nats)"],
     )
     for seed, seed_run in runs.items():
-        for name in POLICIES:
+        for name in policies_of(stages):
             result = seed_run[name]
             per_seed.rows.append(
                 [
@@ -269,7 +357,7 @@ def make_report(runs: dict[int, dict[str, dict]], budget: Budget, figure: Path) 
             )
     prompts = next(iter(runs.values()))["sft"]["prompts"]
     notes = [
-        budget_note(budget),
+        budget_note(budget, configs, stages),
         f"Evaluation: {prompts} held-out prompts, one sampled answer each (temperature 1, the same sampling seed "
         "for every policy); gold reward of the built-in task; KL = summed k1 estimate on the policy's own samples "
         "against the seed's SFT policy; win rate against the SFT answers to the same prompts (ties count half).",
@@ -282,10 +370,19 @@ def make_report(runs: dict[int, dict[str, dict]], budget: Budget, figure: Path) 
         "seeds": {str(seed): seed_run for seed, seed_run in runs.items()},
         "budget": {"overrides": budget.stage_overrides("dvpo")},
     }
+    name = report_name(configs)
+    if name != "table":
+        left_out = [label(stage) for stage in POLICIES if stage not in stages]
+        notes.insert(
+            0,
+            f"Setting: the configs of `{configs.name}/` (dataset `{dataset_of(configs)}`); "
+            f"{', '.join(left_out) or 'no algorithm'} left out (no config there).",
+        )
     return Report(
-        "table",
-        "table: SFT, the offline and the on-policy algorithms on the built-in task",
-        [policies, stages, per_seed],
+        name,
+        f"{name}: SFT, the offline and the on-policy algorithms on the built-in task"
+        + ("" if name == "table" else f" (`{configs.name}/` configs)"),
+        [policies, costs, per_seed],
         raw,
         notes,
         [figure],

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.report import Report, Table, mean_std
-from benchmarks.table import export_dir
+from benchmarks.report import Report, Table, mean_std, merged_seeds, read_parts
+from benchmarks.table import export_dir, report_name
 from benchmarks.value_runs import (
     BUILTIN_RUNS,
     FULL,
@@ -106,12 +106,28 @@ def run(
     seeds = tuple(seeds) if seeds is not None else scale.seeds
     builtin, hh = {}, {}
     for seed in seeds:
-        root = output / "runs" / "value" / f"seed{seed}"
+        root = output / "runs" / report_name(configs, "value") / f"seed{seed}"
         shutil.rmtree(root, ignore_errors=True)  # every run starts from nothing
         builtin[seed] = builtin_seed(seed, root / "builtin", scale, device, configs)
         if HH_FILE.exists():
             hh[seed] = hh_seed(seed, root / "hh", scale, device, configs)
     return make_report(builtin, hh, scale, configs)
+
+
+def merge(directories: list[Path], configs: Path = CONFIGS) -> Report:
+    """One report from the value runs written to `directories` (e.g. one seed each, run in parallel processes), all
+    of one scale and one configs directory."""
+    parts = read_parts(directories, report_name(configs, "value"))
+    scales = {part["scale"] for part in parts}
+    if len(scales) != 1:
+        raise ValueError(
+            f"--merge: the runs have different scales ({sorted(scales)}); merge runs of one scale"
+        )
+    name = scales.pop()
+    scale = next((known for known in (FULL, QUICK) if known.name == name), None) or Scale(name, (), 1.0)
+    report = make_report(merged_seeds(parts, "builtin"), merged_seeds(parts, "hh"), scale, configs)
+    report.raw["benchmark_seconds"] = sum(part["benchmark_seconds"] for part in parts)
+    return report
 
 
 # ---------------------------------------------------------------------------------------------- built-in
@@ -246,10 +262,13 @@ def make_report(builtin: dict[int, dict], hh: dict[int, dict], scale: Scale, con
             "every model."
         )
     raw = {"scale": scale.name, "configs": str(configs), "builtin": builtin, "hh": hh}
-    title = "value: DVPO's value model measured like the paper, and where DVPO loses"
+    name = report_name(configs, "value")
+    title = f"{name}: DVPO's value model measured like the paper, and where DVPO loses"
+    if name != "value":
+        title += f" (`{configs.name}/` configs)"
     if scale is not FULL:
         title += f" ({scale.name} scale)" if scale is QUICK else f" ({scale.name}, seeds {seeds})"
-    return Report("value", title, tables, raw, notes)
+    return Report(name, title, tables, raw, notes)
 
 
 def accuracy_table(builtin: dict[int, dict]) -> Table:

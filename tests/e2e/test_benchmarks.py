@@ -116,7 +116,43 @@ def test_table_evaluates_every_policy_on_the_same_prompts(quick_run):
     # The SFT policy against itself: the same seed gives the same answers, so every prompt is a tie.
     assert seed_run["sft"]["win_rate_vs_sft"] == 0.5
     for stage in table_benchmark.STAGES:
-        assert (output / "runs" / "seed0" / stage / "model" / "config.json").exists()
+        assert (output / "runs" / "table" / "seed0" / stage / "model" / "config.json").exists()
+
+
+def test_table_runs_the_stages_a_configs_directory_holds_and_names_its_report_after_it(tmp_path):
+    hard = table_benchmark.CONFIGS / "hard"
+    assert table_benchmark.stages_in(hard) == (
+        "sft",
+        "rm",
+        "gvm",
+        "dpo",
+        "ppo",
+        "dvpo",
+        "gvm_grpo",
+        "ppo_gvm_critic",
+    )
+    assert table_benchmark.stages_in(table_benchmark.CONFIGS) == table_benchmark.STAGES
+    assert table_benchmark.report_name(hard) == "table_hard"
+    assert table_benchmark.report_name(table_benchmark.CONFIGS) == "table"
+    for stage in ("sft", "dvpo", "ppo"):  # PPO without the reward model it loads
+        (tmp_path / f"{stage}.yaml").write_text((hard / f"{stage}.yaml").read_text())
+    with pytest.raises(ValueError, match=r"lacks the config of gvm \(for dvpo\), rm \(for ppo\)"):
+        table_benchmark.stages_in(tmp_path)
+
+
+def test_merging_runs_reproduces_their_reports_and_refuses_a_seed_twice(quick_run, tmp_path):
+    output, _ = quick_run
+    run.main(["--only", "table,value", "--merge", str(output), "--output", str(tmp_path)])
+    for name in ("table", "value"):
+        tables = [
+            (path / f"{name}.md").read_text().split("- command: ")[1].split("\n", 1)[1]
+            for path in (output, tmp_path)
+        ]
+        assert tables[0] == tables[1]
+    with pytest.raises(ValueError, match="seed 0 is in more than one"):
+        run.main(["--only", "value", "--merge", f"{output},{output}", "--output", str(tmp_path)])
+    with pytest.raises(FileNotFoundError, match="has no table.json"):
+        run.main(["--only", "table", "--merge", str(tmp_path / "nowhere"), "--output", str(tmp_path)])
 
 
 def test_peer_first_losses_agree(quick_run):
