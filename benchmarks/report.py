@@ -145,7 +145,7 @@ def write_report(report: Report, output: Path, command: str, device: torch.devic
 
 
 def read_parts(directories: Sequence[Path], name: str) -> list[dict]:
-    """The raw results of report `name` in each of `directories` (runs of a benchmark to merge into one report, e.g.
+    """The records of report `name` in each of `directories` (runs of a benchmark to merge into one report, e.g.
     one seed each, run in parallel processes); one message naming a directory that has none."""
     parts = []
     for directory in directories:
@@ -154,8 +154,17 @@ def read_parts(directories: Sequence[Path], name: str) -> list[dict]:
             raise FileNotFoundError(
                 f"--merge: {directory} has no {name}.json (run that part first, or drop it)"
             )
-        parts.append(json.loads(path.read_text())["results"])
+        parts.append(json.loads(path.read_text()))
     return parts
+
+
+def merge_note(parts: Sequence[dict]) -> str:
+    """What a merged report was made from: each part's command, date and duration."""
+    runs = "; ".join(
+        f"`{part['command']}` ({part['date']}, {part['results']['benchmark_seconds'] / 60:.0f} min)"
+        for part in parts
+    )
+    return f"Merged from {len(parts)} runs made as separate processes: {runs}."
 
 
 def merged_seeds(parts: Sequence[dict], key: str) -> dict[int, dict]:

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from benchmarks.report import Report, Table, mean_std, merged_seeds, read_parts
+from benchmarks.report import Report, Table, mean_std, merge_note, merged_seeds, read_parts
 from benchmarks.timing import accelerator
 from dvpo_lightning.demo import StageRun
 from dvpo_lightning.evaluation import evaluate_policy, evaluation_data, win_rate
@@ -204,7 +204,8 @@ def merge(directories: list[Path], output: Path, configs: Path = CONFIGS) -> Rep
     """One report from the table runs written to `directories` (e.g. one seed each, run in parallel processes), all
     at one budget and from one configs directory; the figure is drawn again in `output`."""
     name = report_name(configs)
-    parts = read_parts(directories, name)
+    records = read_parts(directories, name)
+    parts = [record["results"] for record in records]
     overrides = {tuple(part["budget"]["overrides"]) for part in parts}
     if len(overrides) != 1:
         raise ValueError(
@@ -215,6 +216,7 @@ def merge(directories: list[Path], output: Path, configs: Path = CONFIGS) -> Rep
     stages = stages_in(configs)
     report = make_report(runs, budget, reward_vs_kl_figure(runs, stages, output, name), configs, stages)
     report.raw["benchmark_seconds"] = sum(part["benchmark_seconds"] for part in parts)
+    report.notes.append(merge_note(records))
     return report
 
 

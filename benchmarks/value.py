@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.report import Report, Table, mean_std, merged_seeds, read_parts
+from benchmarks.report import Report, Table, mean_std, merge_note, merged_seeds, read_parts
 from benchmarks.table import export_dir, report_name
 from benchmarks.value_runs import (
     BUILTIN_RUNS,
@@ -117,7 +117,8 @@ def run(
 def merge(directories: list[Path], configs: Path = CONFIGS) -> Report:
     """One report from the value runs written to `directories` (e.g. one seed each, run in parallel processes), all
     of one scale and one configs directory."""
-    parts = read_parts(directories, report_name(configs, "value"))
+    records = read_parts(directories, report_name(configs, "value"))
+    parts = [record["results"] for record in records]
     scales = {part["scale"] for part in parts}
     if len(scales) != 1:
         raise ValueError(
@@ -127,6 +128,7 @@ def merge(directories: list[Path], configs: Path = CONFIGS) -> Report:
     scale = next((known for known in (FULL, QUICK) if known.name == name), None) or Scale(name, (), 1.0)
     report = make_report(merged_seeds(parts, "builtin"), merged_seeds(parts, "hh"), scale, configs)
     report.raw["benchmark_seconds"] = sum(part["benchmark_seconds"] for part in parts)
+    report.notes.append(merge_note(records))
     return report
 
 
