@@ -158,13 +158,16 @@ def read_parts(directories: Sequence[Path], name: str) -> list[dict]:
     return parts
 
 
-def merge_note(parts: Sequence[dict]) -> str:
-    """What a merged report was made from: each part's command, date and duration."""
+def mark_merged(report: Report, records: Sequence[dict]) -> Report:
+    """`report`, made from the runs `records` (`read_parts`): their summed duration, and a note naming each run's
+    command, date and duration."""
+    report.raw["benchmark_seconds"] = sum(record["results"]["benchmark_seconds"] for record in records)
     runs = "; ".join(
-        f"`{part['command']}` ({part['date']}, {part['results']['benchmark_seconds'] / 60:.0f} min)"
-        for part in parts
+        f"`{record['command']}` ({record['date']}, {record['results']['benchmark_seconds'] / 60:.0f} min)"
+        for record in records
     )
-    return f"Merged from {len(parts)} runs made as separate processes: {runs}."
+    report.notes.append(f"Merged from {len(records)} runs made as separate processes: {runs}.")
+    return report
 
 
 def merged_seeds(parts: Sequence[dict], key: str) -> dict[int, dict]:

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from benchmarks.report import Report, Table, mean_std, merge_note, merged_seeds, read_parts
+from benchmarks.report import Report, Table, mark_merged, mean_std, merged_seeds, read_parts
 from benchmarks.timing import accelerator
 from dvpo_lightning.demo import StageRun
 from dvpo_lightning.evaluation import evaluate_policy, evaluation_data, win_rate
@@ -215,9 +215,7 @@ def merge(directories: list[Path], output: Path, configs: Path = CONFIGS) -> Rep
     runs = merged_seeds(parts, "seeds")
     stages = stages_in(configs)
     report = make_report(runs, budget, reward_vs_kl_figure(runs, stages, output, name), configs, stages)
-    report.raw["benchmark_seconds"] = sum(part["benchmark_seconds"] for part in parts)
-    report.notes.append(merge_note(records))
-    return report
+    return mark_merged(report, records)
 
 
 def reward_vs_kl_figure(runs: dict[int, dict], stages: tuple[str, ...], output: Path, name: str) -> Path:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.report import Report, Table, mean_std, merge_note, merged_seeds, read_parts
+from benchmarks.report import Report, Table, mark_merged, mean_std, merged_seeds, read_parts
 from benchmarks.table import export_dir, report_name
 from benchmarks.value_runs import (
     BUILTIN_RUNS,
@@ -125,11 +125,10 @@ def merge(directories: list[Path], configs: Path = CONFIGS) -> Report:
             f"--merge: the runs have different scales ({sorted(scales)}); merge runs of one scale"
         )
     name = scales.pop()
+    # A reduced scale is rebuilt from its name only: the report reads nothing else of it.
     scale = next((known for known in (FULL, QUICK) if known.name == name), None) or Scale(name, (), 1.0)
     report = make_report(merged_seeds(parts, "builtin"), merged_seeds(parts, "hh"), scale, configs)
-    report.raw["benchmark_seconds"] = sum(part["benchmark_seconds"] for part in parts)
-    report.notes.append(merge_note(records))
-    return report
+    return mark_merged(report, records)
 
 
 # ---------------------------------------------------------------------------------------------- built-in
