@@ -40,7 +40,7 @@ from dvpo_lightning.algos.kl import (
     kl_penalty,
     sequence_kl,
 )
-from dvpo_lightning.algos.logprobs import entropy_from_logits, token_logprobs
+from dvpo_lightning.algos.logprobs import entropy_from_logits, head_token_logprobs, token_logprobs
 from dvpo_lightning.algos.losses import (
     LOSSES,
     bradley_terry_loss,
@@ -135,6 +135,7 @@ __all__ = [
     "rs_ppo_shaping",
     "sequence_kl",
     "td_lambda_returns",
+    "head_token_logprobs",
     "token_logprobs",
     "value_loss",
 ]
