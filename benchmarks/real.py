@@ -386,7 +386,8 @@ def make_report(results: list[dict], scale: Scale, model: str, hh: bool) -> Repo
         "process's resident high-water mark, libraries included (fresh process per row; in --quick one process, "
         "so its peaks only grow). fp32, AdamW lr 1e-5, LoRA r 16 alpha 32 on every linear layer.",
         "Our DPO: the reference is the LoRA policy with its adapter disabled (full: a frozen copy), like TRL's with a "
-        "peft_config; TRL's max_length is unset, so neither side truncates.",
+        "peft_config; TRL's max_length is unset, so neither side truncates. Each trainer keeps its own defaults: "
+        "TRL's DPOConfig turns gradient checkpointing on, ours leaves it off (except the 8 x 512 row).",
     ]
     return Report(
         "real",

@@ -7,6 +7,7 @@ from torch import nn
 
 from dvpo_lightning.algos import entropy_from_logits, head_token_logprobs, last_token_values, token_logprobs
 from dvpo_lightning.models import (
+    PerToken,
     is_lora,
     output_head,
     recomputes_activations,
@@ -34,9 +35,7 @@ def policy_logprobs(
         labels, mask = sequences.response_input_ids, sequences.response_mask
         head_trains = any(parameter.requires_grad for parameter in head.parameters())
 
-        def per_token(
-            hidden: torch.Tensor, columns: slice
-        ) -> tuple:  # hidden [B, r, H] for response `columns`
+        def per_token(hidden: torch.Tensor, columns: slice) -> tuple:  # hidden [B, r, H]: response `columns`
             return head_token_logprobs(
                 hidden,
                 head,
@@ -68,7 +67,7 @@ def sequence_logits(policy: nn.Module, sequences: Sequences) -> torch.Tensor:
     return response_logits(policy, input_ids, attention_mask, sequences.response_length)
 
 
-def sequence_token_outputs(policy: nn.Module, sequences: Sequences, per_token) -> tuple:
+def sequence_token_outputs(policy: nn.Module, sequences: Sequences, per_token: PerToken) -> tuple:
     """`per_token` (see `models.PerToken`) of the hidden states that predict each response token, in the layout of
     `sequence_logits`."""
     if _reads_shared_prompts(policy, sequences):
