@@ -36,6 +36,7 @@ from tempfile import TemporaryDirectory
 import torch
 
 from benchmarks import peer
+from benchmarks.cost import PeakAtTrainEnd
 from benchmarks.report import Report, Table, verdict, write_report
 from benchmarks.timing import StepClock, bare_trainer
 from dvpo_lightning.callbacks.memory_probes import make_probe
@@ -201,21 +202,19 @@ def measure(job: Job) -> dict:
             data = data_module(job, mode, scale.batch, scale.prompt, scale.response, root)
         probe = make_probe(torch.device("cpu"))
         probe.start()
-        if job.stage == "trl-dpo":
-            seconds = trl_steps(job, data, root)
-        elif job.stage == "floor":
-            seconds = floor_steps(job, data)
+        if job.stage in ("trl-dpo", "floor"):
+            seconds = trl_steps(job, data, root) if job.stage == "trl-dpo" else floor_steps(job, data)
+            peak = probe.peak()
         else:
-            clock = StepClock()
-            trainer = bare_trainer(torch.device("cpu"), root, scale.steps, [clock])
+            clock, at_end = StepClock(), PeakAtTrainEnd(probe)  # read before the export of `on_fit_end`
+            trainer = bare_trainer(torch.device("cpu"), root, scale.steps, [clock, at_end])
             trainer.fit(our_module(job, data.tokenizer, root), datamodule=data)
-            seconds = clock.intervals
-        peak = probe.peak()["peak_rss_above_baseline_gb"]
+            seconds, peak = clock.intervals, at_end.peak
         probe.stop()
     return {
         "step_seconds": seconds,
         "step_s": statistics.median(seconds[scale.warmup :] or seconds),
-        "peak_gb": peak + probe.baseline_bytes / 2**30,
+        "peak_gb": peak["peak_rss_above_baseline_gb"] + probe.baseline_bytes / 2**30,
     }
 
 
