@@ -1,4 +1,4 @@
-"""The math of DVPO, PPO, DPO (and its offline family), RTO and reward modelling as pure tensor functions.
+"""The math of DVPO, PPO (GSPO, CISPO), DPO (and its offline family), RTO and reward modelling as tensor functions.
 
 No Lightning, no `nn.Module`, no I/O: every function takes tensors and returns tensors, so it can
 be read, imported in a notebook and unit-tested on its own. Per-token tensors are `[B, T]` with an
@@ -47,7 +47,6 @@ from dvpo_lightning.algos.losses import (
     get_loss,
     gvm_loss,
     kl_loss,
-    ppo_policy_loss,
     register_loss,
     value_loss,
 )
@@ -60,6 +59,16 @@ from dvpo_lightning.algos.masked import (
     masked_sum,
     masked_var,
     masked_whiten,
+)
+from dvpo_lightning.algos.policy_losses import (
+    POLICY_LOSS_INPUTS,
+    POLICY_LOSSES,
+    cispo_policy_loss,
+    get_policy_loss,
+    gspo_policy_loss,
+    gspo_token_policy_loss,
+    ppo_policy_loss,
+    register_policy_loss,
 )
 from dvpo_lightning.algos.preference_losses import (
     PREFERENCE_LOSSES,
@@ -83,6 +92,8 @@ __all__ = [
     "KL_CONTROLLERS",
     "KL_ESTIMATORS",
     "LOSSES",
+    "POLICY_LOSSES",
+    "POLICY_LOSS_INPUTS",
     "ROLLOUT_INPUTS",
     "PREFERENCE_LOSSES",
     "AdaptiveKLController",
@@ -100,6 +111,7 @@ __all__ = [
     "check_aggregation",
     "check_discounts",
     "check_kl_estimator",
+    "cispo_policy_loss",
     "clamp_scores",
     "discounted_returns",
     "dpo_loss",
@@ -110,7 +122,10 @@ __all__ = [
     "gae_advantages",
     "get_advantage",
     "get_loss",
+    "get_policy_loss",
     "grpo_advantages",
+    "gspo_policy_loss",
+    "gspo_token_policy_loss",
     "get_preference_loss",
     "gvm_advantages",
     "gvm_loss",
@@ -129,6 +144,7 @@ __all__ = [
     "ppo_policy_loss",
     "register_advantage",
     "register_loss",
+    "register_policy_loss",
     "register_preference_loss",
     "reinforce_advantages",
     "rloo_advantages",

@@ -118,7 +118,10 @@ class OnPolicyModule(PolicyModule):
         )
 
     def updater(self) -> PPOUpdate:
-        return PPOUpdate(self.policy, self.critic, self.ppo, self.kl_coef, self.sampling.temperature)
+        sampling = self.sampling
+        return PPOUpdate(
+            self.policy, self.critic, self.ppo, self.kl_coef, sampling.temperature, sampling.max_new_tokens
+        )
 
     def training_step(self, batch: dict, batch_idx: int) -> dict | None:
         prompts = prompts_with_room(self, batch, self.sampling, self.context_length(), "sampling", "rollout")

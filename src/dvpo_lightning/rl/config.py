@@ -10,13 +10,14 @@ fails, naming its option, before any model loads.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from dvpo_lightning.algos import (
+    POLICY_LOSS_INPUTS,
     ROLLOUT_INPUTS,
     KLController,
     build_kl_controller,
@@ -24,9 +25,16 @@ from dvpo_lightning.algos import (
     check_discounts,
     check_kl_estimator,
     get_advantage,
+    get_policy_loss,
 )
 
 KL_PLACEMENTS = ("reward", "loss")
+#: PPO's clip settings and the keyword each is given to the policy losses that declare it (verl's actor config).
+SHARED_CLIP_SETTINGS = {
+    "clip_eps": "clip_eps_low",
+    "clip_eps_high": "clip_eps_high",
+    "dual_clip": "dual_clip",
+}
 
 
 @dataclass
@@ -38,9 +46,11 @@ class PPOConfig:
         ppo_epochs: passes over each rollout.
         mini_batch_size: samples per optimiser step (per rank); None = the whole rollout.
         micro_batch_size: samples per forward/backward pass (gradient accumulation); None = the mini-batch.
-        clip_eps: PPO ratio clip (lower side, and upper side unless `clip_eps_high` is set).
-        clip_eps_high: upper ratio clip ("clip-higher"); None = `clip_eps`.
-        dual_clip: dual-clip constant for negative advantages (> 1); None = off.
+        policy_loss: the registered policy loss (`algos.POLICY_LOSSES`): ppo, gspo, gspo_token, cispo, or yours.
+        policy_loss_options: its own keyword options, e.g. `{max_weight: 5.0}` for cispo.
+        clip_eps: ratio clip (lower side, and upper side unless `clip_eps_high` is set), for the losses that clip.
+        clip_eps_high: upper ratio clip ("clip-higher"; DAPO: 0.28 with clip_eps 0.2); None = `clip_eps`.
+        dual_clip: dual-clip constant for negative advantages (> 1; `ppo` loss); None = off.
         value_clip: critic value clip around the rollout's values (PPO/RTO); None = no clipping.
         loss_aggregation: token-mean, seq-mean-token-mean or seq-mean-token-sum.
         gamma: discount.
@@ -64,6 +74,8 @@ class PPOConfig:
     ppo_epochs: int = 1
     mini_batch_size: int | None = None
     micro_batch_size: int | None = None
+    policy_loss: str = "ppo"
+    policy_loss_options: dict[str, Any] = field(default_factory=dict)
     clip_eps: float = 0.2
     clip_eps_high: float | None = None
     dual_clip: float | None = None
@@ -100,6 +112,7 @@ class PPOConfig:
             "kl_estimator": lambda: check_kl_estimator(self.kl_estimator),
             "loss_aggregation": lambda: check_aggregation(self.loss_aggregation),
             "gamma, ppo.lam": lambda: check_discounts(self.gamma, self.lam),
+            "policy_loss": self.check_policy_loss,
             "kl_controller, ppo.kl_coef, ppo.kl_target": self.build_kl_controller,
         }
         for options, check in checks.items():
@@ -107,6 +120,46 @@ class PPOConfig:
                 check()
             except ValueError as error:
                 raise ValueError(f"ppo.{options}: {error}") from None
+
+    def policy_loss_arguments(self) -> dict[str, Any]:
+        """The keyword options `policy_loss` is called with: the clip settings it declares, and its own options.
+        A clip setting changed from its default for a loss that does not use it is an error, as is an unknown
+        option."""
+        parameters = inspect.signature(get_policy_loss(self.policy_loss)).parameters
+        defaults = {item.name: item.default for item in fields(self)}
+        arguments, ignored = {}, []
+        for setting, keyword in SHARED_CLIP_SETTINGS.items():
+            if keyword in parameters:
+                arguments[keyword] = getattr(self, setting)
+            elif getattr(self, setting) != defaults[setting]:
+                ignored.append(f"ppo.{setting}")
+        own = [name for name in parameters if name not in (*POLICY_LOSS_INPUTS, *arguments)]
+        if ignored:
+            raise ValueError(
+                f"{', '.join(ignored)} not used by this loss; its options: {', '.join(own) or 'none'}"
+            )
+        unknown = sorted(set(self.policy_loss_options) - set(own))
+        if unknown:
+            raise ValueError(
+                f"policy_loss_options {unknown} are not options of the {self.policy_loss!r} policy loss (clip "
+                f"settings are ppo.{', ppo.'.join(SHARED_CLIP_SETTINGS)}); its options: {', '.join(own) or 'none'}"
+            )
+        return {**arguments, **self.policy_loss_options}
+
+    def check_policy_loss(self) -> None:
+        """Call the policy loss once on one token, so that an option's value it refuses fails at start-up."""
+        token = torch.zeros(1, 1)
+        mask = torch.ones(1, 1, dtype=torch.bool)
+        try:
+            get_policy_loss(self.policy_loss)(
+                logprobs=token,
+                old_logprobs=token,
+                advantages=token,
+                mask=mask,
+                **self.policy_loss_arguments(),
+            )
+        except TypeError as error:
+            raise ValueError(str(error)) from None
 
     def build_kl_controller(self) -> KLController:
         """The KL controller these settings describe (`algos.build_kl_controller` checks them)."""
