@@ -20,6 +20,7 @@ from dvpo_lightning.algos import (
     POLICY_LOSS_INPUTS,
     ROLLOUT_INPUTS,
     KLController,
+    advantages_are_normalized,
     build_kl_controller,
     check_aggregation,
     check_discounts,
@@ -55,7 +56,8 @@ class PPOConfig:
         loss_aggregation: token-mean, seq-mean-token-mean or seq-mean-token-sum.
         gamma: discount.
         lam: GAE lambda.
-        whiten_advantages: normalise advantages over the whole rollout (all ranks).
+        whiten_advantages: normalise advantages over the whole rollout (all ranks); None = unless the estimator
+            declares them already normalised within each group (grpo, rloo: `algos.normalized_advantages`).
         kl_estimator: k1, k2, k3 or abs, the per-token KL estimate.
         kl_placement: "reward" (a -kl_coef * kl_t token reward; PPO, DVPO, RTO, REINFORCE++) or "loss" (a
             kl_coef * kl_t loss term on the new log-probs; GRPO).
@@ -83,7 +85,7 @@ class PPOConfig:
     loss_aggregation: str = "token-mean"
     gamma: float = 1.0
     lam: float = 0.95
-    whiten_advantages: bool = True
+    whiten_advantages: bool | None = None
     kl_estimator: str = "k1"
     kl_placement: str = "reward"
     kl_controller: str = "fixed"
@@ -214,11 +216,19 @@ class AdvantageConfig:
                 lam=lam,
                 final_values=torch.zeros(group_size),
                 group_size=group_size,
+                scores=torch.zeros(group_size),
             )
         except (ValueError, TypeError) as error:
             raise ValueError(
                 f"advantage.estimator={self.estimator!r} with this run's settings: {error}"
             ) from None
+
+    def whitens(self, whiten_advantages: bool | None) -> bool:
+        """Whether advantages are whitened over the batch: as `ppo.whiten_advantages` says, else (None) unless the
+        estimator declared them already normalised."""
+        if whiten_advantages is not None:
+            return whiten_advantages
+        return not advantages_are_normalized(get_advantage(self.estimator))
 
     def option_names(self) -> list[str]:
         parameters = inspect.signature(get_advantage(self.estimator)).parameters
