@@ -84,6 +84,7 @@ from dvpo_lightning.algos.rewards import (
     clamp_scores,
     dpo_token_reward,
     kl_reward,
+    overlong_penalty,
     penalize_unfinished,
     rs_ppo_shaping,
 )
@@ -144,6 +145,7 @@ __all__ = [
     "masked_var",
     "masked_whiten",
     "normalized_advantages",
+    "overlong_penalty",
     "penalize_unfinished",
     "ppo_policy_loss",
     "register_advantage",

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from dvpo_lightning.models import ModelSpec, build_value_model
 from dvpo_lightning.modules.onpolicy import OnPolicyModule
-from dvpo_lightning.rl import Scorers, SequenceValue
+from dvpo_lightning.rl import OverlongPenalty, Scorers, SequenceValue
 
 
 class CriticFreeModule(OnPolicyModule):
-    """GRPO, Dr. GRPO, RLOO and REINFORCE++ (docs/algorithms.md §10-11), chosen by `advantage.estimator`.
+    """GRPO, Dr. GRPO, RLOO, REINFORCE++, GSPO, CISPO and DAPO (docs/algorithms.md §10-11), chosen by
+    `advantage.estimator` and `ppo.policy_loss`.
 
     No critic: each response's score -- a reward model's (`reward_model`), or a GVM's value of the complete
     response (`value_model`: GVM-scored GRPO, DVPO without a critic at all) -- is placed at its last token, and the
@@ -19,6 +20,9 @@ class CriticFreeModule(OnPolicyModule):
         reward_model: a frozen reward model (the RM stage's export) whose score is the reward.
         value_model: a frozen GVM (the GVM stage's export) whose value of the complete response is the reward.
         score_clip: clamp of the score; None = no clamp.
+        overlong_buffer: DAPO's overlong reward shaping: a penalty from 0 to `-overlong_penalty` over the last
+            `overlong_buffer` tokens before `sampling.max_new_tokens` (docs/algorithms.md §10); None = off.
+        overlong_penalty: the penalty at the maximum length.
         **kwargs: `sampling`, `ppo`, `advantage`, `optim` (see `OnPolicyModule`), `policy`, `reference`,
             `reference_as_disabled_adapter`, `eval_sampling` (see `PolicyModule`), `tokenizer`, `export_dir`, `fsdp`
             (see `RLHFModule`).
@@ -33,6 +37,8 @@ class CriticFreeModule(OnPolicyModule):
         reward_model: ModelSpec | None = None,
         value_model: ModelSpec | None = None,
         score_clip: float | None = None,
+        overlong_buffer: int | None = None,
+        overlong_penalty: float = 1.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -44,6 +50,16 @@ class CriticFreeModule(OnPolicyModule):
             )
         self.reward_model_spec, self.value_model_spec = reward_model, value_model
         self.score_clip = score_clip
+        self.overlong = None
+        if overlong_buffer is not None:
+            try:
+                self.overlong = OverlongPenalty(
+                    self.sampling.max_new_tokens, overlong_buffer, overlong_penalty
+                )
+            except ValueError as error:
+                raise ValueError(
+                    f"overlong_buffer, overlong_penalty (max_length: sampling.max_new_tokens): {error}"
+                ) from None
         self.save_hyperparameters(ignore=["tokenizer"])
 
     def build_models(self) -> None:
@@ -56,4 +72,5 @@ class CriticFreeModule(OnPolicyModule):
         self.scorer = build_value_model(spec, self.tokenizer, role=role)
 
     def scorers(self) -> Scorers:
-        return Scorers(score=SequenceValue(self.scorer), score_clip=self.score_clip)
+        dense = (self.overlong,) if self.overlong is not None else ()
+        return Scorers(score=SequenceValue(self.scorer), dense=dense, score_clip=self.score_clip)
