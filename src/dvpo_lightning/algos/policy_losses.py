@@ -119,7 +119,7 @@ def gspo_token_policy_loss(
     mode: str = "token-mean",
     normalizers: LossNormalizers | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """GSPO-token (arXiv 2507.18071 §4.3): the ratio of token t is `s_it = sg[s_i] * pi(y_t) / sg[pi(y_t)]`.
+    """GSPO-token (arXiv 2507.18071, section 4.3): the ratio of token t is `s_it = sg[s_i] * pi(y_t) / sg[pi(y_t)]`.
 
     Its value is the sequence ratio `s_i` (so clipping is `gspo`'s), its gradient that of token t's own
     log-probability scaled by `s_i`: a per-token advantage then reaches each token alone. With one advantage per
