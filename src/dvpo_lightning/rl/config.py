@@ -1,10 +1,10 @@
-"""The settings of an RL iteration: how a rollout is scored and updated on (`PPOConfig`), and which advantage
-estimator turns its rewards into advantages (`AdvantageConfig`).
+"""The settings of an RL iteration: how a rollout is scored and updated on (`PPOConfig`, with its registered policy
+loss), and which advantage estimator turns its rewards into advantages (`AdvantageConfig`).
 
 Each setting's check is written once, in the code that uses it: sizes and the KL placement here, names and ranges
 in the `algos` function that reads them (`check_kl_estimator`, `check_aggregation`, `check_discounts`,
-`build_kl_controller`, the estimator itself). The configs call those checks when they are made, so a bad setting
-fails, naming its option, before any model loads.
+`build_kl_controller`, the policy loss and the estimator themselves). The configs call those checks when they are
+made, so a bad setting fails, naming its option, before any model loads.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ class PPOConfig:
         clip_eps_high: upper ratio clip ("clip-higher"; DAPO: 0.28 with clip_eps 0.2); None = `clip_eps`.
         dual_clip: dual-clip constant for negative advantages (> 1; `ppo` loss); None = off.
         value_clip: critic value clip around the rollout's values (PPO/RTO); None = no clipping.
-        loss_aggregation: token-mean, seq-mean-token-mean or seq-mean-token-sum.
+        loss_aggregation: token-mean, seq-mean-token-mean, seq-mean-token-sum, or TRL's grpo, bnpo, dr_grpo, dapo.
         gamma: discount.
         lam: GAE lambda.
         whiten_advantages: normalise advantages over the whole rollout (all ranks); None = unless the estimator
