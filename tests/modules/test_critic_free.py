@@ -7,10 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dvpo_lightning.models import ModelSpec
 from dvpo_lightning.modules import CriticFreeModule, PPOConfig
-from dvpo_lightning.rl import Responses, SamplingConfig
+from dvpo_lightning.rl import Responses, SamplingConfig, Scorers
 from tests.helpers.onpolicy import assert_trains_only_what_it_should
-from tests.helpers.stages import tiny
+from tests.helpers.stages import quick_trainer, tiny, topics_data
 
 #: critic-free configurations, and the models each one trains and keeps frozen.
 MODELS = {
@@ -67,3 +68,26 @@ def test_dapo_overlong_shaping_is_a_dense_reward_at_the_last_token():
             overlong_buffer=8,
             ppo=PPOConfig(samples_per_prompt=2),
         )
+
+
+def test_dynamic_sampling_updates_once_a_batch_is_collected(tmp_path, cache, tokenizer, exports):
+    """Scores all equal: every group is dropped, so the first rollout only collects; the second reaches the cap
+    (max_generations 2), fills the batch with its own groups and updates."""
+    module = CriticFreeModule(
+        policy=tiny(),
+        reward_model=ModelSpec(name_or_path=exports.reward_model),
+        sampling=SamplingConfig(max_new_tokens=4),
+        ppo=PPOConfig(samples_per_prompt=2, ppo_epochs=2),
+        tokenizer=tokenizer,
+        dynamic_sampling=True,
+        max_generations=2,
+    )
+    module.scorers = lambda: Scorers(
+        score=lambda responses, ref_logprobs: torch.zeros(len(responses.finished))
+    )
+    trainer = quick_trainer(tmp_path, max_steps=2)
+    trainer.fit(module, datamodule=topics_data(cache))
+    assert trainer.global_step == 2  # one update of two epochs
+    assert float(trainer.logged_metrics["rollout/generations"]) == 2.0
+    rows = trainer.datamodule.batch_size * 2
+    assert float(trainer.logged_metrics["rollout/dropped_groups"]) == 2 * (rows // 2)  # every group of both

@@ -23,6 +23,7 @@ from dvpo_lightning.algos.advantages import (
     reinforce_advantages,
     rloo_advantages,
     td_lambda_returns,
+    varied_groups,
 )
 from dvpo_lightning.algos.aggregation import (
     AGGREGATION_MODES,
@@ -159,4 +160,5 @@ __all__ = [
     "td_lambda_returns",
     "token_logprobs",
     "value_loss",
+    "varied_groups",
 ]

@@ -291,6 +291,16 @@ def grpo_advantages(
     return advantages, returns
 
 
+def varied_groups(rewards: Tensor, group_size: int) -> Tensor:
+    """Rows `[B]` (bool) of the groups of `group_size` consecutive responses whose rewards `[B]` are not all equal:
+    DAPO's dynamic sampling keeps those, the others having every group-relative advantage 0."""
+    if group_size < 1 or rewards.shape[0] % group_size:
+        raise ValueError(f"group_size {group_size} does not divide the batch size {rewards.shape[0]}")
+    groups = rewards.view(-1, group_size)  # [B / k, k]
+    varied = (groups != groups[:, :1]).any(dim=-1)  # [B / k]
+    return varied.repeat_interleave(group_size)
+
+
 def _outcome_groups(name: str, token_rewards: Tensor, real: Tensor, gamma: float, group_size: int) -> Tensor:
     """Each row's sum of token rewards, `[B / k, k]` by group; gamma < 1 is refused: it would discount a score
     placed at the last token by gamma^(T - 1), so that an outcome reward would depend on the response's length."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dvpo_lightning.models import ModelSpec, build_value_model
 from dvpo_lightning.modules.onpolicy import OnPolicyModule
-from dvpo_lightning.rl import OverlongPenalty, Scorers, SequenceValue
+from dvpo_lightning.rl import DynamicSampling, Experience, OverlongPenalty, Scorers, SequenceValue
 
 
 class CriticFreeModule(OnPolicyModule):
@@ -23,6 +23,11 @@ class CriticFreeModule(OnPolicyModule):
         overlong_buffer: DAPO's overlong reward shaping: a penalty from 0 to `-overlong_penalty` over the last
             `overlong_buffer` tokens before `sampling.max_new_tokens` (docs/algorithms.md §10); None = off.
         overlong_penalty: the penalty at the maximum length.
+        dynamic_sampling: DAPO's dynamic sampling: drop the groups whose scores are all equal and update once the
+            groups kept over further rollouts fill a batch (`rl.DynamicSampling`; logs `rollout/generations` and
+            `rollout/dropped_groups`).
+        max_generations: rollouts collected at most per update with dynamic sampling; the last one's dropped
+            groups then fill the rest.
         **kwargs: `sampling`, `ppo`, `advantage`, `optim` (see `OnPolicyModule`), `policy`, `reference`,
             `reference_as_disabled_adapter`, `eval_sampling` (see `PolicyModule`), `tokenizer`, `export_dir`, `fsdp`
             (see `RLHFModule`).
@@ -39,6 +44,8 @@ class CriticFreeModule(OnPolicyModule):
         score_clip: float | None = None,
         overlong_buffer: int | None = None,
         overlong_penalty: float = 1.0,
+        dynamic_sampling: bool = False,
+        max_generations: int = 10,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -60,6 +67,9 @@ class CriticFreeModule(OnPolicyModule):
                 raise ValueError(
                     f"overlong_buffer, overlong_penalty (max_length: sampling.max_new_tokens): {error}"
                 ) from None
+        self.sampler = None
+        if dynamic_sampling:
+            self.sampler = DynamicSampling(self.ppo.samples_per_prompt, max_generations)
         self.save_hyperparameters(ignore=["tokenizer"])
 
     def build_models(self) -> None:
@@ -74,3 +84,12 @@ class CriticFreeModule(OnPolicyModule):
     def scorers(self) -> Scorers:
         dense = (self.overlong,) if self.overlong is not None else ()
         return Scorers(score=SequenceValue(self.scorer), dense=dense, score_clip=self.score_clip)
+
+    def experience_maker(self):
+        """The engine's experience maker, or with dynamic sampling one that returns None until a batch is full."""
+        maker = super().experience_maker()
+        return maker if self.sampler is None else self.sampler.around(maker)
+
+    def log_iteration(self, experience: Experience, update_stats: dict[str, float]) -> None:
+        stats = self.sampler.stats if self.sampler is not None else {}
+        super().log_iteration(experience, {**update_stats, **stats})
