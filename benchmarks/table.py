@@ -1,11 +1,11 @@
 """`table`: the paper's comparison in miniature — SFT, the offline DPO, SimPO and ORPO, PPO, DVPO, RTO, the critic-free
-estimators (GRPO, RLOO, REINFORCE++, GVM-scored GRPO) and PPO with a GVM-initialised critic on the built-in task,
-several seeds.
+estimators (GRPO, RLOO, REINFORCE++, GVM-scored GRPO), GRPO's policy-loss variants (GSPO, CISPO, DAPO) and PPO with a
+GVM-initialised critic on the built-in task, several seeds.
 
 Per seed, every stage runs through the `dvpo` CLI from its config in `configs/` (what a user would type), with
 `--seed_everything <seed>`, its own `--trainer.default_root_dir <output>/runs/seed<seed>/<stage>` and every path
-it reads pointed at that seed's exports: sft, then rm, gvm, dpo, simpo and orpo (from the SFT export), then ppo, grpo, rloo and
-reinforce_pp (SFT + RM), dvpo and gvm_grpo (SFT + GVM), ppo_gvm_critic (SFT + RM + GVM) and rto (SFT + RM + DPO). The SFT model's random initialisation also takes the seed
+it reads pointed at that seed's exports: sft, then rm, gvm, dpo, simpo and orpo (from the SFT export), then ppo, grpo, rloo,
+reinforce_pp, gspo, cispo and dapo (SFT + RM), dvpo and gvm_grpo (SFT + GVM), ppo_gvm_critic (SFT + RM + GVM) and rto (SFT + RM + DPO). The SFT model's random initialisation also takes the seed
 (`init_seed`), so seeds vary the whole pipeline, not only the RL sampling.
 
 Budgets are the configs' own (a user's `dvpo fit --config configs/<stage>.yaml`): PPO, DVPO and RTO share one
@@ -35,7 +35,19 @@ from dvpo_lightning.plots import reward_vs_kl
 from dvpo_lightning.rl import SamplingConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-ON_POLICY = ("ppo", "dvpo", "rto", "grpo", "rloo", "reinforce_pp", "gvm_grpo", "ppo_gvm_critic")
+ON_POLICY = (
+    "ppo",
+    "dvpo",
+    "rto",
+    "grpo",
+    "rloo",
+    "reinforce_pp",
+    "gvm_grpo",
+    "ppo_gvm_critic",
+    "gspo",
+    "cispo",
+    "dapo",
+)
 OFFLINE = ("dpo", "simpo", "orpo")
 STAGES = ("sft", "rm", "gvm", *OFFLINE, *ON_POLICY)
 POLICIES = ("sft", *OFFLINE, *ON_POLICY)
@@ -62,6 +74,9 @@ INPUTS = {
     "reinforce_pp": {"policy": "sft", "reward_model": "rm"},
     "gvm_grpo": {"policy": "sft", "value_model": "gvm"},
     "ppo_gvm_critic": {"policy": "sft", "reward_model": "rm", "critic": "gvm"},
+    "gspo": {"policy": "sft", "reward_model": "rm"},
+    "cispo": {"policy": "sft", "reward_model": "rm"},
+    "dapo": {"policy": "sft", "reward_model": "rm"},
 }
 
 
@@ -175,7 +190,9 @@ def budget_note(budget: Budget, configs: Path, stages: tuple[str, ...]) -> str:
 
 
 def grouped_note(stages: tuple[str, ...]) -> str:
-    grouped = [label(stage) for stage in ("grpo", "rloo", "gvm_grpo") if stage in stages]
+    grouped = [
+        label(stage) for stage in ("grpo", "rloo", "gvm_grpo", "gspo", "cispo", "dapo") if stage in stages
+    ]
     if not grouped:
         return ""
     names = grouped[0] if len(grouped) == 1 else f"{', '.join(grouped[:-1])} and {grouped[-1]}"

@@ -7,6 +7,7 @@ import torch
 
 from dvpo_lightning.algos import (
     ADVANTAGE_ESTIMATORS,
+    advantages_are_normalized,
     earned_values,
     gae,
     get_advantage,
@@ -240,14 +241,37 @@ def test_reinforce_is_the_discounted_return_to_go():
 
 
 def test_rloo_by_hand():
-    # Sequence rewards (1, 3 | 2, 2); leave-one-out baselines (3, 1 | 2, 2).
+    """TRL's form: sequence rewards (1, 3 | 2, 2), leave-one-out baselines (3, 1 | 2, 2), one advantage per
+    response."""
     rewards = torch.tensor([[1.0, 0.0], [0.0, 3.0], [2.0, NAN], [1.0, 1.0]])
     mask = ~torch.isnan(rewards)
     advantages, returns = get_advantage("rloo")(
         token_rewards=rewards, values=None, mask=mask, gamma=1.0, lam=1.0, group_size=2
     )
+    assert returns.tolist() == [[1.0, 1.0], [3.0, 3.0], [2.0, 0.0], [2.0, 2.0]]
+    assert advantages.tolist() == [[-2.0, -2.0], [2.0, 2.0], [0.0, 0.0], [0.0, 0.0]]
+
+
+def test_rloo_openrlhf_form_baselines_the_score_alone_and_keeps_the_return_to_go():
+    """Scores (1, 3 | 2, 1): baselines (3, 1 | 1, 2); return-to-go (1, 0 | 3, 3 | 2 | 2, 1)."""
+    rewards = torch.tensor([[1.0, 0.0], [0.0, 3.0], [2.0, NAN], [1.0, 1.0]])
+    mask = ~torch.isnan(rewards)
+    advantages, returns = get_advantage("rloo")(
+        token_rewards=rewards,
+        values=None,
+        mask=mask,
+        gamma=1.0,
+        lam=1.0,
+        group_size=2,
+        scores=torch.tensor([1.0, 3.0, 2.0, 1.0]),
+        form="openrlhf",
+    )
     assert returns.tolist() == [[1.0, 0.0], [3.0, 3.0], [2.0, 0.0], [2.0, 1.0]]
-    assert advantages.tolist() == [[-2.0, -3.0], [2.0, 2.0], [0.0, 0.0], [0.0, -1.0]]
+    assert advantages.tolist() == [[-2.0, -3.0], [2.0, 2.0], [1.0, 0.0], [0.0, -1.0]]
+    with pytest.raises(ValueError, match="openrlhf form baselines the sequence scores"):
+        get_advantage("rloo")(
+            token_rewards=rewards, values=None, mask=mask, gamma=1.0, lam=1.0, group_size=2, form="openrlhf"
+        )
 
 
 # Two groups of three: sequence rewards (1, 2, 3 | 2, 2, 2), rows of 2, 1, 2 | 1, 1, 2 real tokens.
@@ -301,17 +325,17 @@ def test_reinforce_group_baseline_subtracts_the_groups_mean_reward_from_the_retu
     assert advantages.tolist() == [[-1.0, -1.0], [0.0, 0.0], [1.0, -2.0], [0.0, 0.0], [0.0, 0.0], [0.0, -1.0]]
 
 
-def test_rloo_first_token_advantages_average_to_zero_in_each_group():
-    """With discounting, a sample's sequence reward is its return from its first real token."""
-    lengths = [4, 2, 3, 1, 4, 4]
-    mask = layout_mask(lengths, 4, "interior", seed=9)
-    rewards = spread(torch.randn(6, 4), mask)
-    advantages, _ = get_advantage("rloo")(
-        token_rewards=rewards, values=None, mask=mask, gamma=0.9, lam=1.0, group_size=3
-    )
-    first_token = [compact(advantages, mask)[row][0].item() for row in range(6)]
-    assert sum(first_token[:3]) == pytest.approx(0.0, abs=1e-6)
-    assert sum(first_token[3:]) == pytest.approx(0.0, abs=1e-6)
+@pytest.mark.parametrize("name", ["rloo", "grpo"])
+def test_group_estimators_refuse_a_discount_that_would_make_outcome_rewards_depend_on_length(name):
+    with pytest.raises(ValueError, match=f"{name} compares whole responses' rewards.*set ppo.gamma: 1.0"):
+        get_advantage(name)(
+            token_rewards=GROUP_REWARDS, values=None, mask=GROUP_MASK, gamma=0.9, lam=1.0, group_size=3
+        )
+
+
+def test_group_estimators_declare_their_advantages_normalised():
+    normalized = {name for name in ADVANTAGE_ESTIMATORS if advantages_are_normalized(get_advantage(name))}
+    assert normalized == {"grpo", "rloo"}
 
 
 # Keyword arguments each registered estimator needs besides the common ones; a new estimator must add

@@ -18,6 +18,7 @@ UNRESOLVABLE = re.compile(r"\.\./shared|shared algorithms reference|the algorith
 REGISTERED_ESTIMATOR = re.compile(
     r"^\s*@(?:register_advantage|ADVANTAGE_ESTIMATORS\.register)\(\s*[\"']([^\"']+)[\"']", re.MULTILINE
 )
+REGISTERED_POLICY_LOSS = re.compile(r"^\s*@register_policy_loss\(\s*[\"']([^\"']+)[\"']", re.MULTILINE)
 
 
 def _headings() -> tuple[list[str], set[str]]:
@@ -84,3 +85,15 @@ def test_every_registered_advantage_estimator_is_documented():
     assert {"gae", "gvm", "reinforce", "rloo"} <= names, f"the registrations were not found: {names}"
     undocumented = sorted(name for name in names if f"`{name}`" not in text)
     assert not undocumented, f"advantage estimators missing from docs/algorithms.md: {undocumented}"
+
+
+def test_every_registered_policy_loss_is_documented():
+    text = ALGORITHMS.read_text()
+    names = {
+        name
+        for path in (REPO / "src").rglob("*.py")
+        for name in REGISTERED_POLICY_LOSS.findall(path.read_text())
+    }
+    assert {"ppo", "gspo", "gspo_token", "cispo"} <= names, f"the registrations were not found: {names}"
+    undocumented = sorted(name for name in names if f"`{name}`" not in text)
+    assert not undocumented, f"policy losses missing from docs/algorithms.md: {undocumented}"

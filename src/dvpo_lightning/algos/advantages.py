@@ -16,31 +16,49 @@ Every estimator is registered under a name and called the same way, with keyword
 - `gamma`, `lam`: discount and GAE lambda (the critic-free estimators take `lam` for the uniform
   call but have no use for it: lambda interpolates between critic values they do not have);
 - the rollout's other facts, taken by the estimators that declare them (`ROLLOUT_INPUTS`):
-  `final_values [B]` (the value of each complete response; `gvm`) and `group_size` (responses per
-  prompt, consecutive rows; `rloo`, `grpo`, `reinforce`);
+  `final_values [B]` (the value of each complete response; `gvm`), `group_size` (responses per
+  prompt, consecutive rows; `rloo`, `grpo`, `reinforce`) and `scores [B] | None` (the sequence score
+  placed at the last token, without the KL and dense terms; `rloo`'s OpenRLHF form);
 - the estimator's own options, from the config (`gvm`'s `bootstrap`, `grpo`'s `scale_by_std`, ...).
 
 Each returns `(advantages [B, T], returns [B, T])`, detached (nothing here is differentiated), 0 on
 padding. The recursions skip padded positions without breaking the chain, so left, right, interior
 or no padding give the same numbers on the real tokens. A new estimator is one function decorated
 with `@register_advantage("name")` following this convention; a config then chooses it by name.
+An estimator whose advantages are already normalised within each group (`grpo`, `rloo`) says so with
+`@normalized_advantages`: the batch whitening (`ppo.whiten_advantages`) is then off unless asked for.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from dvpo_lightning.algos.masked import add_at_last_token, checked_mask, masked_sum
-from dvpo_lightning.algos.registry import Registry
+from dvpo_lightning.algos.registry import F, Registry
 
 ADVANTAGE_ESTIMATORS = Registry("advantage estimator")
 register_advantage = ADVANTAGE_ESTIMATORS.register
 get_advantage = ADVANTAGE_ESTIMATORS.get
 
 GVM_BOOTSTRAPS = ("final_value", "zero")
+RLOO_FORMS = ("trl", "openrlhf")
 #: keyword arguments an estimator may declare to receive the rollout's facts beyond its rewards and values.
-ROLLOUT_INPUTS = ("final_values", "group_size")
+ROLLOUT_INPUTS = ("final_values", "group_size", "scores")
+
+
+def normalized_advantages(estimator: F) -> F:
+    """Declares that `estimator`'s advantages are already normalised within each group, so that whitening them
+    over the batch is off unless the config asks for it (`advantages_are_normalized`)."""
+    estimator.advantages_are_normalized = True
+    return estimator
+
+
+def advantages_are_normalized(estimator: Callable) -> bool:
+    """Whether `estimator` declared its advantages normalised (`normalized_advantages`)."""
+    return getattr(estimator, "advantages_are_normalized", False)
 
 
 def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
@@ -197,28 +215,50 @@ def reinforce_advantages(
     return torch.where(real, returns - baselines.unsqueeze(-1), 0), returns
 
 
+@normalized_advantages
 @register_advantage("rloo")
 def rloo_advantages(
-    *, token_rewards: Tensor, values: Tensor | None, mask: Tensor, gamma: float, lam: float, group_size: int
+    *,
+    token_rewards: Tensor,
+    values: Tensor | None,
+    mask: Tensor,
+    gamma: float,
+    lam: float,
+    group_size: int,
+    scores: Tensor | None = None,
+    form: str = "trl",
 ) -> tuple[Tensor, Tensor]:
     """REINFORCE with a leave-one-out baseline (Ahmadian et al. 2024); no critic.
 
-    The batch is made of groups of `group_size` consecutive samples of the same prompt. A sample's
-    sequence reward is its discounted return from its first token (with gamma = 1, the sum of its
-    token rewards); its baseline `b_i` is the mean sequence reward of the *other* samples of its
-    group, which does not depend on its own actions, so `A_t = G_t - b_i` stays unbiased.
-    Returns are `G_t`.
+    The batch is made of groups of `group_size` consecutive samples of the same prompt; sample i's baseline is
+    the mean over the *other* samples of its group, which does not depend on its own actions, so the estimate
+    stays unbiased. Two forms:
+
+    - `"trl"` (default; TRL's `RLOOTrainer`, the paper): `R_i` is the sum of response i's token rewards (its
+      score less its KL penalty, when the KL is in the reward); every token gets `A_i = R_i - mean_{j != i} R_j`,
+      and returns are `R_i`;
+    - `"openrlhf"` (OpenRLHF's `rloo`): the baseline is the other samples' mean *score* only, the KL staying per
+      token: `A_t = G_t - mean_{j != i} score_j` with `G_t` the return-to-go of the token rewards (returns).
+
+    Outcome rewards are not discounted: gamma must be 1.
     """
     _require_no_values("rloo", values)
     check_discounts(gamma, lam)
+    if form not in RLOO_FORMS:
+        raise ValueError(f"unknown rloo form {form!r}; known: {', '.join(RLOO_FORMS)}")
     real = checked_mask(mask, token_rewards=token_rewards)
+    groups = _outcome_groups("rloo", token_rewards, real, gamma, group_size)  # [B / k, k]
+    if form == "trl":
+        advantages = torch.where(real, (groups.reshape(-1) - _others_mean(groups)).unsqueeze(-1), 0)
+        return advantages, torch.where(real, groups.reshape(-1, 1), 0)
+    if scores is None:
+        raise ValueError("rloo's openrlhf form baselines the sequence scores, and this algorithm has none")
+    baselines = _others_mean(scores.detach().float().view(groups.shape))  # [B]
     returns = discounted_returns(token_rewards, real, gamma)  # [B, T]
-    groups = _sequence_rewards(token_rewards, real, gamma).view(-1, _group_size(group_size, real, "rloo"))
-    baselines = ((groups.sum(dim=-1, keepdim=True) - groups) / (group_size - 1)).reshape(-1)  # [B]
-    advantages = torch.where(real, returns - baselines.unsqueeze(-1), 0)
-    return advantages, returns
+    return torch.where(real, returns - baselines.unsqueeze(-1), 0), returns
 
 
+@normalized_advantages
 @register_advantage("grpo")
 def grpo_advantages(
     *,
@@ -233,22 +273,50 @@ def grpo_advantages(
 ) -> tuple[Tensor, Tensor]:
     """GRPO (Shao et al. 2024): every token of response i gets `(r_i - mean(r)) / (std(r) + eps)` over its group.
 
-    The batch is made of groups of `group_size` consecutive samples of one prompt; `r_i` is the
-    sequence reward of sample i (its discounted token rewards from the first token: the score, plus the
-    KL penalty when the KL is in the reward). `std` is the group's sample standard deviation (n - 1), as
-    in the paper's code. `scale_by_std=False` is Dr. GRPO (Liu et al. 2025), which drops the division
-    (it favours groups whose rewards barely differ). Returns are `r_i` on every real token.
+    The batch is made of groups of `group_size` consecutive samples of one prompt; `r_i` is the sum of sample
+    i's token rewards (the score, plus the KL penalty when the KL is in the reward; not discounted: gamma must be
+    1). `std` is the group's sample standard deviation (n - 1), as in the paper's code. `scale_by_std=False` is
+    Dr. GRPO (Liu et al. 2025), which drops the division (it favours groups whose rewards barely differ). Returns
+    are `r_i` on every real token.
     """
     _require_no_values("grpo", values)
     check_discounts(gamma, lam)
     real = checked_mask(mask, token_rewards=token_rewards)
-    groups = _sequence_rewards(token_rewards, real, gamma).view(-1, _group_size(group_size, real, "grpo"))
+    groups = _outcome_groups("grpo", token_rewards, real, gamma, group_size)
     centred = groups - groups.mean(dim=-1, keepdim=True)  # [B / k, k]
     if scale_by_std:
         centred = centred / (groups.std(dim=-1, keepdim=True) + eps)
     advantages = torch.where(real, centred.reshape(-1, 1), 0)  # [B, T]
     returns = torch.where(real, groups.reshape(-1, 1), 0)  # [B, T]
     return advantages, returns
+
+
+def varied_groups(rewards: Tensor, group_size: int) -> Tensor:
+    """Rows `[B]` (bool) of the groups of `group_size` consecutive responses whose rewards `[B]` are not all equal:
+    DAPO's dynamic sampling keeps those, the others having every group-relative advantage 0."""
+    if group_size < 1 or rewards.shape[0] % group_size:
+        raise ValueError(f"group_size {group_size} does not divide the batch size {rewards.shape[0]}")
+    groups = rewards.view(-1, group_size)  # [B / k, k]
+    varied = (groups != groups[:, :1]).any(dim=-1)  # [B / k]
+    return varied.repeat_interleave(group_size)
+
+
+def _outcome_groups(name: str, token_rewards: Tensor, real: Tensor, gamma: float, group_size: int) -> Tensor:
+    """Each row's sum of token rewards, `[B / k, k]` by group; gamma < 1 is refused: it would discount a score
+    placed at the last token by gamma^(T - 1), so that an outcome reward would depend on the response's length."""
+    if gamma != 1:
+        raise ValueError(
+            f"{name} compares whole responses' rewards, which gamma = {gamma} < 1 would discount by their length "
+            "(gamma^(T - 1) on the score); set ppo.gamma: 1.0 (OpenRLHF forces it too)"
+        )
+    return masked_sum(token_rewards.detach().float(), real, dim=-1).view(
+        -1, _group_size(group_size, real, name)
+    )
+
+
+def _others_mean(groups: Tensor) -> Tensor:
+    """For each member, the mean of the other members of its group: `[B / k, k]` -> `[B]`."""
+    return ((groups.sum(dim=-1, keepdim=True) - groups) / (groups.shape[-1] - 1)).reshape(-1)
 
 
 def _sequence_rewards(token_rewards: Tensor, real: Tensor, gamma: float) -> Tensor:

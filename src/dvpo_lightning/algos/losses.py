@@ -10,6 +10,9 @@ Every loss returns a tuple whose first element is the loss to minimise:
   statistics; the caller averages (an offline stage's batch mean). `dpo` (in `preference_objective`)
   is the entry to the whole offline preference family of `preference_losses`.
 
+The policy losses of the on-policy update (`ppo`, `gspo`, `gspo_token`, `cispo`) have their own registry,
+`policy_losses.POLICY_LOSSES`; PPO's is also here as `ppo_policy`.
+
 Gradients flow into what is being trained (new log-probs, values, policy log-probs, scores) and
 never into old log-probs, reference log-probs, advantages or targets: those are detached here.
 """
@@ -23,6 +26,7 @@ from torch import Tensor
 from dvpo_lightning.algos.aggregation import LossNormalizers, aggregate_loss
 from dvpo_lightning.algos.kl import kl_penalty
 from dvpo_lightning.algos.masked import checked_mask, masked_mean
+from dvpo_lightning.algos.policy_losses import ppo_policy_loss
 from dvpo_lightning.algos.registry import Registry
 
 LOSSES = Registry("loss")
@@ -30,56 +34,7 @@ register_loss = LOSSES.register
 get_loss = LOSSES.get
 
 
-@register_loss("ppo_policy")
-def ppo_policy_loss(
-    logprobs: Tensor,
-    old_logprobs: Tensor,
-    advantages: Tensor,
-    mask: Tensor,
-    *,
-    clip_eps_low: float = 0.2,
-    clip_eps_high: float | None = None,
-    dual_clip: float | None = None,
-    mode: str = "token-mean",
-    normalizers: LossNormalizers | None = None,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """PPO's clipped surrogate, per token `-min(rho * A, clip(rho, 1 - eps_low, 1 + eps_high) * A)`.
-
-    `rho = exp(logprobs - old_logprobs)`, all `[B, T]`. `clip_eps_high=None` uses `clip_eps_low`.
-    `dual_clip = c > 1` (Ye et al. 2020) also bounds the loss of a negative-advantage token by
-    `-c * A`, so a ratio far above 1 cannot make it arbitrarily large.
-
-    Stats: `clip_fraction` (tokens where the clipped term is the one used), `approx_kl`
-    (k3 estimate of KL(old || new)), `ratio_mean`, `ratio_max`, and `dual_clip_fraction` with
-    `dual_clip`.
-    """
-    high = clip_eps_low if clip_eps_high is None else clip_eps_high
-    if clip_eps_low < 0 or high < 0:
-        raise ValueError(f"clip ranges must be >= 0, got clip_eps_low={clip_eps_low}, clip_eps_high={high}")
-    if dual_clip is not None and dual_clip <= 1:
-        raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
-    real = checked_mask(mask, logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages)
-    old_logprobs = torch.where(real, old_logprobs.detach(), 0)
-    advantages = torch.where(real, advantages.detach(), 0)
-    log_ratio = torch.where(real, logprobs - old_logprobs, 0)  # padding: ratio 1, advantage 0
-
-    ratio = torch.exp(log_ratio)
-    unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1 - clip_eps_low, 1 + high)
-    loss_mat = torch.maximum(unclipped, clipped)
-    stats = {"clip_fraction": masked_mean((clipped > unclipped).float(), real)}
-    if dual_clip is not None:
-        bound = -advantages * dual_clip
-        dual_clipped = (advantages < 0) & (loss_mat > bound)
-        loss_mat = torch.where(dual_clipped, bound, loss_mat)
-        stats["dual_clip_fraction"] = masked_mean(dual_clipped.float(), real)
-
-    loss = aggregate_loss(loss_mat, real, mode, normalizers)
-    ratio = ratio.detach()
-    stats["approx_kl"] = masked_mean(kl_penalty(old_logprobs, logprobs.detach(), "k3", real), real)
-    stats["ratio_mean"] = masked_mean(ratio, real)
-    stats["ratio_max"] = torch.where(real, ratio, -torch.inf).amax()
-    return loss, stats
+register_loss("ppo_policy")(ppo_policy_loss)  # the PPO policy loss, also `POLICY_LOSSES["ppo"]`
 
 
 @register_loss("value")
