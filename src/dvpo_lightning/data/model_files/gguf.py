@@ -4,8 +4,8 @@ transformers reads a GGUF file (`from_pretrained(directory, gguf_file=...)`, wit
 its weights, but takes about as long as a training step of a small model to do it and refuses to `save_pretrained`
 what it loaded. So a GGUF file is converted once: a fresh model built from the loaded config receives the loaded
 weights (float32) and is saved as safetensors with the file's tokenizer and chat template; tied embeddings stay
-tied (the file then has no `output.weight`). The directory is
-`<cache>/models/<file stem>-<key>` (`$DVPO_CACHE`, default `~/.cache/dvpo_lightning`), where the key changes with the file's path, size and modification time (a
+tied (the file then has no `output.weight`). The directory is `<cache>/models/<file stem>-<key>` (`$DVPO_CACHE`,
+default `~/.cache/dvpo_lightning`), where the key changes with the file's path, size and modification time (a
 changed file is converted again); it is written to a staging directory and renamed, so processes converting the
 same file at once never read half a conversion.
 """

