@@ -6,7 +6,7 @@ VENV ?= .venv
 # TORCH_SPEC= (empty) uses the torch already installed: a new venv then sees the system site-packages.
 TORCH_VERSION ?= 2.13.0
 TORCH_SPEC ?= torch==$(TORCH_VERSION)
-EXTRAS ?= dev,peft,notebook,bench,trackers
+EXTRAS ?= dev,peft,notebook,bench,trackers,gguf
 # Offline installs: `make wheelhouse` (with a network) writes every wheel but torch's to WHEELHOUSE (default
 # wheelhouse/) for WHEEL_PYTHON on WHEEL_PLATFORM (default: this machine's); `make install WHEELHOUSE=dir`
 # (or gpu-check, test, demo) then installs from it alone, with no index.

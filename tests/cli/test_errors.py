@@ -170,7 +170,7 @@ def test_top_level_help_and_a_mistyped_subcommand_answer_without_importing_torch
     result = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=60
     )
-    assert "{fit,validate,test,predict,generate}" in result.stdout
+    assert "{fit,validate,test,predict,generate,models}" in result.stdout
     assert "exit 0" in result.stdout and "exit 2" in result.stdout
     assert "invalid choice: 'fitt'" in result.stderr
     assert "heavy: []" in result.stdout

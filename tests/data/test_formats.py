@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import gzip
 import json
 
@@ -255,3 +256,25 @@ def test_template_with_no_prompt_messages_is_a_bad_row(tokenizer_dir):
         with pytest.raises(BadRow, match="no messages before the answer") as caught:
             parse_record(record, get_format(fmt), ChatRenderer(tokenizer), scores=False)
         assert caught.value.reason == "empty_prompt"
+
+
+def test_hh_chat_reads_hh_transcripts_as_conversations(hh_file, hh, tmp_path, tokenizer_dir, word_tokenizer):
+    # Without a chat template, the default template gives back the transcripts: the same texts as `hh`.
+    check_matches_hh(load(hh_file, tmp_path, tokenizer_dir, max_samples=ROWS, format="hh_chat"), hh)
+    # With one, each turn goes through it, and the answer loses the EOS text that closes its turn.
+    template = (
+        "{% for m in messages %}<{{ m.role }}>{{ m.content }}<eos>{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    chat_tokenizer = copy.copy(word_tokenizer)
+    chat_tokenizer.chat_template = template
+    renderer = ChatRenderer(chat_tokenizer)
+    record = {
+        "chosen": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: a cat?\n\nAssistant: a dog",
+        "rejected": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: a cat?\n\nAssistant: no",
+    }
+    assert get_format("hh_chat").parse(record, renderer) == {
+        "prompt": "<user>hi<eos><assistant>hello<eos><user>a cat?<eos><assistant>",
+        "chosen": "a dog",
+        "rejected": "no",
+    }

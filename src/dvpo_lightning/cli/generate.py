@@ -1,4 +1,5 @@
-"""`dvpo generate`: sample from an exported policy (any Hugging Face causal LM directory or cached hub name).
+"""`dvpo generate`: sample from an exported policy (any Hugging Face causal LM directory or cached hub name, a GGUF
+file, or a packaged model).
 
     dvpo generate outputs/builtin/dvpo/model --prompt "tell me about : horse forest . answer :"
     dvpo generate outputs/builtin/sft/model --prompts-file prompts.txt --num-samples 4 --output samples.jsonl
@@ -38,7 +39,9 @@ def generate_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "model", help="an exported policy directory (<default_root_dir>/model) or a cached hub name"
+        "model",
+        help="an exported policy directory (<default_root_dir>/model), a cached hub name, a .gguf file or "
+        "packaged:<name> (dvpo models fetch <name>)",
     )
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
     parser.add_argument(
@@ -119,7 +122,7 @@ def generate_main(argv: list[str]) -> list[dict]:
     )
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     spec = ModelSpec(name_or_path=args.model, dtype=dtype)
-    tokenizer = ensure_pad_token(load_tokenizer(args.model))
+    tokenizer = ensure_pad_token(load_tokenizer(spec.name_or_path))
     policy = build_policy(spec, tokenizer).to(args.device)
     texts = [render(prompt, tokenizer, args.raw) for prompt in prompts]
     room = context_length(spec)

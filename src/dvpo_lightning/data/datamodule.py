@@ -104,7 +104,8 @@ class RLHFDataModule(LightningDataModule):
 
     Args:
         dataset: `builtin:<task>`, a local file or `save_to_disk` directory, or a hub dataset name.
-        tokenizer: a tokenizer directory or hub name, or `bpe:<vocab_size>` to train one on the data;
+        tokenizer: a tokenizer directory or hub name, a `.gguf` file or `packaged:<name>` (the tokenizer of the
+            converted model, `dvpo_lightning.data.model_files`), or `bpe:<vocab_size>` to train one on the data;
             None uses the built-in task's tokenizer (other datasets need one).
         format: `hh`, `pairs`, `messages`, `prompts`, `sft` or a registered format's name; None detects
             it from the columns.

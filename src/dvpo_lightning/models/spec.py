@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from dvpo_lightning.data.model_files import resolve_model_path
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -38,7 +40,10 @@ class ModelSpec:
     """Where a model comes from and how it is adapted.
 
     Args:
-        name_or_path: HF model directory or hub name. An exported stage directory holds its tokenizer too.
+        name_or_path: HF model directory or hub name. An exported stage directory holds its tokenizer too. A
+            `.gguf` file (or a directory holding one) and `packaged:<name>` (a model fetched with
+            `dvpo models fetch <name>`) are converted once into a cached HF directory, which this then names
+            (`dvpo_lightning.data.model_files`).
         arch: inline architecture for a randomly initialised model, e.g.
             `{model_type: llama, hidden_size: 64, num_hidden_layers: 2, ...}`. Vocabulary size and special
             token ids are taken from the tokenizer, so one config serves any tokenizer.
@@ -73,6 +78,8 @@ class ModelSpec:
                 "a model spec needs exactly one of `name_or_path` (pretrained weights) or `arch` "
                 f"(an inline architecture); got name_or_path={self.name_or_path!r}, arch={self.arch!r}"
             )
+        if self.name_or_path is not None:
+            self.name_or_path = resolve_model_path(self.name_or_path)
         if self.arch is not None and "model_type" not in self.arch:
             raise ValueError(f"`arch` must name its `model_type` (e.g. llama, qwen2, gpt2); got {self.arch}")
         if self.dtype not in DTYPES:

@@ -12,7 +12,8 @@ Built-in formats, one module each, in detection order (the first whose columns m
 - `messages`: `chosen` / `rejected` as lists of `{role, content}` messages, with or without a
   `prompt` message list;
 - `pairs`: `prompt`, `chosen`, `rejected` strings, optional `chosen_score` / `rejected_score`;
-- `hh`: `chosen` / `rejected` full HH-RLHF transcripts;
+- `hh`: `chosen` / `rejected` full HH-RLHF transcripts (`hh_chat`, only when named: the same through the chat
+  template);
 - `sft`: `prompt` and `response` strings, or a `messages` conversation;
 - `prompts`: `prompt` as a string or a message list.
 
