@@ -159,35 +159,45 @@ def requirements_of(item: dict, python_version: str) -> list[Requirement]:
 
 
 def beyond_image(
-    resolved: list[dict], image: dict[str, str | None], always: set[str], python_version: str
+    resolved: list[dict],
+    image: dict[str, str | None],
+    requirements: list[str],
+    always: set[str],
+    python_version: str,
 ) -> tuple[list[dict], list[str]]:
-    """What to carry to the image: the resolved items it lacks, those in `always`, and fallbacks; and notes.
+    """What to carry to the image, and notes: `requirements` (the project's) and, down from them, what they need.
 
-    A fallback is an image package a carried one bounds from above when its version there is unknown, or whose
-    known version the carried one rejects. A lower bound alone on an unknown version is noted as an assumption.
+    Walked from `requirements` through the carried items only: an image package stands for itself and its own
+    needs (the image is installed and consistent). Carried: the resolved items the image lacks, those in
+    `always`, and fallbacks: image packages a carried item (or the project) bounds from above where the version
+    there is unknown, or whose known version it rejects. A lower bound on an unknown version is noted instead.
     """
     by_name = {normalized(item["metadata"]["name"]): item for item in resolved}
-    carried = {name for name in by_name if name not in image or name in always}
-    notes, pending = [], sorted(carried)
+    carried: set[str] = set()
+    notes = []
+    pending = [{"metadata": {"name": "the project", "requires_dist": requirements}}]
     while pending:
-        item = by_name[pending.pop()]
+        item = pending.pop()
         for requirement in requirements_of(item, python_version):
             name = normalized(requirement.name)
-            if name in carried or name not in image or name not in by_name:
+            if name in carried or name not in by_name:
                 continue
-            known, wanted = image[name], f"{name}{requirement.specifier} ({item['metadata']['name']})"
-            if known is not None:
-                fallback = not requirement.specifier.contains(known, prereleases=True)
-            else:
-                fallback = any(spec.operator in UPPER_BOUNDS for spec in requirement.specifier)
-            if fallback:
-                carried.add(name)
-                pending.append(name)
+            if name in image and name not in always:
+                known, wanted = image[name], f"{name}{requirement.specifier} ({item['metadata']['name']})"
+                if known is not None:
+                    fits = requirement.specifier.contains(known, prereleases=True)
+                else:
+                    fits = not any(spec.operator in UPPER_BOUNDS for spec in requirement.specifier)
+                if fits:
+                    if known is None and str(requirement.specifier):
+                        notes.append(f"assumed of the image: {wanted}")
+                    continue
+                version = by_name[name]["metadata"]["version"]
                 notes.append(
-                    f"fallback {name}=={by_name[name]['metadata']['version']}: {wanted}, image has {known}"
+                    f"fallback {name}=={version}: {wanted}, image has {known or 'an unknown version'}"
                 )
-            elif known is None and str(requirement.specifier):
-                notes.append(f"assumed of the image: {wanted}")
+            carried.add(name)
+            pending.append(by_name[name])
     return [item for name, item in by_name.items() if name in carried], sorted(set(notes))
 
 
@@ -292,7 +302,8 @@ def main(argv: list[str] | None = None) -> None:
     notes = []
     if image:
         always = {normalized(REQUIREMENT_NAME.match(r)[1]) for r in build_requirements()}
-        resolved, notes = beyond_image(resolved, image, always, args.python_version)
+        needs = project_requirements(extras)
+        resolved, notes = beyond_image(resolved, image, needs, always, args.python_version)
     pins = [f"{item['metadata']['name']}=={item['metadata']['version']}" for item in resolved]
     wheels = download(pins, target, args.dest)
     size = sum(wheel.stat().st_size for wheel in wheels) / 2**20

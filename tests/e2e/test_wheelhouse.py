@@ -117,7 +117,10 @@ def test_only_what_the_image_lacks_is_carried_with_fallbacks_for_what_may_not_fi
         _resolved("pytest", "9.0.0", []),  # only an extra not asked for wants it
         _resolved("setuptools", "81.0.0", []),
         _resolved("peft", "0.21.0", ["safetensors>=0.9"]),
+        _resolved("typer", "0.29.2", ["pydantic>=2.5"]),  # the image's own typer may not want pydantic
+        _resolved("pydantic", "2.14.4", []),
     ]
+    project = ["datasets>=3", "jsonargparse[signatures]>=4.35", "peft>=0.13", "setuptools>=77"]
     image = {
         "fsspec": None,
         "pyarrow": None,
@@ -128,15 +131,19 @@ def test_only_what_the_image_lacks_is_carried_with_fallbacks_for_what_may_not_fi
         "peft": None,
         "safetensors": "0.8.0",
     }
-    carried, notes = beyond_image(resolved, image, {"setuptools"}, "3.12")
+    carried, notes = beyond_image(resolved, image, project, {"setuptools"}, "3.12")
     names = [item["metadata"]["name"] for item in carried]
-    # fsspec: bounded from above and unknown there; setuptools: a build requirement, which no installed copy serves.
+    # fsspec: bounded from above and unknown there; setuptools: a build requirement, which no installed copy serves;
+    # pydantic: only an image package (typer) names it.
     assert names == ["datasets", "jsonargparse", "docstring_parser", "fsspec", "setuptools"]
-    assert "fallback fsspec==2026.9.0: fsspec<=2026.9.0,>=2023.1.0 (datasets), image has None" in notes
+    assert (
+        "fallback fsspec==2026.9.0: fsspec<=2026.9.0,>=2023.1.0 (datasets), image has an unknown version"
+        in notes
+    )
     assert "assumed of the image: pyarrow>=24 (datasets)" in notes
     assert not any(
         "huggingface" in note or "safetensors" in note for note in notes
     )  # 1.33.0 fits; peft is the image's
     image["huggingface-hub"] = "1.20.0"  # a known version a carried package rejects is carried too
-    carried, notes = beyond_image(resolved, image, {"setuptools"}, "3.12")
+    carried, notes = beyond_image(resolved, image, project, {"setuptools"}, "3.12")
     assert "huggingface_hub" in [item["metadata"]["name"] for item in carried]
