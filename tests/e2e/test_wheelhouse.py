@@ -6,6 +6,7 @@ import zipfile
 
 import pytest
 
+from scripts import wheelhouse
 from scripts.wheelhouse import (
     beyond_image,
     compatible_platforms,
@@ -147,3 +148,36 @@ def test_only_what_the_image_lacks_is_carried_with_fallbacks_for_what_may_not_fi
     image["huggingface-hub"] = "1.20.0"  # a known version a carried package rejects is carried too
     carried, notes = beyond_image(resolved, image, project, {"setuptools"}, "3.12")
     assert "huggingface_hub" in [item["metadata"]["name"] for item in carried]
+
+
+def test_gpu_wheels_lists_what_it_carries_and_fails_over_the_size_limit(tmp_path, monkeypatch, capsys):
+    """`make gpu-wheels` offline: pip's resolution and download replaced, the rest (the image walk, the size check) real."""
+    image = tmp_path / "image.txt"
+    write_image(image, {"torch": "2.11.0", "lightning": None, "pyyaml": None}, "test")
+    resolved = [
+        _resolved("lightning", "2.6.6", []),
+        _resolved("jsonargparse", "4.53.0", ["PyYAML>=3.13"]),
+        _resolved("PyYAML", "6.0.3", []),
+        _resolved("setuptools", "81.0.0", []),
+    ]
+    monkeypatch.setattr(wheelhouse, "torch_python_requirements", lambda version, target: [])
+    monkeypatch.setattr(wheelhouse, "resolve", lambda requirements, target, *options: resolved)
+    megabytes = {"jsonargparse": 1, "setuptools": 2}
+
+    def download(pins, target, dest):
+        dest.mkdir(exist_ok=True)
+        for pin in pins:
+            name, version = pin.split("==")
+            (dest / f"{name}-{version}-py3-none-any.whl").write_bytes(b"0" * megabytes[name] * 2**20)
+        return sorted(dest.glob("*.whl"))
+
+    monkeypatch.setattr(wheelhouse, "download", download)
+    options = ["--dest", str(tmp_path / "wheels"), "--image", str(image), "--extras", "peft"]
+    wheelhouse.main([*options, "--python-version", "3.12", "--platform", "manylinux_2_28_x86_64"])
+    out = capsys.readouterr().out
+    assert "jsonargparse-4.53.0-py3-none-any.whl (1.00 MiB)" in out and "setuptools-81.0.0" in out
+    assert "wheelhouse: 2 wheels (3.0 MiB in" in out and "lightning-2.6.6" not in out  # the image has it
+    with pytest.raises(SystemExit, match="3.0 MiB is over --max-mib 2; the largest: setuptools-81.0.0"):
+        wheelhouse.main(
+            [*options, "--python-version", "3.12", "--platform", "manylinux_2_28_x86_64", "--max-mib", "2"]
+        )
