@@ -128,11 +128,17 @@ class DVPOCLI(LightningCLI):
 
 
 def resolved_checkpoint(ckpt_path: str | None, checkpoint_dir: str) -> str | None:
-    """The checkpoint file or directory a fit resumes from: `last` is `<checkpoint_dir>/last.ckpt`; None for a
+    """The checkpoint file or directory a fit resumes from: `last` is `<checkpoint_dir>/last.ckpt`, refused when
+    there is none (Lightning would start from step 0, as TRL's `resume_from_checkpoint=True` does not); None for a
     fresh run or a checkpoint Lightning finds by other means (`best`, `hpc`, a registry)."""
     if ckpt_path == "last":
         path = os.path.join(checkpoint_dir, "last.ckpt")
-        return path if os.path.exists(path) else None
+        if not os.path.exists(path):
+            raise ValueError(
+                f"--ckpt_path last: there is no checkpoint to resume ({path} does not exist); leave --ckpt_path "
+                "out to start a fresh run"
+            )
+        return path
     return ckpt_path if ckpt_path is not None and os.path.exists(ckpt_path) else None
 
 
