@@ -20,10 +20,12 @@ from dvpo_lightning.data.formats import (
     TEXT_COLUMNS,
     ChatRenderer,
     DataFormat,
+    columns_of,
     detect_format,
     format_names,
     get_format,
     has_scores,
+    ignored_columns,
     normalize_batch,
     sample_records,
 )
@@ -51,6 +53,7 @@ class _Rows:
     bad: BadRows
     format: DataFormat
     scores: bool  # the rows carry chosen_score / rejected_score
+    columns: frozenset[str]  # of the source
 
     def split(self, val_size: int | float, seed: int) -> tuple[_Rows, _Rows]:
         train, val = split_rows(self.rows, val_size, seed)
@@ -62,7 +65,7 @@ class RLHFDataModule(LightningDataModule):
 
     Sources: `builtin:<task>` (generated offline), a local `.jsonl` / `.jsonl.gz` / `.json` /
     `.parquet` file, a `save_to_disk` directory, or a hub dataset name. Formats (`hh`, `pairs`,
-    `messages`, `prompts`, `sft`, or one registered with `dvpo_lightning.data.formats.register_format`)
+    `messages`, `prompts`, `sft`, `prompt_completion`, or one registered with `dvpo_lightning.data.formats.register_format`)
     are detected from the columns.
 
     Modes: `sft` batches a prompt and one response (the chosen one of pair data); `pairs` a prompt,
@@ -106,8 +109,8 @@ class RLHFDataModule(LightningDataModule):
         dataset: `builtin:<task>`, a local file or `save_to_disk` directory, or a hub dataset name.
         tokenizer: a tokenizer directory or hub name, or `bpe:<vocab_size>` to train one on the data;
             None uses the built-in task's tokenizer (other datasets need one).
-        format: `hh`, `pairs`, `messages`, `prompts`, `sft` or a registered format's name; None detects
-            it from the columns.
+        format: `hh`, `pairs`, `messages`, `prompts`, `sft`, `prompt_completion` or a registered format's name;
+            None detects it from the columns (and warns about columns the detected format does not read).
         mode: `sft`, `pairs` or `prompts`; None takes the `data_mode` of the Trainer's LightningModule.
         dataset_config: the hub dataset's configuration name.
         split: the split to train on (hub datasets and DatasetDict directories).
@@ -243,7 +246,7 @@ class RLHFDataModule(LightningDataModule):
             train, val = self._prompt_splits()
         else:
             train, val = self._splits()
-            self._check_format_fits_mode(train.format)
+            self._check_format_fits_mode(train)
             self._scores = self.mode == "pairs" and train.scores
         self.train_dataset = self._tokenize(train, "train")
         self.val_dataset = self._tokenize(val, "validation")
@@ -335,7 +338,14 @@ class RLHFDataModule(LightningDataModule):
     def _parse(self, source: RawSource, fmt: str | None) -> _Rows:
         """Raw records -> canonical rows; bad rows are logged in a new `BadRows` of the source."""
         sample = sample_records(source.dataset)
+        columns, detected = columns_of(sample), fmt is None
         fmt = get_format(fmt or detect_format(sample, source.name))
+        ignored = ignored_columns(columns, fmt)
+        if detected and ignored:
+            rank_zero_warn(
+                f"{source.name} is read as {fmt.name!r} data from its columns {sorted(columns & fmt.columns)}; no "
+                f"format reads all of them, so {ignored} are ignored (rename them, or pass --data.format)"
+            )
         scores = has_scores(sample, fmt)
         # A freshly trained BPE tokenizer has no chat template: messages use the default one.
         renderer = ChatRenderer(None if bpe_vocab_size(self.tokenizer_name) else self.tokenizer)
@@ -351,7 +361,7 @@ class RLHFDataModule(LightningDataModule):
         bad = BadRows(source.name, source.json_lines, self.strict)
         rows = bad.drop(rows)
         bad.require_rows(len(rows), "the data")
-        return _Rows(rows, bad, fmt, scores)
+        return _Rows(rows, bad, fmt, scores, columns)
 
     def _splits(self) -> tuple[_Rows, _Rows]:
         """Train and validation rows of `dataset` (canonical, untokenised)."""
@@ -409,11 +419,17 @@ class RLHFDataModule(LightningDataModule):
         columns = ["row", "prompt_ids", *(f"{key}_ids" for key in responses)]
         return kept.select_columns(columns + (list(SCORE_COLUMNS) if self._scores else []))
 
-    def _check_format_fits_mode(self, fmt: DataFormat) -> None:
+    def _check_format_fits_mode(self, part: _Rows) -> None:
+        fmt = part.format
         if fmt.kind == "prompts" or (self.mode == "pairs" and fmt.kind != "pairs"):
+            missing = (
+                "; no row has a 'rejected' response"
+                if self.mode == "pairs" and "chosen" in part.columns and "rejected" not in part.columns
+                else ""
+            )
             raise ValueError(
                 f"mode {self.mode!r} needs {'preference pairs' if self.mode == 'pairs' else 'responses'}, but "
-                f"{self.dataset} is {fmt.name!r} data"
+                f"{self.dataset} is {fmt.name!r} data (its columns: {sorted(part.columns)}){missing}"
             )
 
     def _report(self, logs: list[BadRows]) -> None:
