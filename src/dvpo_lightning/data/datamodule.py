@@ -101,7 +101,9 @@ class RLHFDataModule(LightningDataModule):
       split (deterministic; cached under `cache_dir`), with `<pad>` and `<eos>` special tokens.
 
     Validation: `val_split` when given, else `val_size` rows of the data held out at random from
-    `seed` (the same on every run). Prompts mode splits `prompt_dataset` the same way. The training
+    `seed` (the same on every run), by prompt: all rows of a prompt land on one side, so repeated prompts
+    never leak from training into validation (`data.splits.split_rows`). Prompts mode splits
+    `prompt_dataset` the same way. The training
     loader shuffles with a generator seeded from `seed`; in prompts mode it drops the last partial
     batch, so every rollout has `batch_size` prompts.
 
@@ -117,7 +119,7 @@ class RLHFDataModule(LightningDataModule):
         val_split: the evaluation data: a split name of `dataset`, or a path to another file or
             directory; None holds out `val_size` rows of the training data.
         val_size: rows held out for validation when `val_split` is None: an int is a count, a float a
-            fraction; 0 disables validation.
+            fraction (at least that many: whole prompts are held out); 0 disables validation.
         prompt_dataset: a source of prompts for prompts mode (any format, detected; its prompts are used,
             a built-in task gives its prompt set, a hub dataset its `split`); None uses those of `dataset`.
         max_prompt_length: longest prompt in tokens (longer ones are handled by `prompt_truncation`); None is
