@@ -34,7 +34,7 @@ import re
 import sys
 import warnings
 
-from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
@@ -50,11 +50,22 @@ from dvpo_lightning.callbacks import (
     ThroughputMonitor,
     TotalsRichProgressBar,
 )
+from dvpo_lightning.callbacks.reports import run_dir
 from dvpo_lightning.checkpoint_io import link_last_checkpoint, use_atomic_checkpoints
 from dvpo_lightning.cli.logs import default_loggers, resumed_log_step
 from dvpo_lightning.cli.outputs import prepare_output_directory
 from dvpo_lightning.cli.threads import set_threads
 from dvpo_lightning.preflight import check_run_config
+
+
+class RunTrainer(Trainer):
+    """Lightning's Trainer, whose `log_dir` (where the CLI saves `config.yaml`) is the run's own folder, as for the
+    reports of the monitors (`run_dir`): with a tracker logger, Lightning's is the tracker's folder, shared by every
+    run, so each run would replace the previous one's `config.yaml`."""
+
+    @property
+    def log_dir(self) -> str:
+        return str(run_dir(self))
 
 
 class DVPOCLI(LightningCLI):
@@ -173,6 +184,7 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> DVPOCLI:
     return DVPOCLI(
         LightningModule,
         LightningDataModule,
+        trainer_class=RunTrainer,
         subclass_mode_model=True,
         subclass_mode_data=True,
         auto_configure_optimizers=False,
