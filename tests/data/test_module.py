@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from types import SimpleNamespace
 
 import datasets
@@ -14,7 +15,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 from dvpo_lightning.data import RLHFDataModule, get_task
-from dvpo_lightning.data.sources import SourceError
+from dvpo_lightning.data.sources import SourceError, content_of
 from dvpo_lightning.data.splits import split_rows
 from dvpo_lightning.data.tokenization import tokenize_batch
 from tests.helpers.data import make_module, write_jsonl
@@ -260,6 +261,45 @@ def test_data_without_repeated_prompts_keeps_its_row_split():
     train, val = split_rows(rows, 0.2, seed=3)
     assert val["prompt"] == [f"prompt {i}" for i in sorted(order[:10])]
     assert train["prompt"] == [f"prompt {i}" for i in sorted(order[10:])]
+
+
+def test_the_lineage_records_the_detected_format_and_each_local_files_path_and_hash(
+    tmp_path, word_tokenizer_dir, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "rows.jsonl", word_rows(20))
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"a {word}"} for word in WORDS])
+    module = make_module(
+        "rows.jsonl",
+        tmp_path,
+        tokenizer=word_tokenizer_dir,
+        mode="prompts",
+        prompt_dataset="prompts.jsonl",
+        val_size=2,
+    )
+    module.setup()
+    described = module.describe()
+    assert described["format"] is None  # `dataset` was not read: the prompts came from `prompt_dataset`
+    assert described["sources"] == {
+        "prompts.jsonl": {
+            "format": "prompts",
+            "path": str(prompts),
+            "sha256": hashlib.sha256(prompts.read_bytes()).hexdigest(),
+        }
+    }
+    pairs = make_module("rows.jsonl", tmp_path, tokenizer=word_tokenizer_dir, mode="pairs", val_size=2)
+    pairs.setup()
+    assert pairs.describe()["format"] == "pairs"
+    assert pairs.describe()["sources"]["rows.jsonl"]["path"] == str(tmp_path / "rows.jsonl")
+
+
+def test_a_saved_dataset_directory_is_hashed_over_its_files(tmp_path):
+    datasets.Dataset.from_list([{"prompt": "a"}]).save_to_disk(tmp_path / "saved")
+    first = content_of(str(tmp_path / "saved"))
+    assert first["path"] == str(tmp_path / "saved") and content_of(str(tmp_path / "saved")) == first
+    datasets.Dataset.from_list([{"prompt": "b"}]).save_to_disk(tmp_path / "saved")
+    assert content_of(str(tmp_path / "saved"))["sha256"] != first["sha256"]
+    assert content_of("builtin:topics") == {} and content_of("Anthropic/hh-rlhf") == {}
 
 
 def test_training_order_is_seeded_and_shuffled(tmp_path, word_tokenizer_dir):

@@ -30,7 +30,14 @@ from dvpo_lightning.data.formats import (
     sample_records,
 )
 from dvpo_lightning.data.resumable import EpochShuffle, LengthGroupedShuffle, ResumableDataLoader
-from dvpo_lightning.data.sources import RawSource, builtin_task_name, has_splits, is_local, load_source
+from dvpo_lightning.data.sources import (
+    RawSource,
+    builtin_task_name,
+    content_of,
+    has_splits,
+    is_local,
+    load_source,
+)
 from dvpo_lightning.data.splits import split_rows, unique_prompts, validation_count
 from dvpo_lightning.data.tokenization import PROMPT_TRUNCATIONS, token_features, tokenize_batch
 from dvpo_lightning.data.tokenizers import (
@@ -216,6 +223,9 @@ class RLHFDataModule(LightningDataModule):
         self.val_dataset: datasets.Dataset | None = None
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self._main_splits: tuple[_Rows, _Rows] | None = None
+        self._sources: dict[
+            str, dict
+        ] = {}  # by spec: the format it was read in, and its content (`content_of`)
         self._scores = False
 
     # --- the tokenizer ---------------------------------------------------------------------------
@@ -298,13 +308,18 @@ class RLHFDataModule(LightningDataModule):
         return self.val_dataloader()
 
     def describe(self) -> dict:
-        """What the data of a run was, for the lineage of its export: sources, settings and row counts."""
+        """What the data of a run was, for the lineage of its export: sources, settings and row counts.
+
+        `format` is the one `dataset` was read in (detected, or named by the option); `sources` holds, for each
+        source read, its format and, for a local one, its resolved path and SHA-256 (`sources.content_of`).
+        """
         return {
             "dataset": self.dataset,
             "split": self.split,
             "val_split": self.val_split,
             "prompt_dataset": self.prompt_dataset,
-            "format": self.format,
+            "format": self._sources.get(self.dataset, {}).get("format", self.format),
+            "sources": self._sources,
             "mode": self.mode,
             "tokenizer": self.tokenizer_name,
             "seed": self.seed,
@@ -360,6 +375,7 @@ class RLHFDataModule(LightningDataModule):
             fn_kwargs={"data_format": fmt, "renderer": renderer, "scores": scores},
             desc=f"Parsing {source.name} ({fmt.name})",
         )
+        self._sources[source.name] = {"format": fmt.name, **content_of(source.name)}
         bad = BadRows(source.name, source.json_lines, self.strict)
         rows = bad.drop(rows)
         bad.require_rows(len(rows), "the data")
