@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.report import Report, Table, mark_merged, mean_std, merged_seeds, read_parts
+from benchmarks.report import Report, Table, judgement, mark_merged, mean_std, merged_seeds, read_parts
 from benchmarks.table import export_dir, report_name
 from benchmarks.value_runs import (
     BUILTIN_RUNS,
@@ -240,7 +240,7 @@ def make_report(builtin: dict[int, dict], hh: dict[int, dict], scale: Scale, con
     tables = [accuracy_table(builtin), diagnostics_table(builtin)]
     if hh:
         tables.insert(1, hh_table(hh))
-    tables.append(targets_table(builtin, hh))
+    tables.append(targets_table(builtin, hh, quick=scale.name == "quick"))
     notes = [
         f"Scale: {scale.name}; seeds {seeds}; configs `{configs.name}/`"
         + (" (the hard setting, builtin:topics-long)" if configs.name == "hard" else " (builtin:topics)")
@@ -385,7 +385,7 @@ def gap_notes(builtin: dict[int, dict]) -> list[str]:
     ]
 
 
-def targets_table(builtin: dict[int, dict], hh: dict[int, dict]) -> Table:
+def targets_table(builtin: dict[int, dict], hh: dict[int, dict], quick: bool) -> Table:
     table = Table("Targets", ["target", "measured", "verdict"])
     if hh:
         accuracy = {
@@ -400,7 +400,7 @@ def targets_table(builtin: dict[int, dict], hh: dict[int, dict]) -> Table:
             [
                 "HH-RLHF: GVM (complete response) >= RM >= PPO critic (mean value)",
                 f"{accuracy['gvm']:.3f} / {accuracy['rm']:.3f} / {accuracy['ppo_critic']:.3f}",
-                "met" if met else "missed",
+                judgement(met, quick),
             ]
         )
     best = max(DVPO_VARIANTS, key=lambda name: mean_gain(builtin, name))
@@ -409,7 +409,7 @@ def targets_table(builtin: dict[int, dict], hh: dict[int, dict]) -> Table:
         [
             f"built-in: the best GVM option's DVPO gain >= PPO's and > DPO's ({LABELS[best]})",
             f"{best_gain:+.3f} vs PPO {ppo:+.3f}, DPO {dpo:+.3f}",
-            "met" if best_gain >= ppo and best_gain > dpo else "missed",
+            judgement(best_gain >= ppo and best_gain > dpo, quick),
         ]
     )
     return table

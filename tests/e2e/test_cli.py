@@ -114,6 +114,18 @@ def test_ckpt_path_last_resumes_from_the_saved_step_and_continues_the_logs(shuff
     assert not list((root / "checkpoints").glob("last-v*"))
 
 
+def test_ckpt_path_last_without_a_checkpoint_is_refused_in_one_line(shuffled_tokenizer, tmp_path, capsys):
+    root, cache = tmp_path / "sft", tmp_path / "cache"
+    with pytest.raises(SystemExit) as exit_info:
+        run_sft(root, cache, shuffled_tokenizer, "--trainer.max_steps=2", "--ckpt_path=last")
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"dvpo: error: --ckpt_path last: there is no checkpoint to resume ({root}/checkpoints/last.ckpt does not "
+        "exist); leave --ckpt_path out to start a fresh run (--debug shows the traceback)"
+    )
+    assert not (root / "checkpoints").exists()
+
+
 def test_a_run_resumed_from_an_earlier_checkpoint_logs_each_step_once(shuffled_tokenizer, tmp_path):
     # As after a kill: the run went on (to step 4) after the checkpoint it is resumed from (step 2).
     root, cache = tmp_path / "sft", tmp_path / "cache"

@@ -34,7 +34,7 @@ import re
 import sys
 import warnings
 
-from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
@@ -50,11 +50,22 @@ from dvpo_lightning.callbacks import (
     ThroughputMonitor,
     TotalsRichProgressBar,
 )
+from dvpo_lightning.callbacks.reports import run_dir
 from dvpo_lightning.checkpoint_io import link_last_checkpoint, use_atomic_checkpoints
 from dvpo_lightning.cli.logs import default_loggers, resumed_log_step
 from dvpo_lightning.cli.outputs import prepare_output_directory
 from dvpo_lightning.cli.threads import set_threads
 from dvpo_lightning.preflight import check_run_config
+
+
+class RunTrainer(Trainer):
+    """Lightning's Trainer, whose `log_dir` (where the CLI saves `config.yaml`) is the run's own folder, as for the
+    reports of the monitors (`run_dir`): with a tracker logger, Lightning's is the tracker's folder, shared by every
+    run, so each run would replace the previous one's `config.yaml`."""
+
+    @property
+    def log_dir(self) -> str:
+        return str(run_dir(self))
 
 
 class DVPOCLI(LightningCLI):
@@ -128,11 +139,17 @@ class DVPOCLI(LightningCLI):
 
 
 def resolved_checkpoint(ckpt_path: str | None, checkpoint_dir: str) -> str | None:
-    """The checkpoint file or directory a fit resumes from: `last` is `<checkpoint_dir>/last.ckpt`; None for a
+    """The checkpoint file or directory a fit resumes from: `last` is `<checkpoint_dir>/last.ckpt`, refused when
+    there is none (Lightning would start from step 0, as TRL's `resume_from_checkpoint=True` does not); None for a
     fresh run or a checkpoint Lightning finds by other means (`best`, `hpc`, a registry)."""
     if ckpt_path == "last":
         path = os.path.join(checkpoint_dir, "last.ckpt")
-        return path if os.path.exists(path) else None
+        if not os.path.exists(path):
+            raise ValueError(
+                f"--ckpt_path last: there is no checkpoint to resume ({path} does not exist); leave --ckpt_path "
+                "out to start a fresh run"
+            )
+        return path
     return ckpt_path if ckpt_path is not None and os.path.exists(ckpt_path) else None
 
 
@@ -167,6 +184,7 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> DVPOCLI:
     return DVPOCLI(
         LightningModule,
         LightningDataModule,
+        trainer_class=RunTrainer,
         subclass_mode_model=True,
         subclass_mode_data=True,
         auto_configure_optimizers=False,

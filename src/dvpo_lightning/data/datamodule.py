@@ -20,15 +20,24 @@ from dvpo_lightning.data.formats import (
     TEXT_COLUMNS,
     ChatRenderer,
     DataFormat,
+    columns_of,
     detect_format,
     format_names,
     get_format,
     has_scores,
+    ignored_columns,
     normalize_batch,
     sample_records,
 )
 from dvpo_lightning.data.resumable import EpochShuffle, LengthGroupedShuffle, ResumableDataLoader
-from dvpo_lightning.data.sources import RawSource, builtin_task_name, has_splits, is_local, load_source
+from dvpo_lightning.data.sources import (
+    RawSource,
+    builtin_task_name,
+    content_of,
+    has_splits,
+    is_local,
+    load_source,
+)
 from dvpo_lightning.data.splits import split_rows, unique_prompts, validation_count
 from dvpo_lightning.data.tokenization import PROMPT_TRUNCATIONS, token_features, tokenize_batch
 from dvpo_lightning.data.tokenizers import (
@@ -51,6 +60,7 @@ class _Rows:
     bad: BadRows
     format: DataFormat
     scores: bool  # the rows carry chosen_score / rejected_score
+    columns: frozenset[str]  # of the source
 
     def split(self, val_size: int | float, seed: int) -> tuple[_Rows, _Rows]:
         train, val = split_rows(self.rows, val_size, seed)
@@ -62,7 +72,7 @@ class RLHFDataModule(LightningDataModule):
 
     Sources: `builtin:<task>` (generated offline), a local `.jsonl` / `.jsonl.gz` / `.json` /
     `.parquet` file, a `save_to_disk` directory, or a hub dataset name. Formats (`hh`, `pairs`,
-    `messages`, `prompts`, `sft`, or one registered with `dvpo_lightning.data.formats.register_format`)
+    `messages`, `prompts`, `sft`, `prompt_completion`, or one registered with `dvpo_lightning.data.formats.register_format`)
     are detected from the columns.
 
     Modes: `sft` batches a prompt and one response (the chosen one of pair data); `pairs` a prompt,
@@ -98,7 +108,9 @@ class RLHFDataModule(LightningDataModule):
       split (deterministic; cached under `cache_dir`), with `<pad>` and `<eos>` special tokens.
 
     Validation: `val_split` when given, else `val_size` rows of the data held out at random from
-    `seed` (the same on every run). Prompts mode splits `prompt_dataset` the same way. The training
+    `seed` (the same on every run), by prompt: all rows of a prompt land on one side, so repeated prompts
+    never leak from training into validation (`data.splits.split_rows`). Prompts mode splits
+    `prompt_dataset` the same way. The training
     loader shuffles with a generator seeded from `seed`; in prompts mode it drops the last partial
     batch, so every rollout has `batch_size` prompts.
 
@@ -107,15 +119,15 @@ class RLHFDataModule(LightningDataModule):
         tokenizer: a tokenizer directory or hub name, a `.gguf` file or `packaged:<name>` (the tokenizer of the
             converted model, `dvpo_lightning.data.model_files`), or `bpe:<vocab_size>` to train one on the data;
             None uses the built-in task's tokenizer (other datasets need one).
-        format: `hh`, `pairs`, `messages`, `prompts`, `sft` or a registered format's name; None detects
-            it from the columns.
+        format: `hh`, `pairs`, `messages`, `prompts`, `sft`, `prompt_completion` or a registered format's name;
+            None detects it from the columns (and warns about columns the detected format does not read).
         mode: `sft`, `pairs` or `prompts`; None takes the `data_mode` of the Trainer's LightningModule.
         dataset_config: the hub dataset's configuration name.
         split: the split to train on (hub datasets and DatasetDict directories).
         val_split: the evaluation data: a split name of `dataset`, or a path to another file or
             directory; None holds out `val_size` rows of the training data.
         val_size: rows held out for validation when `val_split` is None: an int is a count, a float a
-            fraction; 0 disables validation.
+            fraction (at least that many: whole prompts are held out); 0 disables validation.
         prompt_dataset: a source of prompts for prompts mode (any format, detected; its prompts are used,
             a built-in task gives its prompt set, a hub dataset its `split`); None uses those of `dataset`.
         max_prompt_length: longest prompt in tokens (longer ones are handled by `prompt_truncation`); None is
@@ -212,6 +224,9 @@ class RLHFDataModule(LightningDataModule):
         self.val_dataset: datasets.Dataset | None = None
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self._main_splits: tuple[_Rows, _Rows] | None = None
+        self._sources: dict[
+            str, dict
+        ] = {}  # by spec: the format it was read in, and its content (`content_of`)
         self._scores = False
 
     # --- the tokenizer ---------------------------------------------------------------------------
@@ -244,7 +259,7 @@ class RLHFDataModule(LightningDataModule):
             train, val = self._prompt_splits()
         else:
             train, val = self._splits()
-            self._check_format_fits_mode(train.format)
+            self._check_format_fits_mode(train)
             self._scores = self.mode == "pairs" and train.scores
         self.train_dataset = self._tokenize(train, "train")
         self.val_dataset = self._tokenize(val, "validation")
@@ -294,13 +309,18 @@ class RLHFDataModule(LightningDataModule):
         return self.val_dataloader()
 
     def describe(self) -> dict:
-        """What the data of a run was, for the lineage of its export: sources, settings and row counts."""
+        """What the data of a run was, for the lineage of its export: sources, settings and row counts.
+
+        `format` is the one `dataset` was read in (detected, or named by the option); `sources` holds, for each
+        source read, its format and, for a local one, its resolved path and SHA-256 (`sources.content_of`).
+        """
         return {
             "dataset": self.dataset,
             "split": self.split,
             "val_split": self.val_split,
             "prompt_dataset": self.prompt_dataset,
-            "format": self.format,
+            "format": self._sources.get(self.dataset, {}).get("format", self.format),
+            "sources": self._sources,
             "mode": self.mode,
             "tokenizer": self.tokenizer_name,
             "seed": self.seed,
@@ -336,7 +356,14 @@ class RLHFDataModule(LightningDataModule):
     def _parse(self, source: RawSource, fmt: str | None) -> _Rows:
         """Raw records -> canonical rows; bad rows are logged in a new `BadRows` of the source."""
         sample = sample_records(source.dataset)
+        columns, detected = columns_of(sample), fmt is None
         fmt = get_format(fmt or detect_format(sample, source.name))
+        ignored = ignored_columns(columns, fmt)
+        if detected and ignored:
+            rank_zero_warn(
+                f"{source.name} is read as {fmt.name!r} data from its columns {sorted(columns & fmt.columns)}; no "
+                f"format reads all of them, so {ignored} are ignored (rename them, or pass --data.format)"
+            )
         scores = has_scores(sample, fmt)
         # A freshly trained BPE tokenizer has no chat template: messages use the default one.
         renderer = ChatRenderer(None if bpe_vocab_size(self.tokenizer_name) else self.tokenizer)
@@ -349,10 +376,11 @@ class RLHFDataModule(LightningDataModule):
             fn_kwargs={"data_format": fmt, "renderer": renderer, "scores": scores},
             desc=f"Parsing {source.name} ({fmt.name})",
         )
+        self._sources[source.name] = {"format": fmt.name, **content_of(source.name)}
         bad = BadRows(source.name, source.json_lines, self.strict)
         rows = bad.drop(rows)
         bad.require_rows(len(rows), "the data")
-        return _Rows(rows, bad, fmt, scores)
+        return _Rows(rows, bad, fmt, scores, columns)
 
     def _splits(self) -> tuple[_Rows, _Rows]:
         """Train and validation rows of `dataset` (canonical, untokenised)."""
@@ -410,11 +438,17 @@ class RLHFDataModule(LightningDataModule):
         columns = ["row", "prompt_ids", *(f"{key}_ids" for key in responses)]
         return kept.select_columns(columns + (list(SCORE_COLUMNS) if self._scores else []))
 
-    def _check_format_fits_mode(self, fmt: DataFormat) -> None:
+    def _check_format_fits_mode(self, part: _Rows) -> None:
+        fmt = part.format
         if fmt.kind == "prompts" or (self.mode == "pairs" and fmt.kind != "pairs"):
+            missing = (
+                "; no row has a 'rejected' response"
+                if self.mode == "pairs" and "chosen" in part.columns and "rejected" not in part.columns
+                else ""
+            )
             raise ValueError(
                 f"mode {self.mode!r} needs {'preference pairs' if self.mode == 'pairs' else 'responses'}, but "
-                f"{self.dataset} is {fmt.name!r} data"
+                f"{self.dataset} is {fmt.name!r} data (its columns: {sorted(part.columns)}){missing}"
             )
 
     def _report(self, logs: list[BadRows]) -> None:

@@ -15,6 +15,7 @@ Built-in formats, one module each, in detection order (the first whose columns m
 - `hh`: `chosen` / `rejected` full HH-RLHF transcripts (`hh_chat`, only when named: the same through the chat
   template);
 - `sft`: `prompt` and `response` strings, or a `messages` conversation;
+- `prompt_completion`: TRL's `prompt` and `completion`, strings or message lists (sft rows);
 - `prompts`: `prompt` as a string or a message list.
 
 A new format is one `DataFormat` subclass decorated with `@register_format` (see docs/design.md,
@@ -40,15 +41,17 @@ from dvpo_lightning.data.formats.pipeline import (
     sample_records,
 )
 from dvpo_lightning.data.formats.registry import (
+    columns_of,
     detect_format,
     format_names,
     get_format,
+    ignored_columns,
     register_format,
     unregister_format,
 )
 
 # Imported for their registration.
-from dvpo_lightning.data.formats import hh, messages, pairs, prompts, sft  # noqa: E402, F401  isort: skip
+from dvpo_lightning.data.formats import hh, messages, pairs, prompt_completion, prompts, sft  # noqa: E402, F401  isort: skip
 
 __all__ = [
     "CANONICAL_FEATURES",
@@ -59,11 +62,13 @@ __all__ = [
     "TEXT_COLUMNS",
     "ChatRenderer",
     "DataFormat",
+    "columns_of",
     "detect_format",
     "field",
     "format_names",
     "get_format",
     "has_scores",
+    "ignored_columns",
     "message_list",
     "normalize_batch",
     "parse_record",

@@ -28,6 +28,7 @@ class HHFormat(DataFormat):
     kind = "pairs"
     detection_order = 30  # after `messages` and `pairs`, which have these columns too
     expects = "chosen+rejected transcripts"
+    columns = frozenset({"chosen", "rejected"})
 
     def detect(self, columns: frozenset[str], records: list[dict]) -> bool:
         return {"chosen", "rejected"} <= columns
