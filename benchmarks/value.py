@@ -66,7 +66,7 @@ from dvpo_lightning.evaluation import (
 )
 from dvpo_lightning.models import ModelSpec, build_policy, export_model
 from dvpo_lightning.rl import GoldValues, SamplingConfig
-from dvpo_lightning.sampled_pairs import write_gold_scored_pairs
+from dvpo_lightning.sampled_pairs import write_scored_pairs
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 LABELS = {
@@ -138,7 +138,7 @@ def builtin_seed(seed: int, root: Path, scale: Scale, device: torch.device, conf
     for item in BUILTIN_RUNS:
         print(f"[value] seed {seed}: {item.name}")
         if item.name == "gvm_sft_samples":  # its data: gold-scored pairs of the SFT policy's samples
-            write_gold_scored_pairs(
+            write_scored_pairs(
                 str(export_dir(root, "sft")),
                 root / SAMPLED_PAIRS,
                 held_out["dataset"],
