@@ -116,7 +116,7 @@ def test_pairs_scored_by_a_gvm_carry_its_complete_response_values_on_any_prompt_
     gvm_dir = export_random_value_model(tmp_path / "gvm", tokenizer)
     output = tmp_path / "pairs.jsonl"
     options = dict(builtin_size=120, val_size=20, batch_size=8, cache_dir=str(cache))
-    written = write_scored_pairs(policy_dir, output, pairs=4, value_model=gvm_dir, **options)
+    assert write_scored_pairs(policy_dir, output, pairs=4, value_model=gvm_dir, **options) == 4
     task = get_task("topics")  # a file's lengths are the task's, as when the answers were sampled
     lengths = {
         key: getattr(task, f"recommended_{key}") for key in ("max_prompt_length", "max_response_length")
