@@ -182,7 +182,8 @@ def test_value_judges_every_value_model_and_policy_of_its_runs(quick_run):
     for item in value_runs.BUILTIN_RUNS:
         assert (root / item.name / "model" / "config.json").exists(), item.name
     assert (root / "ppo" / "critic" / "config.json").exists()
-    assert (root / value_runs.SAMPLED_PAIRS).stat().st_size > 0
+    for output, _ in value_runs.SAMPLED_DATA.values():  # the gold- and the GVM-scored samples
+        assert (root / output).stat().st_size > 0
     assert bool(results["hh"]) == value_runs.HH_FILE.exists()
     if results["hh"]:
         assert set(results["hh"]["0"]) == {*value_runs.HH_VALUE_MODELS, "ppo_critic"}
