@@ -79,7 +79,8 @@ SAMPLED_DATA = {"gvm_sft_samples": (SAMPLED_PAIRS, None), SELF_DISTILLED.name: (
 GVM_VARIANTS = (*GVM_OPTIONS, SELF_DISTILLED.name)  # each with a DVPO run on it
 VALUE_MODELS = ("rm", "gvm", *GVM_VARIANTS)
 #: the reference code's advantages (advantage.options): the GVM's values whitened over the batch, 0 after the end
-REFERENCE_ADVANTAGES = '--model.init_args.advantage.options={"bootstrap": "zero", "whiten_values": true}'
+#: (braces doubled: options are formatted)
+REFERENCE_ADVANTAGES = '--model.init_args.advantage.options={{"bootstrap": "zero", "whiten_values": true}}'
 BUILTIN_RUNS = (
     Run("sft", "sft"),
     Run("rm", "rm", SFT),

@@ -201,6 +201,8 @@ def test_value_run_arguments_scale_the_budget_and_let_later_options_win(tmp_path
     assert not any(option.startswith("--model.init_args.value_model.") for option in oracle)
     samples = value_runs.arguments(runs["gvm_sft_samples"], 0, tmp_path, quarter, device, configs)
     assert f"--data.init_args.dataset={tmp_path}/{value_runs.SAMPLED_PAIRS}" in samples
+    reference = value_runs.arguments(runs["dvpo_reference_advantages"], 0, tmp_path, quarter, device, configs)
+    assert '--model.init_args.advantage.options={"bootstrap": "zero", "whiten_values": true}' in reference
     assert "--data.init_args.max_response_length=16" in samples  # the task's, not a file's default
     hh_ppo = value_runs.arguments(
         value_runs.HH_RUNS[-1], 0, tmp_path, value_runs.QUICK, device, configs, hh=True

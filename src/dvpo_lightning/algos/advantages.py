@@ -195,7 +195,8 @@ def gvm_advantages(
 
     `whiten_values=True` (the reference code's `whiten(values)`) first maps every value to `(V - mean) / std`,
     the mean and (unbiased) standard deviation of V(s_t) over the real tokens of the whole batch (all ranks);
-    `V_final` goes through the same map, so that it keeps its place on the values' scale. `value_lam` and
+    `V_final` goes through the same map, so that it keeps its place on the values' scale (the returns are then on
+    that scale too: no critic is trained on them in DVPO). `value_lam` and
     `length_adaptive_alpha` decouple the lambdas (`decoupled_gae`).
     """
     _require_values("gvm", values)
@@ -234,7 +235,7 @@ def decoupled_gae(
 
 def policy_lambdas(mask: Tensor, alpha: float) -> Tensor:
     """VAPO's length-adaptive lambda of each response, `[B]`: `1 - 1 / (alpha * l)` with `l` its number of real
-    tokens, clamped to [0, 1] (a response shorter than `1 / alpha` tokens gets 0: one-step TD errors)."""
+    tokens, clamped to [0, 1] (a response of at most `1 / alpha` tokens gets 0: one-step TD errors)."""
     if alpha <= 0:
         raise ValueError(f"length_adaptive_alpha must be > 0; got {alpha}")
     lengths = masked_count(checked_mask(mask), dim=-1).float()  # [B]
