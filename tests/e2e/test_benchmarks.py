@@ -193,7 +193,8 @@ def test_value_judges_every_value_model_and_policy_of_its_runs(quick_run):
     for item in value_runs.BUILTIN_RUNS:
         assert (root / item.name / "model" / "config.json").exists(), item.name
     assert (root / "ppo" / "critic" / "config.json").exists()
-    assert (root / value_runs.SAMPLED_PAIRS).stat().st_size > 0
+    for output, _ in value_runs.SAMPLED_DATA.values():  # the gold- and the GVM-scored samples
+        assert (root / output).stat().st_size > 0
     assert bool(results["hh"]) == value_runs.HH_FILE.exists()
     if results["hh"]:
         assert set(results["hh"]["0"]) == {*value_runs.HH_VALUE_MODELS, "ppo_critic"}
@@ -211,6 +212,8 @@ def test_value_run_arguments_scale_the_budget_and_let_later_options_win(tmp_path
     assert not any(option.startswith("--model.init_args.value_model.") for option in oracle)
     samples = value_runs.arguments(runs["gvm_sft_samples"], 0, tmp_path, quarter, device, configs)
     assert f"--data.init_args.dataset={tmp_path}/{value_runs.SAMPLED_PAIRS}" in samples
+    reference = value_runs.arguments(runs["dvpo_reference_advantages"], 0, tmp_path, quarter, device, configs)
+    assert '--model.init_args.advantage.options={"bootstrap": "zero", "whiten_values": true}' in reference
     assert "--data.init_args.max_response_length=16" in samples  # the task's, not a file's default
     hh_ppo = value_runs.arguments(
         value_runs.HH_RUNS[-1], 0, tmp_path, value_runs.QUICK, device, configs, hh=True
