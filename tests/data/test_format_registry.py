@@ -18,7 +18,7 @@ from dvpo_lightning.data.formats import (
 )
 from tests.helpers.data import make_module, texts_by_row, write_jsonl
 
-BUILT_IN = ("messages", "pairs", "hh", "sft", "prompt_completion", "prompts")
+BUILT_IN = ("messages", "pairs", "hh", "sft", "prompt_completion", "prompts", "hh_chat")
 
 
 @pytest.fixture
