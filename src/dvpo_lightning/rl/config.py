@@ -22,7 +22,9 @@ from dvpo_lightning.algos import (
     build_kl_controller,
     check_aggregation,
     check_discounts,
+    check_kl_clamp,
     check_kl_estimator,
+    check_kl_loss_estimator,
     get_advantage,
 )
 
@@ -46,9 +48,11 @@ class PPOConfig:
         gamma: discount.
         lam: GAE lambda.
         whiten_advantages: normalise advantages over the whole rollout (all ranks).
-        kl_estimator: k1, k2, k3 or abs, the per-token KL estimate.
+        kl_estimator: k1, k2, k3 or abs, the per-token KL estimate; with kl_placement "loss" only k2 or k3 (as a loss
+            term k1's gradient averages to zero and abs's is not a KL's: `algos.check_kl_loss_estimator`).
         kl_placement: "reward" (a -kl_coef * kl_t token reward; PPO, DVPO, RTO, REINFORCE++) or "loss" (a
             kl_coef * kl_t loss term on the new log-probs; GRPO).
+        kl_clamp: bound every per-token KL estimate to [-kl_clamp, kl_clamp] (OpenRLHF: 10); None = no bound.
         kl_controller: fixed or adaptive.
         kl_coef: the KL coefficient (initial value when adaptive).
         kl_target: adaptive controller's target KL per sequence.
@@ -74,6 +78,7 @@ class PPOConfig:
     whiten_advantages: bool = True
     kl_estimator: str = "k1"
     kl_placement: str = "reward"
+    kl_clamp: float | None = None
     kl_controller: str = "fixed"
     kl_coef: float = 0.01
     kl_target: float | None = None
@@ -98,6 +103,7 @@ class PPOConfig:
             raise ValueError(f"ppo.kl_placement must be one of {KL_PLACEMENTS}; got {self.kl_placement!r}")
         checks = {
             "kl_estimator": lambda: check_kl_estimator(self.kl_estimator),
+            "kl_clamp": lambda: check_kl_clamp(self.kl_clamp),
             "loss_aggregation": lambda: check_aggregation(self.loss_aggregation),
             "gamma, ppo.lam": lambda: check_discounts(self.gamma, self.lam),
             "kl_controller, ppo.kl_coef, ppo.kl_target": self.build_kl_controller,
@@ -107,6 +113,13 @@ class PPOConfig:
                 check()
             except ValueError as error:
                 raise ValueError(f"ppo.{options}: {error}") from None
+        if self.kl_placement == "loss":
+            try:
+                check_kl_loss_estimator(self.kl_estimator)
+            except ValueError as error:
+                raise ValueError(
+                    f"ppo.kl_estimator={self.kl_estimator} with ppo.kl_placement=loss: {error}"
+                ) from None
 
     def build_kl_controller(self) -> KLController:
         """The KL controller these settings describe (`algos.build_kl_controller` checks them)."""
