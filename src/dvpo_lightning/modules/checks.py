@@ -11,6 +11,7 @@ import os
 
 from lightning.pytorch.utilities import rank_zero_warn
 
+from dvpo_lightning.data.seeds import run_seed
 from dvpo_lightning.data.sources import is_local
 from dvpo_lightning.models import ModelSpec, check_tokenizer_matches, context_length, read_export_info
 from dvpo_lightning.models.lineage import EXPORT_INFO
@@ -72,6 +73,22 @@ def check_input_stage(stage: str, option: str, path: str) -> None:
         raise ValueError(
             f"{stage} option `{option}`: {path!r} is a {found} export (its {info.get('exported_model', 'model')}), but "
             f"`{option}` takes {wanted}: give the export of such a stage"
+        )
+
+
+def check_run_seeds_agree(stage: str, trainer) -> None:
+    """Refuse a run whose processes have different run seeds: the models' initialisation and the data follow it
+    by default (`data.seeds`), and FSDP2 does not broadcast initial weights. Lightning draws a seed at random on
+    each process of a torchrun or srun launch when the config gives none."""
+    if trainer is None or trainer.world_size == 1:
+        return
+    mine = run_seed()
+    agree = trainer.strategy.reduce_boolean_decision(trainer.strategy.broadcast(mine) == mine, all=True)
+    if not agree:
+        raise ValueError(
+            f"{stage}: the processes of this run have different seeds (Lightning drew one at random on each, as "
+            "the config sets no seed_everything): pin --seed_everything, so that they build the same initial "
+            "weights and read the same data split"
         )
 
 
