@@ -4,10 +4,11 @@ its first checkpoint, deleted once it has one, and put back by the next run when
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from dvpo_lightning.cli.outputs import ASIDE, prepare_output_directory
+from dvpo_lightning.cli.outputs import ASIDE, DiscardSetAside, prepare_output_directory
 from dvpo_lightning.preflight import ConfigurationError
 
 
@@ -64,3 +65,14 @@ def test_a_run_killed_before_its_first_checkpoint_gets_the_earlier_run_put_back_
         with pytest.raises(ConfigurationError, match="holds the results of an earlier run"):
             prepare(tmp_path, overwrite=False)
     assert contents(tmp_path) == files
+
+
+def test_during_the_run_the_earlier_run_is_deleted_at_the_first_batch_after_a_checkpoint(tmp_path):
+    earlier_run(tmp_path)
+    set_aside = prepare(tmp_path, overwrite=True)
+    callback, trainer = DiscardSetAside(set_aside), SimpleNamespace(is_global_zero=True)
+    callback.on_train_batch_start(trainer, None, None, 0)
+    assert list(tmp_path.rglob(ASIDE))  # no checkpoint yet: kept
+    (tmp_path / "checkpoints" / "last.ckpt").write_text("new")
+    callback.on_train_batch_start(trainer, None, None, 1)
+    assert contents(tmp_path) == {"checkpoints/last.ckpt": "new"}
