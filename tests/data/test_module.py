@@ -317,6 +317,27 @@ def test_training_order_is_seeded_and_shuffled(tmp_path, word_tokenizer_dir):
     assert order(3) == first
 
 
+@pytest.mark.parametrize("pinned", [None, 3])
+def test_the_split_and_order_follow_the_run_seed_unless_pinned(tmp_path, word_tokenizer_dir, pinned):
+    path = write_jsonl(tmp_path / "rows.jsonl", word_rows(40))
+
+    def split_and_order(run_seed):
+        pl.seed_everything(run_seed)  # what --seed_everything does
+        module = make_module(
+            path, tmp_path, tokenizer=word_tokenizer_dir, mode="pairs", seed=pinned, val_size=4
+        )
+        module.setup()
+        order = [index for batch in module.train_dataloader() for index in batch["index"].tolist()]
+        return module.seed, list(module.val_dataset["row"]), order
+
+    first, second = split_and_order(0), split_and_order(1)
+    if pinned is None:
+        assert (first[0], second[0]) == (0, 1)
+        assert first[1] != second[1] and first[2] != second[2]
+    else:
+        assert first == second and first[0] == pinned
+
+
 def test_prompts_mode_deduplicates_and_drops_the_last_partial_batch(tmp_path, word_tokenizer_dir):
     rows = [{"prompt": f"the {word}", "chosen": "a", "rejected": "the"} for word in ["cat", "dog", "sun"] * 4]
     rows += [{"prompt": "the moon", "chosen": "a", "rejected": "the"}]

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from dvpo_lightning.algos.advantages import td_lambda_returns
 from dvpo_lightning.algos.aggregation import LossNormalizers, aggregate_loss
-from dvpo_lightning.algos.kl import kl_penalty
+from dvpo_lightning.algos.kl import check_kl_loss_estimator, kl_penalty
 from dvpo_lightning.algos.masked import checked_mask, last_token_values, masked_mean
 from dvpo_lightning.algos.policy_losses import ppo_policy_loss
 from dvpo_lightning.algos.registry import Registry
@@ -152,14 +152,17 @@ def kl_loss(
     estimator: str = "k3",
     mode: str = "token-mean",
     normalizers: LossNormalizers | None = None,
+    clamp: float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The KL to the reference as a loss term, `kl_coef * kl_t` per token (GRPO puts it here, k3, rather than in the
-    reward); `logprobs` carry the gradient, `ref_logprobs` are detached. All `[B, T]`.
+    reward); `logprobs` carry the gradient, `ref_logprobs` are detached. All `[B, T]`. `estimator` is k2 or k3
+    (`check_kl_loss_estimator`), each estimate within [-clamp, clamp] when `clamp` is given.
 
     Stats: `kl_mean`, the mean per-token estimate over real tokens.
     """
+    check_kl_loss_estimator(estimator)
     real = checked_mask(mask, logprobs=logprobs, ref_logprobs=ref_logprobs)
-    kl = kl_penalty(logprobs, ref_logprobs.detach(), estimator, real)
+    kl = kl_penalty(logprobs, ref_logprobs.detach(), estimator, real, clamp)
     loss = kl_coef * aggregate_loss(kl, real, mode, normalizers)
     return loss, {"kl_mean": masked_mean(kl.detach(), real)}
 

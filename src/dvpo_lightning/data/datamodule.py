@@ -30,6 +30,7 @@ from dvpo_lightning.data.formats import (
     sample_records,
 )
 from dvpo_lightning.data.resumable import EpochShuffle, LengthGroupedShuffle, ResumableDataLoader
+from dvpo_lightning.data.seeds import seed_or_run_seed
 from dvpo_lightning.data.sources import (
     RawSource,
     builtin_task_name,
@@ -108,7 +109,7 @@ class RLHFDataModule(LightningDataModule):
       split (deterministic; cached under `cache_dir`), with `<pad>` and `<eos>` special tokens.
 
     Validation: `val_split` when given, else `val_size` rows of the data held out at random from
-    `seed` (the same on every run), by prompt: all rows of a prompt land on one side, so repeated prompts
+    `seed` (the run's seed unless pinned), by prompt: all rows of a prompt land on one side, so repeated prompts
     never leak from training into validation (`data.splits.split_rows`). Prompts mode splits
     `prompt_dataset` the same way. The training
     loader shuffles with a generator seeded from `seed`; in prompts mode it drops the last partial
@@ -144,7 +145,9 @@ class RLHFDataModule(LightningDataModule):
             `dvpo_lightning.data.resumable.LengthGroupedShuffle`. Off by default: it changes which rows share a batch.
         eval_batch_size: validation and test batch size; None is `batch_size`.
         num_workers: DataLoader worker processes.
-        seed: seed of the built-in task, the validation split and the training shuffle.
+        seed: seed of the built-in task's rows, the validation split and the training shuffle; None (the default)
+            takes the run's seed (`--seed_everything`; 0 without one), so two run seeds see two splits and orders;
+            set it to pin them (`dvpo_lightning.data.seeds`).
         strict: fail on the first bad row instead of skipping it.
         cache_dir: where datasets and trained tokenizers are cached; None uses the `datasets`
             cache and `$DVPO_CACHE` (default `~/.cache/dvpo_lightning`).
@@ -170,12 +173,13 @@ class RLHFDataModule(LightningDataModule):
         group_by_length: bool = False,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
-        seed: int = 0,
+        seed: int | None = None,
         strict: bool = False,
         cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        seed = seed_or_run_seed(seed)
         task_name = builtin_task_name(dataset)
         self.task: BuiltinTask | None = get_task(task_name, seed) if task_name is not None else None
         _check_choice("format", format, format_names())
