@@ -50,11 +50,15 @@ def _first_tokens(advantages: torch.Tensor) -> list[float]:
 
 def test_grpo_advantages_are_not_whitened_again_unless_asked_for(tokenizer):
     """The review's example: scores (1, 0, 0.4), lengths (8, 1, 1), the KL in the loss."""
-    experience = _experience(tokenizer, AdvantageConfig("grpo"), kl_placement="loss")
+    experience = _experience(tokenizer, AdvantageConfig("grpo"), kl_placement="loss", kl_estimator="k3")
     assert _first_tokens(experience.advantages) == pytest.approx(GRPO, abs=1e-4)
-    asked = _experience(tokenizer, AdvantageConfig("grpo"), kl_placement="loss", whiten_advantages=True)
+    asked = _experience(
+        tokenizer, AdvantageConfig("grpo"), kl_placement="loss", kl_estimator="k3", whiten_advantages=True
+    )
     assert _first_tokens(asked.advantages) == pytest.approx(GRPO_WHITENED, abs=1e-4)
-    dr_grpo = _experience(tokenizer, AdvantageConfig("grpo", {"scale_by_std": False}), kl_placement="loss")
+    dr_grpo = _experience(
+        tokenizer, AdvantageConfig("grpo", {"scale_by_std": False}), kl_placement="loss", kl_estimator="k3"
+    )
     assert _first_tokens(dr_grpo.advantages) == pytest.approx([0.5333, -0.4667, -0.0667], abs=1e-4)
 
 
