@@ -18,8 +18,8 @@ class KTOModule(PolicyModule):
     response; exports the policy.
 
     KTO's reference point, an estimate of `KL(pi || pi_ref)`, comes from mismatched pairs within the batch: row `i`'s
-    prompt with row `i - 1`'s response (TRL's cycling), read in the same forward as the matched rows. So a batch
-    needs at least two rows.
+    prompt with row `i - 1`'s response (TRL's cycling), read in the same forward as the matched rows. So the data's
+    batch sizes must be at least 2; a last batch of one row pairs its prompt with its own response, as in TRL.
 
     Logs TRL's metrics under `train/` and `val/`: `loss`, `kl` (the reference point), `rewards/chosen`,
     `rewards/rejected` (beta times the log-ratio to the reference of the desirable and the undesirable responses),
@@ -61,14 +61,18 @@ class KTOModule(PolicyModule):
     def build_models(self) -> None:
         self.build_policy_and_reference()
 
+    def on_fit_start(self) -> None:
+        datamodule = self.trainer.datamodule
+        for option in ("batch_size", "eval_batch_size"):
+            size = getattr(datamodule, option, None)
+            if size is not None and size < 2:
+                raise ValueError(
+                    f"data.{option}={size}: KTO estimates its reference point from each prompt paired with another "
+                    "row's response in the batch, so batches need at least 2 rows"
+                )
+
     def matched_and_mismatched(self, batch: dict) -> Sequences:
         """`[2B]` rows: each prompt with its own response (`:B`), then with the previous row's response (`B:`)."""
-        if batch["label"].shape[0] < 2:
-            raise ValueError(
-                "KTO estimates its reference point from each prompt paired with another row's response, so every "
-                "batch needs at least 2 rows: raise data.batch_size (and data.eval_batch_size), or give the data a "
-                "size that leaves no last batch of one row"
-            )
         responses = {
             "chosen_input_ids": batch["response_input_ids"],
             "chosen_mask": batch["response_mask"],
