@@ -3,8 +3,8 @@ desirable or not, as TRL's `KTOTrainer` computes it (`loss_type="kto"`).
 
 With `r(x, y) = log pi(y|x) - log pi_ref(y|x)` (sequence log-probs summed over the completion's tokens) and a
 reference point `z` (`kto_reference_point`), a desirable completion costs `w_D (1 - sigmoid(beta (r - z)))` and an
-undesirable one `w_U (1 - sigmoid(beta (z - r)))` (the paper's eq. 8, with the constant `lambda` dropped as TRL
-does); a batch's loss is the mean over its completions.
+undesirable one `w_U (1 - sigmoid(beta (z - r)))`: the paper's `lambda_y - v(x, y)`, its value function `v`
+weighted by `lambda_D = w_D` or `lambda_U = w_U`. A batch's loss is the mean over its completions.
 """
 
 from __future__ import annotations
