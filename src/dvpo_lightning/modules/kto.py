@@ -101,20 +101,21 @@ class KTOModule(PolicyModule):
         )
         loss = losses.mean()
         rewards = self.beta * (policy_logps - ref_logps).detach()  # [B]
-        metrics = {"loss": loss, "kl": reference_point}
+        size = len(desirable)
+        metrics = {
+            "loss": (loss, size),
+            "kl": (reference_point, size),
+        }  # name -> (batch value, rows it covers)
         for name, rows in (("chosen", desirable), ("rejected", ~desirable)):
-            if rows.any():
-                metrics[f"rewards/{name}"] = rewards[rows].mean()
-                metrics[f"logps/{name}"] = policy_logps.detach()[rows].mean()
-        if desirable.any() and not desirable.all():
-            metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
-        for name, value in metrics.items():
+            count = int(rows.sum())
+            if count:  # an epoch's mean weighs each batch by its rows of that label
+                metrics[f"rewards/{name}"] = (rewards[rows].mean(), count)
+                metrics[f"logps/{name}"] = (policy_logps.detach()[rows].mean(), count)
+        if 0 < int(desirable.sum()) < size:
+            metrics["rewards/margins"] = (metrics["rewards/chosen"][0] - metrics["rewards/rejected"][0], size)
+        for name, (value, rows) in metrics.items():
             self.log(
-                f"{split}/{name}",
-                value,
-                batch_size=len(desirable),
-                prog_bar=name == "loss",
-                sync_dist=split == "val",
+                f"{split}/{name}", value, batch_size=rows, prog_bar=name == "loss", sync_dist=split == "val"
             )
         return loss
 
