@@ -18,7 +18,7 @@ from dvpo_lightning.data.formats import (
 )
 from tests.helpers.data import make_module, texts_by_row, write_jsonl
 
-BUILT_IN = ("messages", "pairs", "hh", "kto", "sft", "prompts")
+BUILT_IN = ("messages", "pairs", "hh", "kto", "sft", "prompt_completion", "prompts", "hh_chat")
 
 
 @pytest.fixture
@@ -119,7 +119,9 @@ def test_registration_refuses_ambiguity_and_mistakes(registry_restored, tmp_path
 
     register_format(format_class("mine", None, detect=False))
     replacement = register_format(replace=True)(format_class("mine", 61))
-    assert isinstance(get_format("mine"), replacement) and format_names()[-1] == "mine"
+    assert isinstance(get_format("mine"), replacement)
+    # Now detected (order 61): after the other detected formats, before `hh_chat`, which is only used by name.
+    assert format_names() == (*BUILT_IN[:-1], "mine", "hh_chat")
     unregister_format("mine")
     with pytest.raises(ValueError, match=f"unknown data format 'mine'; known: {', '.join(BUILT_IN)}"):
         get_format("mine")

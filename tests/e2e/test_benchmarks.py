@@ -6,12 +6,13 @@ Timings are never asserted: they are benchmark numbers, not properties of the co
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 import transformers
 
-from benchmarks import cost, peer, run, value_runs
+from benchmarks import cost, peer, report, run, value_runs
 from benchmarks import table as table_benchmark
 from benchmarks import value as value_benchmark
 from benchmarks.flops import LinearWork, matmul_peak
@@ -86,6 +87,16 @@ def test_quick_run_writes_every_report(quick_run):
         assert record["results"]["benchmark_seconds"] > 0
     assert (output / "table_reward_vs_kl.png").stat().st_size > 0
     assert "![table_reward_vs_kl](table_reward_vs_kl.png)" in (output / "table.md").read_text()
+
+
+def test_a_quick_run_shows_its_figures_but_judges_no_target_set_for_the_full_scale(quick_run):
+    output, _ = quick_run
+    for name in ("cost", "rollout", "peer", "value"):
+        rows = [line for line in (output / f"{name}.md").read_text().splitlines() if line.startswith("| ")]
+        judged = [row for row in rows if re.search(r"\| (met|missed) \|", row)]
+        # The first-step loss of DPO against TRL's is a parity check, exact at any scale: the only one judged.
+        assert all("first-step loss gap" in row for row in judged), judged
+        assert any(report.NOT_JUDGED in row for row in rows), name
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -182,7 +193,8 @@ def test_value_judges_every_value_model_and_policy_of_its_runs(quick_run):
     for item in value_runs.BUILTIN_RUNS:
         assert (root / item.name / "model" / "config.json").exists(), item.name
     assert (root / "ppo" / "critic" / "config.json").exists()
-    assert (root / value_runs.SAMPLED_PAIRS).stat().st_size > 0
+    for output, _ in value_runs.SAMPLED_DATA.values():  # the gold- and the GVM-scored samples
+        assert (root / output).stat().st_size > 0
     assert bool(results["hh"]) == value_runs.HH_FILE.exists()
     if results["hh"]:
         assert set(results["hh"]["0"]) == {*value_runs.HH_VALUE_MODELS, "ppo_critic"}
@@ -200,6 +212,8 @@ def test_value_run_arguments_scale_the_budget_and_let_later_options_win(tmp_path
     assert not any(option.startswith("--model.init_args.value_model.") for option in oracle)
     samples = value_runs.arguments(runs["gvm_sft_samples"], 0, tmp_path, quarter, device, configs)
     assert f"--data.init_args.dataset={tmp_path}/{value_runs.SAMPLED_PAIRS}" in samples
+    reference = value_runs.arguments(runs["dvpo_reference_advantages"], 0, tmp_path, quarter, device, configs)
+    assert '--model.init_args.advantage.options={"bootstrap": "zero", "whiten_values": true}' in reference
     assert "--data.init_args.max_response_length=16" in samples  # the task's, not a file's default
     hh_ppo = value_runs.arguments(
         value_runs.HH_RUNS[-1], 0, tmp_path, value_runs.QUICK, device, configs, hh=True

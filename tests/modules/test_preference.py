@@ -340,6 +340,19 @@ def test_checkpoint_loads_under_torchs_default_weights_only(tokenizer, cache, tm
     DPOModule.load_from_checkpoint(tmp_path / "stage.ckpt", tokenizer=tokenizer)
 
 
+def test_a_checkpoint_that_stored_an_options_neutral_value_loads_with_a_loss_not_reading_it(
+    tokenizer, cache, tmp_path
+):
+    # Before options were per-loss, every DPO checkpoint stored label_smoothing=0.0, whatever its loss_type.
+    module = DPOModule(policy=tiny(), loss_type="ipo", label_smoothing=0.0, tokenizer=tokenizer)
+    trainer = quick_trainer(tmp_path, max_steps=1)
+    trainer.fit(module, datamodule=topics_data(cache))
+    trainer.save_checkpoint(tmp_path / "stage.ckpt")
+    assert torch.load(tmp_path / "stage.ckpt")["hyper_parameters"]["label_smoothing"] == 0.0
+    restored = DPOModule.load_from_checkpoint(tmp_path / "stage.ckpt", tokenizer=tokenizer)
+    assert restored.objective.names == ("ipo",)
+
+
 # ---------------------------------------------------------------------------------------------------- export
 def test_export_loads_by_path_with_the_same_outputs(fitted, tokenizer, batches):
     module = fitted.module
@@ -350,6 +363,7 @@ def test_export_loads_by_path_with_the_same_outputs(fitted, tokenizer, batches):
     assert (directory / "README.md").read_text().startswith("---\nlibrary_name: transformers\n")
     if isinstance(module, GVMModule):  # how its values were trained, which DVPO checks
         options = ("terminal_reward", "gamma", "lam", "train_final_value", "ranking_weight", "inner_epochs")
+        options += ("final_consistency_weight", "td_consistency_weight")
         assert info["value_training"] == {option: getattr(module, option) for option in options}
     else:
         assert "value_training" not in info

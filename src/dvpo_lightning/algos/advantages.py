@@ -36,7 +36,13 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from dvpo_lightning.algos.masked import add_at_last_token, checked_mask, masked_sum
+from dvpo_lightning.algos.masked import (
+    add_at_last_token,
+    checked_mask,
+    masked_count,
+    masked_moments,
+    masked_sum,
+)
 from dvpo_lightning.algos.registry import F, Registry
 
 ADVANTAGE_ESTIMATORS = Registry("advantage estimator")
@@ -61,7 +67,9 @@ def advantages_are_normalized(estimator: Callable) -> bool:
     return getattr(estimator, "advantages_are_normalized", False)
 
 
-def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
+def gae(
+    rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float | Tensor
+) -> tuple[Tensor, Tensor]:
     """Generalised advantage estimation (Schulman et al. 2016) over the real tokens of each row.
 
     Backwards over the real tokens t of a row, with t' the next real token (none after the last):
@@ -70,6 +78,7 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float)
         A_t     = delta_t + gamma * lam * A_t'        (A after the last real token = 0)
 
     and `returns = A + V` on real tokens: the lambda-returns, the critic's regression targets.
+    `lam` is one lambda or one per row (`[B]`, the length-adaptive lambda of `policy_lambdas`).
     rewards, values, mask `[B, T]` -> (advantages, returns) `[B, T]`, detached, 0 on padding,
     computed in float32 at least (a bf16 critic's values are upcast before the long sums).
     """
@@ -84,7 +93,7 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float)
     advantages = torch.zeros_like(values)
     for t in reversed(range(rewards.shape[1])):
         delta = rewards[:, t] + gamma * next_value - values[:, t]
-        advantage = delta + gamma * lam * next_advantage
+        advantage = delta + gamma * lam * next_advantage  # lam: a float or [B]
         is_real = real[:, t]
         advantages[:, t] = torch.where(is_real, advantage, 0)
         next_value = torch.where(is_real, values[:, t], next_value)  # padding: carry over
@@ -144,11 +153,19 @@ def earned_values(token_rewards: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
 
 @register_advantage("gae")
 def gae_advantages(
-    *, token_rewards: Tensor, values: Tensor | None, mask: Tensor, gamma: float, lam: float
+    *,
+    token_rewards: Tensor,
+    values: Tensor | None,
+    mask: Tensor,
+    gamma: float,
+    lam: float,
+    value_lam: float | None = None,
+    length_adaptive_alpha: float | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """GAE with a critic's values (PPO, RTO); see `gae`."""
+    """GAE with a critic's values (PPO, RTO); see `gae`. The lambdas of the advantages and of the returns can be
+    decoupled (`decoupled_gae`)."""
     _require_values("gae", values)
-    return gae(token_rewards, values, mask, gamma, lam)
+    return decoupled_gae(token_rewards, values, mask, gamma, lam, value_lam, length_adaptive_alpha)
 
 
 @register_advantage("gvm")
@@ -161,6 +178,9 @@ def gvm_advantages(
     lam: float,
     final_values: Tensor,
     bootstrap: str = "final_value",
+    whiten_values: bool = False,
+    value_lam: float | None = None,
+    length_adaptive_alpha: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """DVPO: GAE on the frozen Global Value Model's values.
 
@@ -172,16 +192,64 @@ def gvm_advantages(
     `delta_T = r_T - V(s_T)`, which penalises every good ending by its own value. The two differ by
     exactly `gamma * V_final * (gamma * lam)^(number of real tokens after t)` at real token t. With
     gamma = lam = 1, "gvm" gives `A_t = V_final - V(s_t) + sum_{k >= t} r_k`.
+
+    `whiten_values=True` (the reference code's `whiten(values)`) first maps every value to `(V - mean) / std`,
+    the mean and (unbiased) standard deviation of V(s_t) over the real tokens of the whole batch (all ranks);
+    `V_final` goes through the same map, so that it keeps its place on the values' scale (the returns are then on
+    that scale too: no critic is trained on them in DVPO). `value_lam` and
+    `length_adaptive_alpha` decouple the lambdas (`decoupled_gae`).
     """
     _require_values("gvm", values)
     if bootstrap not in GVM_BOOTSTRAPS:
         raise ValueError(f"unknown bootstrap {bootstrap!r}; known: {', '.join(GVM_BOOTSTRAPS)}")
+    if final_values.shape != token_rewards.shape[:1]:
+        raise ValueError(f"final_values must have shape [B], got {tuple(final_values.shape)}")
+    if whiten_values:
+        values, final_values = _whitened_values(values, final_values, mask)
     if bootstrap == "final_value":
         # V_final bootstraps the step after the last token: a reward of gamma * V_final on it is the same TD error
         token_rewards = add_at_last_token(token_rewards, gamma * final_values.detach(), mask)
-    elif final_values.shape != token_rewards.shape[:1]:  # "gvm" checks the shape in add_at_last_token
-        raise ValueError(f"final_values must have shape [B], got {tuple(final_values.shape)}")
-    return gae(token_rewards, values, mask, gamma, lam)
+    return decoupled_gae(token_rewards, values, mask, gamma, lam, value_lam, length_adaptive_alpha)
+
+
+def decoupled_gae(
+    rewards: Tensor,
+    values: Tensor,
+    mask: Tensor,
+    gamma: float,
+    lam: float,
+    value_lam: float | None = None,
+    length_adaptive_alpha: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """`gae` with the policy's lambda and the critic's apart (VAPO, arXiv 2504.05118; NeMo-RL's `gae_lambda_policy`,
+    `gae_lambda_value`, `length_adaptive_alpha`): the advantages use `lam`, or with `length_adaptive_alpha` the
+    per-response `policy_lambdas`; the returns (the critic's targets) use `value_lam` (None: `lam`).
+    Neither option given, this is `gae(rewards, values, mask, gamma, lam)`."""
+    if length_adaptive_alpha is None and value_lam in (None, lam):
+        return gae(rewards, values, mask, gamma, lam)
+    policy_lam = lam if length_adaptive_alpha is None else policy_lambdas(mask, length_adaptive_alpha)
+    advantages, _ = gae(rewards, values, mask, gamma, policy_lam)
+    _, returns = gae(rewards, values, mask, gamma, lam if value_lam is None else value_lam)
+    return advantages, returns
+
+
+def policy_lambdas(mask: Tensor, alpha: float) -> Tensor:
+    """VAPO's length-adaptive lambda of each response, `[B]`: `1 - 1 / (alpha * l)` with `l` its number of real
+    tokens, clamped to [0, 1] (a response of at most `1 / alpha` tokens gets 0: one-step TD errors)."""
+    if alpha <= 0:
+        raise ValueError(f"length_adaptive_alpha must be > 0; got {alpha}")
+    lengths = masked_count(checked_mask(mask), dim=-1).float()  # [B]
+    return (1 - 1 / (alpha * lengths.clamp(min=1))).clamp(0.0, 1.0)
+
+
+def _whitened_values(values: Tensor, final_values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """values `[B, T]` and final_values `[B]` through the one affine map that whitens V(s_t) over the real tokens
+    of every rank; padding stays 0."""
+    real = checked_mask(mask, values=values)
+    values = values.detach().float()
+    mean, var = masked_moments(values, real, distributed=True)
+    scale = torch.rsqrt(var + 1e-8)
+    return torch.where(real, (values - mean) * scale, 0), (final_values.detach().float() - mean) * scale
 
 
 @register_advantage("reinforce")
@@ -338,9 +406,10 @@ def _group_size(group_size: int, real: Tensor, name: str) -> int:
     return group_size
 
 
-def check_discounts(gamma: float, lam: float) -> None:
-    """An error unless `gamma` and `lam` lie in [0, 1]."""
-    if not (0.0 <= gamma <= 1.0 and 0.0 <= lam <= 1.0):
+def check_discounts(gamma: float, lam: float | Tensor) -> None:
+    """An error unless `gamma` and `lam` (one lambda or one per row) lie in [0, 1]."""
+    lams = torch.as_tensor(lam)
+    if not (0.0 <= gamma <= 1.0 and bool(((lams >= 0) & (lams <= 1)).all())):
         raise ValueError(f"gamma and lam must lie in [0, 1], got gamma={gamma}, lam={lam}")
 
 

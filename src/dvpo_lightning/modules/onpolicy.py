@@ -191,10 +191,10 @@ class OnPolicyModule(PolicyModule):
 
     def configure_optimizers(self):
         optimizer = build_optimizer(self.trained_parameter_groups(), self.optim)
-        total = schedule_length(self.trainer, self.optimizer_steps_per_batch)
+        total = schedule_length(self.trainer, self.optimizer_steps_per_iteration)
         return [optimizer], [build_scheduler(optimizer, self.optim, total)]
 
-    def optimizer_steps_per_batch(self) -> int:
+    def optimizer_steps_per_iteration(self) -> int:
         if getattr(self.trainer, "datamodule", None) is None:
             raise ValueError(
                 "without a data module the rollout size is unknown, so the LR schedule cannot be sized from the "

@@ -24,7 +24,9 @@ from dvpo_lightning.algos import (
     build_kl_controller,
     check_aggregation,
     check_discounts,
+    check_kl_clamp,
     check_kl_estimator,
+    check_kl_loss_estimator,
     get_advantage,
     get_policy_loss,
 )
@@ -58,9 +60,11 @@ class PPOConfig:
         lam: GAE lambda.
         whiten_advantages: normalise advantages over the whole rollout (all ranks); None = unless the estimator
             declares them already normalised within each group (grpo, rloo: `algos.normalized_advantages`).
-        kl_estimator: k1, k2, k3 or abs, the per-token KL estimate.
+        kl_estimator: k1, k2, k3 or abs, the per-token KL estimate; with kl_placement "loss" only k2 or k3 (as a loss
+            term k1's gradient averages to zero and abs's is not a KL's: `algos.check_kl_loss_estimator`).
         kl_placement: "reward" (a -kl_coef * kl_t token reward; PPO, DVPO, RTO, REINFORCE++) or "loss" (a
             kl_coef * kl_t loss term on the new log-probs; GRPO).
+        kl_clamp: bound every per-token KL estimate to [-kl_clamp, kl_clamp] (OpenRLHF: 10); None = no bound.
         kl_controller: fixed or adaptive.
         kl_coef: the KL coefficient (initial value when adaptive).
         kl_target: adaptive controller's target KL per sequence.
@@ -88,6 +92,7 @@ class PPOConfig:
     whiten_advantages: bool | None = None
     kl_estimator: str = "k1"
     kl_placement: str = "reward"
+    kl_clamp: float | None = None
     kl_controller: str = "fixed"
     kl_coef: float = 0.01
     kl_target: float | None = None
@@ -112,6 +117,7 @@ class PPOConfig:
             raise ValueError(f"ppo.kl_placement must be one of {KL_PLACEMENTS}; got {self.kl_placement!r}")
         checks = {
             "kl_estimator": lambda: check_kl_estimator(self.kl_estimator),
+            "kl_clamp": lambda: check_kl_clamp(self.kl_clamp),
             "loss_aggregation": lambda: check_aggregation(self.loss_aggregation),
             "gamma, ppo.lam": lambda: check_discounts(self.gamma, self.lam),
             "policy_loss": self.check_policy_loss,
@@ -122,6 +128,13 @@ class PPOConfig:
                 check()
             except ValueError as error:
                 raise ValueError(f"ppo.{options}: {error}") from None
+        if self.kl_placement == "loss":
+            try:
+                check_kl_loss_estimator(self.kl_estimator)
+            except ValueError as error:
+                raise ValueError(
+                    f"ppo.kl_estimator={self.kl_estimator} with ppo.kl_placement=loss: {error}"
+                ) from None
 
     def policy_loss_arguments(self) -> dict[str, Any]:
         """The keyword options `policy_loss` is called with: the clip settings it declares, and its own options.

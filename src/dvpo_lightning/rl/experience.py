@@ -169,7 +169,7 @@ class ExperienceMaker:
             )
             for scorer in self.scorers.dense
         ]
-        kl = kl_penalty(old_logprobs, ref_logprobs, self.ppo.kl_estimator, mask=mask)
+        kl = kl_penalty(old_logprobs, ref_logprobs, self.ppo.kl_estimator, mask=mask, clamp=self.ppo.kl_clamp)
         reward_terms = [kl_reward(kl, self.kl_coef(), mask)] if self.ppo.kl_placement == "reward" else []
         scores = self.sequence_scores(raw_score, responses.finished)
         token_rewards = assemble_token_rewards(mask, *reward_terms, *dense, scores=scores)

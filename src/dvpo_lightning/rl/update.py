@@ -140,6 +140,7 @@ class PPOUpdate:
                     estimator=ppo.kl_estimator,
                     mode=ppo.loss_aggregation,
                     normalizers=normalizers,
+                    clamp=ppo.kl_clamp,
                 )
                 loss = loss + kl_term
                 stats["kl/loss"] = kl_term.detach()

@@ -51,6 +51,8 @@ class DataFormat(ABC):
     detection_order: ClassVar[int | None] = None
     # What `detect` looks for, as the "cannot tell the format" message lists it.
     expects: ClassVar[str] = ""
+    # Every column `parse` may read: a source's other columns are reported as ignored. Empty: not reported.
+    columns: ClassVar[frozenset[str]] = frozenset()
 
     def detect(self, columns: frozenset[str], records: list[dict]) -> bool:
         """Whether a source whose leading `records` have these `columns` (all keys of any of them) is in
