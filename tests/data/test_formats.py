@@ -155,11 +155,9 @@ def test_trls_prompt_completion_rows_are_sft_data_as_strings_and_as_message_list
 
 
 def test_columns_no_format_reads_are_named_with_those_that_were_used(tmp_path, tokenizer_dir):
-    rows = [
-        {"prompt": f"question {i}?", "completion": "yes", "label": True} for i in range(6)
-    ]  # TRL's unpaired
+    rows = [{"prompt": f"question {i}?", "completion": "yes", "source": "forum"} for i in range(6)]
     with pytest.warns(UserWarning, match=r"read as 'prompt_completion' data from its columns \['completion', "
-                      r"'prompt'\]; no format reads all of them, so \['label'\] are ignored"):  # fmt: skip
+                      r"'prompt'\]; no format reads all of them, so \['source'\] are ignored"):  # fmt: skip
         load(write_jsonl(tmp_path / "unpaired.jsonl", rows), tmp_path, tokenizer_dir, mode="sft", val_size=1)
 
 

@@ -26,7 +26,14 @@ from dvpo_lightning.models import (
     export_model,
 )
 from dvpo_lightning.models.export import EXPORT_INFO
-from dvpo_lightning.modules import DPOModule, GVMModule, PolicyModule, RewardModelModule, RLHFModule
+from dvpo_lightning.modules import (
+    DPOModule,
+    GVMModule,
+    KTOModule,
+    PolicyModule,
+    RewardModelModule,
+    RLHFModule,
+)
 from dvpo_lightning.rl import pair_sequences, policy_logprobs, sft_sequences, state_values
 from tests.helpers.stages import (
     STAGES,
@@ -61,8 +68,8 @@ def exports(tmp_path_factory, tokenizer):
 
 @pytest.fixture(scope="module")
 def batches(cache):
-    """A batch of each layout: "sft" and "pairs"."""
-    return {mode: first_batch(topics_data(cache, mode)) for mode in ("sft", "pairs")}
+    """A batch of each layout: "sft", "pairs" and "unpaired"."""
+    return {mode: first_batch(topics_data(cache, mode)) for mode in ("sft", "pairs", "unpaired")}
 
 
 @pytest.fixture(scope="module", params=list(STAGES))
@@ -131,7 +138,7 @@ def test_frozen_models_are_the_ones_each_configuration_promises(fitted):
         assert module.reference is None and "reference" not in names  # SimPO, ORPO: no reference at all
         models = [name for name, child in module.named_children() if isinstance(child, PreTrainedModel)]
         assert models == ["policy"]
-    elif isinstance(module, DPOModule):
+    elif isinstance(module, (DPOModule, KTOModule)):
         assert "reference" in names
     elif isinstance(module, GVMModule):
         assert ("reward_model" in names) == (module.terminal_reward == "reward_model")
@@ -362,7 +369,7 @@ def test_export_loads_by_path_with_the_same_outputs(fitted, tokenizer, batches):
         assert "value_training" not in info
     trained = getattr(module, module.exported_model).eval()
     batch = batch_for(module, batches)
-    sequences = sft_sequences(batch) if module.data_mode == "sft" else pair_sequences(batch)
+    sequences = sft_sequences(batch) if module.data_mode in ("sft", "unpaired") else pair_sequences(batch)
     spec = ModelSpec(name_or_path=str(directory))
     with torch.no_grad():
         if isinstance(module, PolicyModule):

@@ -1,4 +1,4 @@
-"""The math of DVPO, PPO (GSPO, CISPO), DPO (and its offline family), RTO and reward modelling as tensor functions.
+"""The math of DVPO, PPO (GSPO, CISPO), DPO (and its offline family), KTO, RTO and reward modelling as tensor functions.
 
 No Lightning, no `nn.Module`, no I/O: every function takes tensors and returns tensors, so it can
 be read, imported in a notebook and unit-tested on its own. Per-token tensors are `[B, T]` with an
@@ -46,6 +46,7 @@ from dvpo_lightning.algos.kl import (
     kl_penalty,
     sequence_kl,
 )
+from dvpo_lightning.algos.kto import check_kto_options, kto_loss, kto_reference_point
 from dvpo_lightning.algos.logprobs import entropy_from_logits, token_logprobs
 from dvpo_lightning.algos.losses import (
     LOSSES,
@@ -121,6 +122,7 @@ __all__ = [
     "check_discounts",
     "check_kl_clamp",
     "check_kl_estimator",
+    "check_kto_options",
     "cispo_policy_loss",
     "check_kl_loss_estimator",
     "clamp_scores",
@@ -143,6 +145,8 @@ __all__ = [
     "kl_loss",
     "kl_penalty",
     "kl_reward",
+    "kto_loss",
+    "kto_reference_point",
     "last_token_mask",
     "last_token_values",
     "loss_normalizers",

@@ -16,6 +16,7 @@ from dvpo_lightning.data.builtin import BuiltinTask, get_task
 from dvpo_lightning.data.collate import MODES, Collator
 from dvpo_lightning.data.formats import (
     CANONICAL_FEATURES,
+    LABEL_COLUMN,
     SCORE_COLUMNS,
     TEXT_COLUMNS,
     ChatRenderer,
@@ -28,6 +29,7 @@ from dvpo_lightning.data.formats import (
     ignored_columns,
     normalize_batch,
     sample_records,
+    unpair_rows,
 )
 from dvpo_lightning.data.resumable import EpochShuffle, LengthGroupedShuffle, ResumableDataLoader
 from dvpo_lightning.data.seeds import seed_or_run_seed
@@ -49,8 +51,9 @@ from dvpo_lightning.data.tokenizers import (
 )
 
 DEFAULT_MAX_LENGTH = 256
-# The text columns each mode tokenises as responses (sft mode reads pair data's `chosen` as its `response`).
-RESPONSES = {"sft": ("response",), "pairs": ("chosen", "rejected"), "prompts": ()}
+# The text columns each mode tokenises as responses (sft mode reads pair data's `chosen` as its `response`,
+# unpaired mode each of a pair's responses as one `response`).
+RESPONSES = {"sft": ("response",), "pairs": ("chosen", "rejected"), "unpaired": ("response",), "prompts": ()}
 
 
 @dataclass
@@ -73,11 +76,13 @@ class RLHFDataModule(LightningDataModule):
 
     Sources: `builtin:<task>` (generated offline), a local `.jsonl` / `.jsonl.gz` / `.json` /
     `.parquet` file, a `save_to_disk` directory, or a hub dataset name. Formats (`hh`, `pairs`,
-    `messages`, `prompts`, `sft`, `prompt_completion`, or one registered with `dvpo_lightning.data.formats.register_format`)
+    `messages`, `kto`, `prompts`, `sft`, `prompt_completion`, or one registered with `dvpo_lightning.data.formats.register_format`)
     are detected from the columns.
 
     Modes: `sft` batches a prompt and one response (the chosen one of pair data); `pairs` a prompt,
-    chosen and rejected (plus `chosen_score` / `rejected_score` when the data has them); `prompts`
+    chosen and rejected (plus `chosen_score` / `rejected_score` when the data has them); `unpaired` a prompt,
+    one response and its boolean `label` (KTO: `kto` data, or pair data as two rows per pair, the chosen
+    response desirable and the rejected one not); `prompts`
     only prompts, for rollouts: those of `prompt_dataset`, else of the main data, de-duplicated.
     Batch keys and padding: see `dvpo_lightning.data.collate`.
 
@@ -120,9 +125,9 @@ class RLHFDataModule(LightningDataModule):
         tokenizer: a tokenizer directory or hub name, a `.gguf` file or `packaged:<name>` (the tokenizer of the
             converted model, `dvpo_lightning.data.model_files`), or `bpe:<vocab_size>` to train one on the data;
             None uses the built-in task's tokenizer (other datasets need one).
-        format: `hh`, `pairs`, `messages`, `prompts`, `sft`, `prompt_completion` or a registered format's name;
-            None detects it from the columns (and warns about columns the detected format does not read).
-        mode: `sft`, `pairs` or `prompts`; None takes the `data_mode` of the Trainer's LightningModule.
+        format: `hh`, `pairs`, `messages`, `kto`, `prompts`, `sft`, `prompt_completion` or a registered format's
+            name; None detects it from the columns (and warns about columns the detected format does not read).
+        mode: `sft`, `pairs`, `unpaired` or `prompts`; None takes the `data_mode` of the Trainer's LightningModule.
         dataset_config: the hub dataset's configuration name.
         split: the split to train on (hub datasets and DatasetDict directories).
         val_split: the evaluation data: a split name of `dataset`, or a path to another file or
@@ -418,6 +423,10 @@ class RLHFDataModule(LightningDataModule):
         rows = part.rows
         if self.mode == "sft" and part.format.kind == "pairs":  # sft on pair data learns the chosen responses
             rows = rows.remove_columns("response").rename_column("chosen", "response")
+        if self.mode == "unpaired" and part.format.kind == "pairs":
+            rows = rows.map(
+                unpair_rows, batched=True, features=rows.features, desc=f"Unpairing the {split} split"
+            )
         features = token_features(rows.features, responses)
         if len(rows) == 0:  # `map` would leave an empty dataset's columns as they are
             kept = datasets.Dataset.from_dict({name: [] for name in features}, features=features)
@@ -440,19 +449,27 @@ class RLHFDataModule(LightningDataModule):
         self.truncated += sum(kept["truncated"])
         self.prompts_truncated += sum(kept["prompt_truncated"])
         columns = ["row", "prompt_ids", *(f"{key}_ids" for key in responses)]
+        columns += [LABEL_COLUMN] if self.mode == "unpaired" else []
         return kept.select_columns(columns + (list(SCORE_COLUMNS) if self._scores else []))
 
     def _check_format_fits_mode(self, part: _Rows) -> None:
         fmt = part.format
-        if fmt.kind == "prompts" or (self.mode == "pairs" and fmt.kind != "pairs"):
+        needs = {"pairs": ("pairs",), "unpaired": ("unpaired", "pairs"), "sft": ("sft", "pairs")}[self.mode]
+        if fmt.kind not in needs:
+            what = {
+                "pairs": "preference pairs",
+                "unpaired": "labelled or paired responses",
+                "sft": "responses",
+            }
+            because = " (its undesirable responses are no demonstrations)" if fmt.kind == "unpaired" else ""
             missing = (
                 "; no row has a 'rejected' response"
                 if self.mode == "pairs" and "chosen" in part.columns and "rejected" not in part.columns
                 else ""
             )
             raise ValueError(
-                f"mode {self.mode!r} needs {'preference pairs' if self.mode == 'pairs' else 'responses'}, but "
-                f"{self.dataset} is {fmt.name!r} data (its columns: {sorted(part.columns)}){missing}"
+                f"mode {self.mode!r} needs {what[self.mode]}, but {self.dataset} is {fmt.name!r} data{because} "
+                f"(its columns: {sorted(part.columns)}){missing}"
             )
 
     def _report(self, logs: list[BadRows]) -> None:
@@ -496,7 +513,7 @@ class RLHFDataModule(LightningDataModule):
         mode = getattr(module, "data_mode", None)
         if mode is None:
             raise ValueError(
-                "RLHFDataModule needs a mode: pass --data.mode sft|pairs|prompts, or attach it to a Trainer "
+                "RLHFDataModule needs a mode: pass --data.mode sft|pairs|unpaired|prompts, or attach it to a Trainer "
                 "whose LightningModule defines `data_mode`"
             )
         if mode not in MODES:

@@ -20,6 +20,7 @@ KINDS = {
     ),
     "GVMModule": ("a token-level Global Value Model (GVM), the frozen critic of DVPO", None),
     "DPOModule": ("a policy trained with Direct Preference Optimization (DPO)", "AutoModelForCausalLM"),
+    "KTOModule": ("a policy trained with KTO on desirable and undesirable responses", "AutoModelForCausalLM"),
     "PPOModule": (
         "a policy trained with PPO against a reward model and a learned critic",
         "AutoModelForCausalLM",

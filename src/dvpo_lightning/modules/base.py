@@ -47,7 +47,7 @@ class RLHFModule(pl.LightningModule):
         fsdp: sharding settings under `ModelParallelStrategy` (FSDP2); ignored under other strategies.
     """
 
-    #: the batch layout this stage trains on: "sft", "pairs" or "prompts" (read by `RLHFDataModule`).
+    #: the batch layout this stage trains on: "sft", "pairs", "unpaired" or "prompts" (read by `RLHFDataModule`).
     data_mode: ClassVar[str] = "pairs"
     #: attribute names of the frozen submodules (reference, GVM, reward model, ...).
     frozen_models: ClassVar[tuple[str, ...]] = ()
