@@ -1,8 +1,8 @@
 """`real_value`: the `value` benchmark's HH-RLHF question asked with a pretrained backbone (opt-in, issue 23 part 4).
 
-    python -m benchmarks.run --only real_value --threads 2            # SmolLM2-135M-Instruct, about 1.5 h on CPU
-    python -m benchmarks.run --only real_value --fraction 0.05        # the plumbing at a few steps (reduced)
-    python -m benchmarks.run --only real_value --quick                # a tiny random model: seconds, for tests
+    python -m benchmarks.run --only real_value --threads 2       # SmolLM2-135M-Instruct: ~1.5 h on 2 quiet cores
+    python -m benchmarks.run --only real_value --fraction 0.05   # the plumbing at a few steps (reduced)
+    python -m benchmarks.run --only real_value --quick           # a tiny random model: seconds, for tests
 
 Every run is a `dvpo fit` of a `configs/real/` recipe (SmolLM2-135M-Instruct, LoRA, the chat template) with the
 benchmark's data and budget as overrides. The HH-RLHF pairs are shuffled once (from the seed) into three disjoint
@@ -74,11 +74,13 @@ QUICK_ARCH = {
 
 @dataclass(frozen=True)
 class RealScale:
-    """The real benchmark's budget. RM, GVM and judge take `value_steps` optimiser steps of `batch_size` pairs;
-    PPO and DVPO `rl_iterations` rollouts of `rollout_size` prompts (one epoch, mini-batches of 4)."""
+    """The real benchmark's budget. RM and GVM take `value_steps` optimiser steps of `batch_size` pairs, the judge
+    `judge_steps` (more pairs: a judge stronger than the runs' reward model, as the proxy-gold setup wants); PPO and
+    DVPO `rl_iterations` rollouts of `rollout_size` prompts (one epoch, mini-batches of 4)."""
 
     name: str
     value_steps: int
+    judge_steps: int
     rl_iterations: int
     held_out_pairs: int  # value accuracy
     held_out_prompts: int  # the policies' answers (the first held-out pairs' prompts)
@@ -95,16 +97,20 @@ class RealScale:
             self,
             name=f"reduced: {fraction:g} of every step count and held-out set",
             value_steps=max(1, round(self.value_steps * fraction)),
+            judge_steps=max(1, round(self.judge_steps * fraction)),
             rl_iterations=max(1, round(self.rl_iterations * fraction)),
             held_out_pairs=max(4, round(self.held_out_pairs * fraction)),
             held_out_prompts=max(4, round(self.held_out_prompts * fraction)),
         )
 
 
-FULL = RealScale("full", value_steps=60, rl_iterations=20, held_out_pairs=200, held_out_prompts=64)
+FULL = RealScale(
+    "full", value_steps=60, judge_steps=120, rl_iterations=20, held_out_pairs=200, held_out_prompts=64
+)
 QUICK = RealScale(
     "quick (a tiny random model, not SmolLM2)",
     value_steps=2,
+    judge_steps=2,
     rl_iterations=1,
     held_out_pairs=8,
     held_out_prompts=4,
@@ -210,7 +216,7 @@ def run(
         seed=seed,
     )
     figure = token_heatmap(
-        [{**row, "prompt": "..." + row["prompt"][-110:]} for row in credit],
+        [{**row, "prompt": "..." + " ".join(row["prompt"].split())[-110:]} for row in credit],
         output / f"{NAME}_token_credit.png",
         quantities=("value", "advantage"),
         title="DVPO's answers to held-out HH-RLHF prompts: GVM value V(s_t) and advantage per token",
@@ -287,7 +293,10 @@ def fit_stage(
     to the base model or to the run whose export it loads."""
     print(f"[{NAME}] {name}")
     on_policy = config in ("ppo", "dvpo")
-    steps = scale.rl_iterations * scale.rollout_size // MINI_BATCH if on_policy else scale.value_steps
+    if on_policy:
+        steps = scale.rl_iterations * scale.rollout_size // MINI_BATCH
+    else:
+        steps = scale.judge_steps if name == "judge" else scale.value_steps
     options = {
         "dataset": data,
         "val_split": splits.held_out,  # never validated on during training (limit_val_batches=0)
@@ -402,8 +411,8 @@ def make_report(raw: dict, scale: RealScale, figure: Path) -> Report:
         peak = stage["peak_gb"]
         budget.rows.append([name, f"{stage['seconds']:.0f}", "-" if peak is None else f"{peak:.2f}", "-"])
     notes = [
-        f"Scale: {scale.name}; seed {raw['seed']}. RM, GVM and the judge: {scale.value_steps} optimiser steps of "
-        f"{scale.batch_size} pairs each from the same start; PPO and DVPO: {scale.rl_iterations} rollouts of "
+        f"Scale: {scale.name}; seed {raw['seed']}. RM and GVM: {scale.value_steps} optimiser steps of "
+        f"{scale.batch_size} pairs each from the same start (the judge: {scale.judge_steps}); PPO and DVPO: {scale.rl_iterations} rollouts of "
         f"{scale.rollout_size} prompts, {scale.new_tokens} new tokens, one epoch in mini-batches of {MINI_BATCH}; "
         f"prompts of at most {scale.max_prompt_length} tokens (their end kept), answers of {scale.max_response_length}. "
         "PPO's critic starts from the reward model and trains during PPO.",

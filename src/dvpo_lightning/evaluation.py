@@ -3,7 +3,9 @@ models (reward models, GVMs, critics) on held-out pairs and on a policy's sample
 
 Every policy is judged the same way: the same prompts (the data module's validation split), the same sampling
 and the same seed, so numbers of different algorithms and runs compare directly. The gold reward needs a
-built-in task; the KL is the sequence-level KL to the reference estimated on the policy's own samples.
+built-in task; the KL is the sequence-level KL to the reference estimated on the policy's own samples. Where no
+gold reward exists (real data), `judge_policy` scores the same answers with reward models instead, e.g. one trained
+on pairs the policy's own reward model never saw (the proxy-gold setup of arXiv 2210.10760).
 
 A value model is judged as the DVPO paper judges it: its pairwise accuracy on held-out preference pairs (chosen
 valued above rejected), by its mean value over a response's states and by its value of the complete response;

@@ -253,13 +253,12 @@ def test_real_value_is_opt_in():
 
 def test_real_value_reduced_scale_keeps_every_budget_positive():
     scale = real_value.FULL.reduced(0.01)
-    assert (scale.value_steps, scale.rl_iterations, scale.held_out_pairs, scale.held_out_prompts) == (
-        1,
-        1,
-        4,
-        4,
-    )
-    assert real_value.FULL.reduced(0.5).value_steps == real_value.FULL.value_steps // 2
+    budgets = ("value_steps", "judge_steps", "rl_iterations", "held_out_pairs", "held_out_prompts")
+    assert [getattr(scale, name) for name in budgets] == [1, 1, 1, 4, 4]
+    half = real_value.FULL.reduced(0.5)
+    assert [getattr(half, name) * 2 for name in budgets] == [
+        getattr(real_value.FULL, name) for name in budgets
+    ]
 
 
 def test_only_runs_the_chosen_benchmarks(tmp_path):
