@@ -105,7 +105,7 @@ class RealScale:
 
 
 FULL = RealScale(
-    "full", value_steps=60, judge_steps=120, rl_iterations=20, held_out_pairs=200, held_out_prompts=64
+    "full", value_steps=50, judge_steps=100, rl_iterations=12, held_out_pairs=200, held_out_prompts=64
 )
 QUICK = RealScale(
     "quick (a tiny random model, not SmolLM2)",
@@ -113,7 +113,7 @@ QUICK = RealScale(
     judge_steps=2,
     rl_iterations=1,
     held_out_pairs=8,
-    held_out_prompts=4,
+    held_out_prompts=3,  # fewer than a rollout's prompts
     max_prompt_length=48,
     max_response_length=16,
     new_tokens=8,
@@ -270,7 +270,8 @@ def held_out_data(base: str, splits: Splits, scale: RealScale, mode: str, count:
         max_samples=count,  # of every source: the held-out file's first rows
         max_prompt_length=scale.max_prompt_length,
         max_response_length=scale.max_response_length,
-        batch_size=scale.rollout_size,
+        batch_size=1,  # its training split is read only in part (max_samples): a rollout's worth need not fit
+        eval_batch_size=scale.rollout_size,
     )
     data.setup("validate")
     return data
