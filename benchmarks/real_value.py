@@ -38,11 +38,11 @@ import torch
 
 from benchmarks.peer import Skipped
 from benchmarks.report import DEFAULT_OUTPUT, Report, Table
-from benchmarks.table import export_dir
 from benchmarks.timing import accelerator
 from benchmarks.value import LABELS, fit_config, value_model_dir
 from benchmarks.value_runs import HH_FILE, data_arguments
 from dvpo_lightning.data import RLHFDataModule
+from dvpo_lightning.demo import StageRun
 from dvpo_lightning.evaluation import (
     dvpo_token_credit,
     judge_policy,
@@ -132,6 +132,14 @@ class Splits:
     held_out: Path
 
 
+#: part 1's runs on the runs' pairs: (name, configs/real/<config>.yaml, model option -> base model or run)
+VALUE_RUNS = (
+    ("rm", "rm", {"model": "base"}),
+    ("gvm", "gvm", {"model": "base"}),
+    ("ppo", "ppo", {"policy": "base", "reward_model": "rm", "critic": "rm"}),
+)
+
+
 def run(
     quick: bool,
     device: torch.device,
@@ -147,73 +155,34 @@ def run(
     shutil.rmtree(root, ignore_errors=True)  # every run starts from nothing
     splits = write_splits(root / "data", scale, seed)
     base = str(quick_base_model(root / "base" / "model", splits)) if quick else INSTRUCT
-    stages = {}
+    setting = Setting(root, scale, seed, device, splits, base)
 
     start = time.perf_counter()
-    for name, config, data, inputs in (
-        ("rm", "rm", splits.runs, {"model": base}),
-        ("gvm", "gvm", splits.runs, {"model": base}),
-        ("ppo", "ppo", splits.runs, {"policy": base, "reward_model": "rm", "critic": "rm"}),
-    ):
-        stages[name] = fit_stage(name, config, data, inputs, root, scale, seed, device, splits, base)
-    pairs = held_out_data(base, splits, scale, "pairs", scale.held_out_pairs)
-    values = {
-        name: asdict(
-            pairwise_value_accuracy(
-                value_scorer(str(value_model_dir(root, name)), pairs, device), pairs, device
-            )
-        )
-        for name in ("rm", "gvm", "ppo_critic")
-    }
+    stages = {name: setting.fit(name, config, splits.runs, inputs) for name, config, inputs in VALUE_RUNS}
+    pairs = setting.held_out("pairs", scale.held_out_pairs)
+    values = {name: setting.accuracy(name, pairs) for name in ("rm", "gvm", "ppo_critic")}
     part1 = time.perf_counter() - start
 
     start = time.perf_counter()
-    stages["judge"] = fit_stage(
-        "judge", "rm", splits.judge, {"model": base}, root, scale, seed, device, splits, base
-    )
-    stages["dvpo"] = fit_stage(
-        "dvpo",
-        "dvpo",
-        splits.runs,
-        {"policy": base, "value_model": "gvm"},
-        root,
-        scale,
-        seed,
-        device,
-        splits,
-        base,
-    )
-    values["judge"] = asdict(
-        pairwise_value_accuracy(value_scorer(str(export_dir(root, "judge")), pairs, device), pairs, device)
-    )
-    prompts = held_out_data(base, splits, scale, "prompts", scale.held_out_prompts)
+    stages["judge"] = setting.fit("judge", "rm", splits.judge, {"model": "base"})
+    stages["dvpo"] = setting.fit("dvpo", "dvpo", splits.runs, {"policy": "base", "value_model": "gvm"})
+    values["judge"] = setting.accuracy("judge", pairs)
+    prompts = setting.held_out("prompts", scale.held_out_prompts)
     sampling = SamplingConfig(max_new_tokens=scale.new_tokens)
-    judges = {name: value_scorer(str(export_dir(root, name)), prompts, device) for name in ("judge", "rm")}
+    judges = {name: value_scorer(setting.model(name), prompts, device) for name in ("judge", "rm")}
     reports = {
-        name: judge_policy(directory, base, prompts, sampling, judges, seed=seed, device=device)
-        for name, directory in (
-            ("instruct", base),
-            ("ppo", str(export_dir(root, "ppo"))),
-            ("dvpo", str(export_dir(root, "dvpo"))),
-        )
+        name: judge_policy(setting.model(name), base, prompts, sampling, judges, seed=seed, device=device)
+        for name in ("base", "ppo", "dvpo")
     }
     policies = {
         name: {
             **report.summary(),
-            "win_rate_vs_instruct": win_rate(
-                report.per_prompt["judge"], reports["instruct"].per_prompt["judge"]
-            ),
+            "win_rate_vs_instruct": win_rate(report.per_prompt["judge"], reports["base"].per_prompt["judge"]),
         }
         for name, report in reports.items()
     }
     credit = dvpo_token_credit(
-        str(export_dir(root, "dvpo")),
-        str(export_dir(root, "gvm")),
-        base,
-        prompts,
-        sampling,
-        count=3,
-        seed=seed,
+        setting.model("dvpo"), setting.model("gvm"), base, prompts, sampling, count=3, seed=seed
     )
     figure = token_heatmap(
         [{**row, "prompt": "..." + " ".join(row["prompt"].split())[-110:]} for row in credit],
@@ -259,77 +228,79 @@ def quick_base_model(directory: Path, splits: Splits) -> Path:
     return Path(export_model(model, data.tokenizer, str(directory)))
 
 
-def held_out_data(base: str, splits: Splits, scale: RealScale, mode: str, count: int) -> RLHFDataModule:
-    """The first `count` held-out pairs (or their prompts) as the validation split of a data module."""
-    data = RLHFDataModule(
-        str(splits.runs),
-        tokenizer=base,
-        format="hh_chat",
-        mode=mode,
-        val_split=str(splits.held_out),
-        max_samples=count,  # of every source: the held-out file's first rows
-        max_prompt_length=scale.max_prompt_length,
-        max_response_length=scale.max_response_length,
-        batch_size=1,  # its training split is read only in part (max_samples): a rollout's worth need not fit
-        eval_batch_size=scale.rollout_size,
-    )
-    data.setup("validate")
-    return data
-
-
 # ---------------------------------------------------------------------------------------------------- runs
-def fit_stage(
-    name: str,
-    config: str,
-    data: Path,
-    inputs: dict[str, str],
-    root: Path,
-    scale: RealScale,
-    seed: int,
-    device: torch.device,
-    splits: Splits,
-    base: str,
-):
-    """`dvpo fit --config configs/real/<config>.yaml` on `data` at the scale's budget; `inputs` maps a model option
-    to the base model or to the run whose export it loads."""
-    print(f"[{NAME}] {name}")
-    on_policy = config in ("ppo", "dvpo")
-    if on_policy:
-        steps = scale.rl_iterations * scale.rollout_size // MINI_BATCH
-    else:
-        steps = scale.judge_steps if name == "judge" else scale.value_steps
-    options = {
-        "dataset": data,
-        "val_split": splits.held_out,  # never validated on during training (limit_val_batches=0)
-        "tokenizer": base,
-        "max_prompt_length": scale.max_prompt_length,
-        "max_response_length": scale.max_response_length,
-        "batch_size": scale.rollout_size if on_policy else scale.batch_size,
-    }
-    overrides = [
-        *data_arguments(options),
-        *(
-            f"--model.init_args.{option}.name_or_path={upstream if upstream == base else export_dir(root, upstream)}"
-            for option, upstream in inputs.items()
-        ),
-        *(
-            (
-                f"--model.init_args.sampling.max_new_tokens={scale.new_tokens}",
-                "--model.init_args.eval_sampling=null",
-            )
-            if on_policy
-            else ()
-        ),
-        "--trainer.enable_progress_bar=false",
-        "--trainer.limit_val_batches=0",
-        "--trainer.num_sanity_val_steps=0",
-        f"--trainer.max_steps={steps}",
-        f"--seed_everything={seed}",
-        f"--trainer.default_root_dir={root / name}",
-        f"--trainer.accelerator={accelerator(device)}",
-        "--trainer.devices=1",
-    ]
-    return fit_config(name, REAL_CONFIGS / f"{config}.yaml", overrides, root)
+@dataclass(frozen=True)
+class Setting:
+    """What every run and evaluation of one benchmark run shares."""
+
+    root: Path  # the seed's runs: <root>/<run>/model
+    scale: RealScale
+    seed: int
+    device: torch.device
+    splits: Splits
+    base: str  # the starting model: SmolLM2-135M-Instruct, or --quick's tiny model
+
+    def model(self, run: str) -> str:
+        """The model of `run` ("base": the starting model; "ppo_critic": PPO's critic)."""
+        return self.base if run == "base" else str(value_model_dir(self.root, run))
+
+    def fit(self, name: str, config: str, data: Path, inputs: dict[str, str]) -> StageRun:
+        """`dvpo fit --config configs/real/<config>.yaml` on `data` at the scale's budget; `inputs` maps a model
+        option to the run whose model it loads."""
+        print(f"[{NAME}] {name}")
+        scale, on_policy = self.scale, config in ("ppo", "dvpo")
+        if on_policy:
+            steps = scale.rl_iterations * scale.rollout_size // MINI_BATCH
+        else:
+            steps = scale.judge_steps if name == "judge" else scale.value_steps
+        options = {
+            "dataset": data,
+            "val_split": self.splits.held_out,  # never validated on during training (limit_val_batches=0)
+            "tokenizer": self.base,
+            "max_prompt_length": scale.max_prompt_length,
+            "max_response_length": scale.max_response_length,
+            "batch_size": scale.rollout_size if on_policy else scale.batch_size,
+        }
+        sampling = (
+            f"--model.init_args.sampling.max_new_tokens={scale.new_tokens}",
+            "--model.init_args.eval_sampling=null",
+        )
+        overrides = [
+            *data_arguments(options),
+            *(f"--model.init_args.{option}.name_or_path={self.model(run)}" for option, run in inputs.items()),
+            *(sampling if on_policy else ()),
+            "--trainer.enable_progress_bar=false",
+            "--trainer.limit_val_batches=0",
+            "--trainer.num_sanity_val_steps=0",
+            f"--trainer.max_steps={steps}",
+            f"--seed_everything={self.seed}",
+            f"--trainer.default_root_dir={self.root / name}",
+            f"--trainer.accelerator={accelerator(self.device)}",
+            "--trainer.devices=1",
+        ]
+        return fit_config(name, REAL_CONFIGS / f"{config}.yaml", overrides, self.root)
+
+    def held_out(self, mode: str, count: int) -> RLHFDataModule:
+        """The first `count` held-out pairs (or their prompts) as the validation split of a data module."""
+        data = RLHFDataModule(
+            str(self.splits.runs),
+            tokenizer=self.base,
+            format="hh_chat",
+            mode=mode,
+            val_split=str(self.splits.held_out),
+            max_samples=count,  # of every source: the held-out file's first rows
+            max_prompt_length=self.scale.max_prompt_length,
+            max_response_length=self.scale.max_response_length,
+            batch_size=1,  # its training split is read only in part: a rollout's worth of prompts need not fit
+            eval_batch_size=self.scale.rollout_size,
+        )
+        data.setup("validate")
+        return data
+
+    def accuracy(self, run: str, pairs: RLHFDataModule) -> dict:
+        """Pairwise accuracy of `run`'s value model on the held-out `pairs`."""
+        scorer = value_scorer(self.model(run), pairs, self.device)
+        return asdict(pairwise_value_accuracy(scorer, pairs, self.device))
 
 
 # -------------------------------------------------------------------------------------------------- report
@@ -390,7 +361,7 @@ def make_report(raw: dict, scale: RealScale, figure: Path) -> Report:
             "response length",
         ],
     )
-    for name, label in (("instruct", "the starting model (instruct)"), ("ppo", "PPO"), ("dvpo", "DVPO")):
+    for name, label in (("base", "the starting model (instruct)"), ("ppo", "PPO"), ("dvpo", "DVPO")):
         policy = policies[name]
         judged.rows.append(
             [

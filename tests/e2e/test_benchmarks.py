@@ -234,9 +234,9 @@ def test_real_value_quick_judges_every_value_model_and_policy_on_disjoint_pairs(
     scale = real_value.QUICK
     assert set(results["values"]) == {"rm", "gvm", "ppo_critic", "judge"}
     assert {value["pairs"] for value in results["values"].values()} == {scale.held_out_pairs}
-    start = results["policies"]["instruct"]
+    start = results["policies"]["base"]
     assert start["win_rate_vs_instruct"] == 0.5 and start["kl_ref"] == pytest.approx(0.0, abs=1e-6)
-    assert set(results["policies"]) == {"instruct", "ppo", "dvpo"}
+    assert set(results["policies"]) == {"base", "ppo", "dvpo"}
     # The proxy-gold split: no pair is in two parts, and every row read is in one.
     parts = {
         name: (tmp_path / "runs" / "real_value" / "seed0" / "data" / f"{name}.jsonl").read_text().splitlines()
