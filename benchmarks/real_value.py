@@ -185,7 +185,15 @@ def run(
         setting.model("dvpo"), setting.model("gvm"), base, prompts, sampling, count=3, seed=seed
     )
     figure = token_heatmap(
-        [{**row, "prompt": "..." + " ".join(row["prompt"].split())[-110:]} for row in credit],
+        [
+            {
+                **row,
+                "prompt": "..." + " ".join(row["prompt"].split())[-110:],
+                # byte-level BPE marks a leading space and a newline with these
+                "tokens": [token.replace("\u0120", " ").replace("\u010a", "\\n") for token in row["tokens"]],
+            }
+            for row in credit
+        ],
         output / f"{NAME}_token_credit.png",
         quantities=("value", "advantage"),
         title="DVPO's answers to held-out HH-RLHF prompts: GVM value V(s_t) and advantage per token",
