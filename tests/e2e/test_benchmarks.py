@@ -229,6 +229,9 @@ def test_real_value_quick_judges_every_value_model_and_policy_on_disjoint_pairs(
     ):
         assert column in markdown
     assert "![real_value_token_credit](real_value_token_credit.png)" in markdown
+    assert (
+        "| met |" not in markdown and "not judged (not the full scale)" in markdown
+    )  # quick judges no budget
     assert (tmp_path / "real_value_token_credit.png").stat().st_size > 0
     results = json.loads((tmp_path / "real_value.json").read_text())["results"]
     scale = real_value.QUICK
