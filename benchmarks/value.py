@@ -207,10 +207,15 @@ def fit(
     item: Run, seed: int, root: Path, scale: Scale, device: torch.device, configs: Path, hh: bool = False
 ):
     """One run through the CLI; PPO's critic is exported beside its policy (`<run>/critic`)."""
-    stage = StageRun.run(
-        item.name, config_file(configs, item), arguments(item, seed, root, scale, device, configs, hh)
+    return fit_config(
+        item.name, config_file(configs, item), arguments(item, seed, root, scale, device, configs, hh), root
     )
-    if item.name == "ppo":
+
+
+def fit_config(name: str, config: Path, overrides: list[str], root: Path) -> StageRun:
+    """`dvpo fit` of `config` as run `name` of the seed's `root`; PPO's critic is exported beside its policy."""
+    stage = StageRun.run(name, config, overrides)
+    if name == "ppo":
         export_model(stage.model.critic_model, stage.model.tokenizer, str(root / "ppo" / "critic"))
     stage.model = None  # its models are exported: free them
     return stage

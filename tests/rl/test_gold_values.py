@@ -12,8 +12,10 @@ from dvpo_lightning.data import RLHFDataModule
 from dvpo_lightning.data.builtin import get_task
 from dvpo_lightning.data.collate import pad_sequences
 from dvpo_lightning.evaluation import (
+    evaluate_policy,
     gold_agreement,
     held_out_responses,
+    judge_policy,
     pairwise_value_accuracy,
     value_scorer,
 )
@@ -177,3 +179,25 @@ def test_gold_agreement_of_the_oracle_is_perfect_and_of_a_random_value_model_is_
     random = gold_agreement(value_scorer(random_model, data), samples, data)
     assert abs(random.final_value_pearson) < 0.9 and abs(random.token_credit_pearson) < 0.9
     assert random.responses == 24
+
+
+def test_a_policy_judged_by_the_gold_values_gets_the_gold_reward_of_evaluate_policy(
+    tokenizer, cache, tmp_path
+):
+    data = RLHFDataModule(
+        "builtin:topics", mode="prompts", builtin_size=120, val_size=12, cache_dir=str(cache)
+    )
+    data.setup("validate")
+    policy = export_model(build_policy(tiny(init_seed=5), tokenizer), tokenizer, str(tmp_path / "policy"))
+    reference = export_model(
+        build_policy(tiny(init_seed=6), tokenizer), tokenizer, str(tmp_path / "reference")
+    )
+    sampling = SamplingConfig(max_new_tokens=12)
+    gold = evaluate_policy(policy, reference, data, sampling, seed=3)
+    judged = judge_policy(
+        policy, reference, data, sampling, {"gold": GoldValues(data.task, tokenizer)}, seed=3
+    )
+    assert judged.per_prompt["gold"] == pytest.approx(gold.per_prompt_gold)
+    assert judged.kl_ref == pytest.approx(gold.kl_ref) and judged.kl_ref != 0
+    assert judged.summary()["gold_reward"] == pytest.approx(gold.gold_reward)
+    assert judged.response_length == pytest.approx(gold.response_length)
