@@ -6,15 +6,23 @@ VENV ?= .venv
 # TORCH_SPEC= (empty) uses the torch already installed: a new venv then sees the system site-packages.
 TORCH_VERSION ?= 2.13.0
 TORCH_SPEC ?= torch==$(TORCH_VERSION)
-EXTRAS ?= dev,peft,notebook,bench,trackers
+EXTRAS ?= dev,peft,notebook,bench,trackers,gguf
 # Offline installs: `make wheelhouse` (with a network) writes every wheel but torch's to WHEELHOUSE (default
 # wheelhouse/) for WHEEL_PYTHON on WHEEL_PLATFORM (default: this machine's); `make install WHEELHOUSE=dir`
 # (or gpu-check, test, demo) then installs from it alone, with no index.
 WHEELHOUSE ?=
+# `make gpu-wheels`: only the wheels the GPU machine's image (GPU_IMAGE) lacks, for its CPython 3.12, into
+# GPU_WHEELS (under the 64 MiB a device call carries); run it with a Python 3.12 where there is one (PYTHON=python3.12).
+GPU_IMAGE ?= scripts/gpu_image.txt
+GPU_WHEELS ?= .gpu-wheels
+GPU_EXTRAS ?= peft
 WHEEL_PYTHON ?=
 WHEEL_PLATFORM ?=
 PIP_SOURCE := $(if $(WHEELHOUSE),--no-index --find-links $(abspath $(WHEELHOUSE)))
 BIN := $(VENV)/bin
+SYSTEM_SITE := $(if $(strip $(TORCH_SPEC)),,--system-site-packages)
+PRINT_VENV_SITE := import site, sys; sys.prefix != sys.base_prefix and print(*site.getsitepackages(), sep="\n")
+PRINT_PURELIB := import sysconfig; print(sysconfig.get_path("purelib"))
 STAMP := $(VENV)/.installed-$(shell echo '$(TORCH_SPEC) $(EXTRAS)' | cksum | cut -d' ' -f1)
 
 # Nothing here may wait for the Hugging Face hub: every model and dataset used by tests,
@@ -24,12 +32,12 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export PYTHONUNBUFFERED ?= 1
 
-.PHONY: install test test-slow demo bench bench-quick gpu-check wheelhouse lint format clean
+.PHONY: install test test-slow demo bench bench-quick gpu-check new-venv wheelhouse gpu-wheels lint format clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(if $(strip $(TORCH_SPEC)),,--system-site-packages) $(VENV)
+	test -x $(BIN)/python || $(MAKE) --no-print-directory new-venv
 	$(if $(WHEELHOUSE),,$(BIN)/python -m pip install -q --upgrade pip)
 	@if [ -n "$(strip $(TORCH_SPEC))" ]; then \
 		echo "$(BIN)/python -m pip install -q $(PIP_SOURCE) $(TORCH_SPEC)"; \
@@ -43,10 +51,21 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $@
 
+# With TORCH_SPEC= the venv sees PYTHON's packages. Where PYTHON is itself a venv's (a GPU image's, say), a
+# new venv would see only its base Python's: a .pth file adds that venv's site-packages. Where PYTHON has no
+# ensurepip (Debian without python3-venv), the venv is made without pip and uses the one PYTHON sees.
+new-venv:
+	$(PYTHON) -m venv $(SYSTEM_SITE) $(VENV) || $(PYTHON) -m venv $(SYSTEM_SITE) --without-pip $(VENV)
+	$(if $(SYSTEM_SITE),$(PYTHON) -c '$(PRINT_VENV_SITE)' > "$$($(BIN)/python -c '$(PRINT_PURELIB)')/_base_environment.pth")
+
 wheelhouse:
 	$(PYTHON) scripts/wheelhouse.py --dest $(or $(WHEELHOUSE),wheelhouse) --extras $(EXTRAS) \
 		--torch-version $(TORCH_VERSION) $(if $(WHEEL_PYTHON),--python-version $(WHEEL_PYTHON)) \
 		$(if $(WHEEL_PLATFORM),--platform $(WHEEL_PLATFORM))
+
+gpu-wheels:
+	$(PYTHON) scripts/wheelhouse.py --dest $(GPU_WHEELS) --image $(GPU_IMAGE) --extras $(GPU_EXTRAS) \
+		--python-version 3.12 --platform manylinux_2_28_x86_64 --max-mib 64
 
 test: install
 	$(BIN)/python -m pytest -m "not slow" -q $(PYTEST_ARGS)

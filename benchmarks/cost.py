@@ -331,9 +331,9 @@ def make_report(results: list[dict], scale: Scale, device: torch.device, peak: f
                 size,
                 f"{ppo['policy_parameters'] / 1e6:.2f} M",
                 f"{memory_ratio:.2f}",
-                verdict(memory_ratio, MEMORY_TARGET),
+                verdict(memory_ratio, MEMORY_TARGET, quick=scale is QUICK),
                 f"{time_ratio:.2f}",
-                verdict(time_ratio, TIME_TARGET),
+                verdict(time_ratio, TIME_TARGET, quick=scale is QUICK),
                 f"{dvpo['floor_gb'] / ppo['floor_gb']:.2f}",
                 percent(dvpo["fraction_of_matmul_peak"]["update"]),
             ]
@@ -349,7 +349,7 @@ def make_report(results: list[dict], scale: Scale, device: torch.device, peak: f
                 f"DVPO update phase at {largest}, fraction of the matmul peak",
                 percent(update_fraction),
                 f">= {percent(UPDATE_PEAK_TARGET)}",
-                verdict(update_fraction, UPDATE_PEAK_TARGET, at_least=True),
+                verdict(update_fraction, UPDATE_PEAK_TARGET, at_least=True, quick=scale is QUICK),
             ]
         ],
     )

@@ -427,7 +427,7 @@ def make_report(
                 "speed ours / TRL",
                 f"{result['speedup']:.2f}x",
                 f">= {target}x",
-                verdict(result["speedup"], target, at_least=True),
+                verdict(result["speedup"], target, at_least=True, quick=scale in (QUICK, HH_QUICK)),
             ],
             [
                 TITLES[name],

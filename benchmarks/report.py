@@ -208,6 +208,16 @@ def mean_std(values: Sequence[float], digits: int = 3) -> str:
     return f"{mean} ± {statistics.stdev(values):.{digits}f}"
 
 
-def verdict(value: float, target: float, at_least: bool = False) -> str:
-    met = value >= target if at_least else value <= target
+NOT_JUDGED = "not judged (quick scale)"
+
+
+def judgement(met: bool, quick: bool = False) -> str:
+    """`met` or `missed`; a quick run (toy models and budgets, one seed) shows its figures but cannot judge a target
+    set for the full scale: `not judged (quick scale)`."""
+    if quick:
+        return NOT_JUDGED
     return "met" if met else "missed"
+
+
+def verdict(value: float, target: float, at_least: bool = False, quick: bool = False) -> str:
+    return judgement(value >= target if at_least else value <= target, quick)

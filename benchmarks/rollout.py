@@ -118,10 +118,10 @@ def run(quick: bool, device: torch.device) -> Report:
                 f"{medians['engine']:.0f}",
                 f"{medians['bare']:.0f}",
                 f"{ratio:.3f}",
-                verdict(ratio, TARGET, at_least=True),
+                verdict(ratio, TARGET, at_least=True, quick=quick),
                 f"{medians['compiled']:.0f}",
                 f"{compiled_ratio:.2f}",
-                verdict(compiled_ratio, COMPILED_TARGET, at_least=True),
+                verdict(compiled_ratio, COMPILED_TARGET, at_least=True, quick=quick),
                 f"{compile_seconds:.1f}",
                 " / ".join(percent(fractions[name]) for name in CALLS),
             ]

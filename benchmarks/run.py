@@ -7,6 +7,7 @@
     python -m benchmarks.run --only value --configs configs/hard    # the value benchmark in the hard setting
     python -m benchmarks.run --only value --seeds 0 --fraction 0.25 # a reduced run: a quarter of every budget
     python -m benchmarks.run --only table --configs configs/hard      # the method comparison in the hard setting
+    python -m benchmarks.run --only real_value --threads 2   # opt-in: the value question on SmolLM2-135M-Instruct
     # seeds as parallel processes (one core each), then one report from their outputs:
     python -m benchmarks.run --only value --seeds 0 --output out/s0 & python -m benchmarks.run --only value --seeds 1 --output out/s1
     python -m benchmarks.run --only value --merge out/s0,out/s1
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from benchmarks import cost, peer, rollout, table, value
+from benchmarks import cost, peer, real_value, rollout, table, value
 from benchmarks.report import DEFAULT_OUTPUT, QUICK_OUTPUT, Report, write_report
 from benchmarks.timing import DEVICES, resolve_device
 
@@ -37,7 +38,9 @@ BENCHMARKS: dict[str, Callable[..., Report]] = {
     "rollout": rollout.run,
     "peer": peer.run,
     "value": value.run,
+    "real_value": real_value.run,
 }
+OPT_IN = ("real_value",)  # real models, hours on CPU: only when named in --only
 MERGEABLE = ("table", "value")
 
 
@@ -47,8 +50,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--only",
         type=names,
-        default=list(BENCHMARKS),
-        help=f"comma-separated subset of {', '.join(BENCHMARKS)}",
+        default=[name for name in BENCHMARKS if name not in OPT_IN],
+        help=f"comma-separated subset of {', '.join(BENCHMARKS)} ({', '.join(OPT_IN)} only when named)",
     )
     parser.add_argument(
         "--seeds", type=seeds, default=None, help="seeds of table and value (default 0,1,2; quick: 0)"
@@ -63,7 +66,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--fraction",
         type=fraction,
         default=None,
-        help="value only: a reduced run, this fraction of every config's optimiser steps (default: all of them)",
+        help="value and real_value only: a reduced run, this fraction of every config's optimiser steps (real_value: "
+        "and of its held-out sets; default: all of them)",
     )
     parser.add_argument(
         "--merge",
@@ -149,6 +153,7 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
                 "configs": args.configs,
                 "fraction": args.fraction,
             },
+            "real_value": {"seeds": args.seeds, "output": output, "fraction": args.fraction},
         }.get(name, {})
         if args.merge:
             if name == "table":

@@ -1,11 +1,11 @@
-"""`table`: the paper's comparison in miniature — SFT, the offline DPO, SimPO and ORPO, PPO, DVPO, RTO, the critic-free
-estimators (GRPO, RLOO, REINFORCE++, GVM-scored GRPO) and PPO with a GVM-initialised critic on the built-in task,
-several seeds.
+"""`table`: the paper's comparison in miniature — SFT, the offline DPO, SimPO, ORPO and KTO, PPO, DVPO, RTO, the critic-free
+estimators (GRPO, RLOO, REINFORCE++, GVM-scored GRPO), GRPO's policy-loss variants (GSPO, CISPO, DAPO) and PPO with a
+GVM-initialised critic on the built-in task, several seeds.
 
 Per seed, every stage runs through the `dvpo` CLI from its config in `configs/` (what a user would type), with
 `--seed_everything <seed>`, its own `--trainer.default_root_dir <output>/runs/seed<seed>/<stage>` and every path
-it reads pointed at that seed's exports: sft, then rm, gvm, dpo, simpo and orpo (from the SFT export), then ppo, grpo, rloo and
-reinforce_pp (SFT + RM), dvpo and gvm_grpo (SFT + GVM), ppo_gvm_critic (SFT + RM + GVM) and rto (SFT + RM + DPO). The SFT model's random initialisation also takes the seed
+it reads pointed at that seed's exports: sft, then rm, gvm, dpo, simpo, orpo and kto (from the SFT export), then ppo, grpo, rloo,
+reinforce_pp, gspo, cispo and dapo (SFT + RM), dvpo and gvm_grpo (SFT + GVM), ppo_gvm_critic (SFT + RM + GVM) and rto (SFT + RM + DPO). The SFT model's random initialisation also takes the seed
 (`init_seed`), so seeds vary the whole pipeline, not only the RL sampling.
 
 Budgets are the configs' own (a user's `dvpo fit --config configs/<stage>.yaml`): PPO, DVPO and RTO share one
@@ -35,8 +35,20 @@ from dvpo_lightning.plots import reward_vs_kl
 from dvpo_lightning.rl import SamplingConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-ON_POLICY = ("ppo", "dvpo", "rto", "grpo", "rloo", "reinforce_pp", "gvm_grpo", "ppo_gvm_critic")
-OFFLINE = ("dpo", "simpo", "orpo")
+ON_POLICY = (
+    "ppo",
+    "dvpo",
+    "rto",
+    "grpo",
+    "rloo",
+    "reinforce_pp",
+    "gvm_grpo",
+    "ppo_gvm_critic",
+    "gspo",
+    "cispo",
+    "dapo",
+)
+OFFLINE = ("dpo", "simpo", "orpo", "kto")
 STAGES = ("sft", "rm", "gvm", *OFFLINE, *ON_POLICY)
 POLICIES = ("sft", *OFFLINE, *ON_POLICY)
 #: how a stage is named in the report; the others upper-cased
@@ -46,6 +58,8 @@ LABELS = {
     "gvm_grpo": "GVM-GRPO",
     "ppo_gvm_critic": "PPO (GVM critic)",
 }
+#: what an offline stage's batch holds, when not pairs (KTO: labelled responses, two per pair of pair data)
+BATCH_UNITS = {"kto": "labelled responses"}
 # For each stage, the model arguments that load an earlier stage's export, and which stage that is.
 INPUTS = {
     "sft": {},
@@ -54,6 +68,7 @@ INPUTS = {
     "dpo": {"policy": "sft"},
     "simpo": {"policy": "sft"},
     "orpo": {"policy": "sft"},
+    "kto": {"policy": "sft"},
     "ppo": {"policy": "sft", "reward_model": "rm"},
     "dvpo": {"policy": "sft", "value_model": "gvm"},
     "rto": {"policy": "sft", "reward_model": "rm", "dpo_model": "dpo"},
@@ -62,6 +77,9 @@ INPUTS = {
     "reinforce_pp": {"policy": "sft", "reward_model": "rm"},
     "gvm_grpo": {"policy": "sft", "value_model": "gvm"},
     "ppo_gvm_critic": {"policy": "sft", "reward_model": "rm", "critic": "gvm"},
+    "gspo": {"policy": "sft", "reward_model": "rm"},
+    "cispo": {"policy": "sft", "reward_model": "rm"},
+    "dapo": {"policy": "sft", "reward_model": "rm"},
 }
 
 
@@ -130,23 +148,21 @@ def budget_note(budget: Budget, configs: Path, stages: tuple[str, ...]) -> str:
         for stage in (*offline_stages, *on_policy_stages)
     }
     offline = {
-        stage: (config[stage]["trainer"]["max_steps"], config[stage]["data"]["init_args"]["batch_size"])
+        stage: (
+            config[stage]["trainer"]["max_steps"],
+            config[stage]["data"]["init_args"]["batch_size"],
+            BATCH_UNITS.get(stage, "pairs"),
+        )
         for stage in offline_stages
     }
-    if len(offline) == 1:
-        ((stage, (steps, batch)),) = offline.items()
-        offline_note = f"{label(stage)} {steps} optimiser steps of {batch} pairs"
-    elif len(set(offline.values())) == 1:
-        steps, batch = next(iter(offline.values()))
-        offline_note = (
-            f"{', '.join(map(label, offline_stages[:-1]))} and {label(offline_stages[-1])} {steps} optimiser "
-            f"steps of {batch} pairs each"
-        )
-    else:
-        offline_note = "; ".join(
-            f"{label(stage)} {steps} optimiser steps of {batch} pairs"
-            for stage, (steps, batch) in offline.items()
-        )
+    groups: dict[tuple, list[str]] = {}  # stages with the same budget share one phrase
+    for stage, settings in offline.items():
+        groups.setdefault(settings, []).append(label(stage))
+    offline_note = "; ".join(
+        f"{names[0] if len(names) == 1 else ', '.join(names[:-1]) + ' and ' + names[-1]} {steps} optimiser steps "
+        f"of {batch} {unit}{' each' if len(names) > 1 else ''}"
+        for (steps, batch, unit), names in groups.items()
+    )
     on_policy = {}
     for stage in on_policy_stages:
         ppo = config[stage]["model"]["init_args"]["ppo"]
@@ -175,7 +191,9 @@ def budget_note(budget: Budget, configs: Path, stages: tuple[str, ...]) -> str:
 
 
 def grouped_note(stages: tuple[str, ...]) -> str:
-    grouped = [label(stage) for stage in ("grpo", "rloo", "gvm_grpo") if stage in stages]
+    grouped = [
+        label(stage) for stage in ("grpo", "rloo", "gvm_grpo", "gspo", "cispo", "dapo") if stage in stages
+    ]
     if not grouped:
         return ""
     names = grouped[0] if len(grouped) == 1 else f"{', '.join(grouped[:-1])} and {grouped[-1]}"

@@ -6,9 +6,12 @@ is the harder built-in setting), as `table` runs them (`benchmarks/value_runs.py
 - **value models**, at the configs' equal budgets from the same SFT export: the Bradley-Terry reward model, the
   GVM as the paper trains it, and the GVM with each option beyond the paper (a ranking term on complete-response
   values; two inner epochs on fixed targets per batch; the score mode on gold-scored pairs of the SFT policy's own
-  samples, `dvpo_lightning.sampled_pairs`); and PPO's critic after PPO (it starts from the reward model);
+  samples, `dvpo_lightning.sampled_pairs`; TCRM's per-prefix consistency terms), the GVM continued on the SFT
+  policy's samples with its own complete-response values as Monte-Carlo targets (VC-PPO's value pretraining as
+  self-distillation); and PPO's critic after PPO (it starts from the reward model);
 - **policies**: DPO, PPO, PPO with a frozen critic, PPO with a GVM-initialised critic, DVPO on each GVM, DVPO at
-  lambda = 1, DVPO on the gold values (the oracle critic, `rl.GoldValues`), GVM-scored GRPO.
+  lambda = 1, DVPO with the reference code's advantages (values whitened over the batch, 0 after the last token),
+  DVPO on the gold values (the oracle critic, `rl.GoldValues`), GVM-scored GRPO.
 
 Then, on the built-in task:
 
@@ -30,19 +33,19 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.report import Report, Table, mark_merged, mean_std, merged_seeds, read_parts
+from benchmarks.report import Report, Table, judgement, mark_merged, mean_std, merged_seeds, read_parts
 from benchmarks.table import export_dir, report_name
 from benchmarks.value_runs import (
     BUILTIN_RUNS,
     FULL,
-    GVM_OPTIONS,
+    GVM_VARIANTS,
     HH_FILE,
     HH_NEW_TOKENS,
     HH_RUNS,
     HH_VALUE_MODELS,
     POLICIES,
     QUICK,
-    SAMPLED_PAIRS,
+    SAMPLED_DATA,
     VALUE_MODELS,
     Run,
     Scale,
@@ -66,7 +69,7 @@ from dvpo_lightning.evaluation import (
 )
 from dvpo_lightning.models import ModelSpec, build_policy, export_model
 from dvpo_lightning.rl import GoldValues, SamplingConfig
-from dvpo_lightning.sampled_pairs import write_gold_scored_pairs
+from dvpo_lightning.sampled_pairs import write_scored_pairs
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 LABELS = {
@@ -76,6 +79,8 @@ LABELS = {
     "gvm_ranking": "GVM + ranking term",
     "gvm_inner_epochs": "GVM, 2 inner epochs",
     "gvm_sft_samples": "GVM on SFT samples (gold score)",
+    "gvm_consistency": "GVM + per-prefix consistency (TCRM)",
+    "gvm_self_mc": "GVM continued on SFT samples, its own values as MC targets",
     "ppo_critic": "PPO's critic after PPO",
     "dpo": "DPO",
     "ppo": "PPO",
@@ -85,12 +90,15 @@ LABELS = {
     "dvpo_gvm_ranking": "DVPO on GVM + ranking term",
     "dvpo_gvm_inner_epochs": "DVPO on GVM, 2 inner epochs",
     "dvpo_gvm_sft_samples": "DVPO on GVM of SFT samples",
+    "dvpo_gvm_consistency": "DVPO on GVM + per-prefix consistency",
+    "dvpo_gvm_self_mc": "DVPO on GVM self-distilled on SFT samples",
+    "dvpo_reference_advantages": "DVPO, reference advantages (whitened values, 0 after the end)",
     "dvpo_lam1": "DVPO, lambda = 1",
     "dvpo_gold_values": "DVPO on the gold values (oracle critic)",
     "gvm_grpo": "GVM-scored GRPO",
 }
 JUDGED = ("gold", *VALUE_MODELS, "ppo_critic")  # the value scorers of the built-in accuracy table
-DVPO_VARIANTS = ("dvpo", *(f"dvpo_{name}" for name in GVM_OPTIONS))
+DVPO_VARIANTS = ("dvpo", *(f"dvpo_{name}" for name in GVM_VARIANTS), "dvpo_reference_advantages")
 
 
 def run(
@@ -137,14 +145,16 @@ def builtin_seed(seed: int, root: Path, scale: Scale, device: torch.device, conf
     seconds, held_out = {}, {}
     for item in BUILTIN_RUNS:
         print(f"[value] seed {seed}: {item.name}")
-        if item.name == "gvm_sft_samples":  # its data: gold-scored pairs of the SFT policy's samples
-            write_gold_scored_pairs(
+        if item.name in SAMPLED_DATA:  # its data: pairs of the SFT policy's samples, gold- or GVM-scored
+            output, value_model = SAMPLED_DATA[item.name]
+            write_scored_pairs(
                 str(export_dir(root, "sft")),
-                root / SAMPLED_PAIRS,
+                root / output,
                 held_out["dataset"],
                 pairs=sampled_pairs_count(configs, scale),
                 sampling_seed=seed,
                 device=device,
+                value_model=value_model and str(export_dir(root, value_model)),
                 seed=held_out["seed"],
                 builtin_size=held_out["builtin_size"],
                 val_size=held_out["val_size"],
@@ -197,10 +207,15 @@ def fit(
     item: Run, seed: int, root: Path, scale: Scale, device: torch.device, configs: Path, hh: bool = False
 ):
     """One run through the CLI; PPO's critic is exported beside its policy (`<run>/critic`)."""
-    stage = StageRun.run(
-        item.name, config_file(configs, item), arguments(item, seed, root, scale, device, configs, hh)
+    return fit_config(
+        item.name, config_file(configs, item), arguments(item, seed, root, scale, device, configs, hh), root
     )
-    if item.name == "ppo":
+
+
+def fit_config(name: str, config: Path, overrides: list[str], root: Path) -> StageRun:
+    """`dvpo fit` of `config` as run `name` of the seed's `root`; PPO's critic is exported beside its policy."""
+    stage = StageRun.run(name, config, overrides)
+    if name == "ppo":
         export_model(stage.model.critic_model, stage.model.tokenizer, str(root / "ppo" / "critic"))
     stage.model = None  # its models are exported: free them
     return stage
@@ -240,7 +255,7 @@ def make_report(builtin: dict[int, dict], hh: dict[int, dict], scale: Scale, con
     tables = [accuracy_table(builtin), diagnostics_table(builtin)]
     if hh:
         tables.insert(1, hh_table(hh))
-    tables.append(targets_table(builtin, hh))
+    tables.append(targets_table(builtin, hh, quick=scale.name == "quick"))
     notes = [
         f"Scale: {scale.name}; seeds {seeds}; configs `{configs.name}/`"
         + (" (the hard setting, builtin:topics-long)" if configs.name == "hard" else " (builtin:topics)")
@@ -385,7 +400,7 @@ def gap_notes(builtin: dict[int, dict]) -> list[str]:
     ]
 
 
-def targets_table(builtin: dict[int, dict], hh: dict[int, dict]) -> Table:
+def targets_table(builtin: dict[int, dict], hh: dict[int, dict], quick: bool) -> Table:
     table = Table("Targets", ["target", "measured", "verdict"])
     if hh:
         accuracy = {
@@ -400,7 +415,7 @@ def targets_table(builtin: dict[int, dict], hh: dict[int, dict]) -> Table:
             [
                 "HH-RLHF: GVM (complete response) >= RM >= PPO critic (mean value)",
                 f"{accuracy['gvm']:.3f} / {accuracy['rm']:.3f} / {accuracy['ppo_critic']:.3f}",
-                "met" if met else "missed",
+                judgement(met, quick),
             ]
         )
     best = max(DVPO_VARIANTS, key=lambda name: mean_gain(builtin, name))
@@ -409,7 +424,7 @@ def targets_table(builtin: dict[int, dict], hh: dict[int, dict]) -> Table:
         [
             f"built-in: the best GVM option's DVPO gain >= PPO's and > DPO's ({LABELS[best]})",
             f"{best_gain:+.3f} vs PPO {ppo:+.3f}, DPO {dpo:+.3f}",
-            "met" if best_gain >= ppo and best_gain > dpo else "missed",
+            judgement(best_gain >= ppo and best_gain > dpo, quick),
         ]
     )
     return table

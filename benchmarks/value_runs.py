@@ -22,6 +22,13 @@ from dvpo_lightning.data.sources import builtin_task_name
 ON_POLICY_CONFIGS = ("ppo", "dvpo", "gvm_grpo", "ppo_gvm_critic")
 LENGTHS = ("recommended_max_prompt_length", "recommended_max_response_length")
 SAMPLED_PAIRS = "sft_samples.jsonl"  # gold-scored pairs of the SFT policy's samples, in the seed's root
+GVM_SCORED_PAIRS = (
+    "gvm_samples.jsonl"  # pairs of the SFT policy's samples scored by the GVM, in the seed's root
+)
+FILE_LENGTHS = (  # a file, not the task: its lengths are the task's, as they were when the answers were sampled
+    "--data.init_args.max_prompt_length={recommended_max_prompt_length}",
+    "--data.init_args.max_response_length={recommended_max_response_length}",
+)
 
 
 @dataclass(frozen=True)
@@ -43,19 +50,43 @@ GVM_OPTIONS = {  # the GVM's options beyond the paper, each a GVM run of its own
     ),
     "gvm_sft_samples": (
         f"--data.init_args.dataset={{root}}/{SAMPLED_PAIRS}",
-        # a file, not the task: its lengths are the task's, as they were when the answers were sampled
-        "--data.init_args.max_prompt_length={recommended_max_prompt_length}",
-        "--data.init_args.max_response_length={recommended_max_response_length}",
+        *FILE_LENGTHS,
         "--model.init_args.terminal_reward=score",
+    ),
+    "gvm_consistency": (  # TCRM's per-prefix consistency terms
+        "--model.init_args.final_consistency_weight=1.0",
+        "--model.init_args.td_consistency_weight=1.0",
     ),
 }
 SFT, POLICY = {"model": "sft"}, {"policy": "sft"}
-VALUE_MODELS = ("rm", "gvm", *GVM_OPTIONS)  # trained at equal budgets from the SFT export; then PPO's critic
+# VC-PPO's Monte-Carlo value pretraining as self-distillation: the GVM, continued on the SFT policy's samples with
+# its own complete-response values as every state's target (lambda = 1)
+SELF_DISTILLED = Run(
+    "gvm_self_mc",
+    "gvm",
+    {"model": "gvm"},
+    (
+        f"--data.init_args.dataset={{root}}/{GVM_SCORED_PAIRS}",
+        *FILE_LENGTHS,
+        "--model.init_args.terminal_reward=score",
+        "--model.init_args.lam=1.0",
+    ),
+)
+#: the runs trained on the SFT policy's samples: their file in the seed's root, and the run whose GVM scores them
+#: (None: the gold reward)
+SAMPLED_DATA = {"gvm_sft_samples": (SAMPLED_PAIRS, None), SELF_DISTILLED.name: (GVM_SCORED_PAIRS, "gvm")}
+#: trained at equal budgets from the SFT export (the self-distilled one from the GVM's); then PPO's critic
+GVM_VARIANTS = (*GVM_OPTIONS, SELF_DISTILLED.name)  # each with a DVPO run on it
+VALUE_MODELS = ("rm", "gvm", *GVM_VARIANTS)
+#: the reference code's advantages (advantage.options): the GVM's values whitened over the batch, 0 after the end
+#: (braces doubled: options are formatted)
+REFERENCE_ADVANTAGES = '--model.init_args.advantage.options={{"bootstrap": "zero", "whiten_values": true}}'
 BUILTIN_RUNS = (
     Run("sft", "sft"),
     Run("rm", "rm", SFT),
     Run("gvm", "gvm", SFT),
     *(Run(name, "gvm", SFT, options) for name, options in GVM_OPTIONS.items()),
+    SELF_DISTILLED,
     Run("dpo", "dpo", POLICY),
     Run("ppo", "ppo", {**POLICY, "reward_model": "rm"}),
     Run(
@@ -66,8 +97,9 @@ BUILTIN_RUNS = (
     ),
     Run("ppo_gvm_critic", "ppo_gvm_critic", {**POLICY, "reward_model": "rm", "critic": "gvm"}),
     Run("dvpo", "dvpo", {**POLICY, "value_model": "gvm"}),
-    *(Run(f"dvpo_{name}", "dvpo", {**POLICY, "value_model": name}) for name in GVM_OPTIONS),
+    *(Run(f"dvpo_{name}", "dvpo", {**POLICY, "value_model": name}) for name in GVM_VARIANTS),
     Run("dvpo_lam1", "dvpo", {**POLICY, "value_model": "gvm"}, ("--model.init_args.ppo.lam=1.0",)),
+    Run("dvpo_reference_advantages", "dvpo", {**POLICY, "value_model": "gvm"}, (REFERENCE_ADVANTAGES,)),
     Run(
         "dvpo_gold_values",
         "dvpo",

@@ -15,6 +15,15 @@ REPO = Path(__file__).resolve().parents[1]
 HH_FILE = REPO.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 
 
+@pytest.fixture(autouse=True)
+def no_run_seed_across_tests():
+    """No test sees the run seed another left (`PL_GLOBAL_SEED`: a `seed_everything` call, or a seed a CLI run drew
+    at random), which the model and data seeds follow by default (`dvpo_lightning.data.seeds`)."""
+    os.environ.pop("PL_GLOBAL_SEED", None)
+    yield
+    os.environ.pop("PL_GLOBAL_SEED", None)
+
+
 @pytest.fixture(scope="session")
 def word_tokenizer(tmp_path_factory):
     return make_word_tokenizer(tmp_path_factory.mktemp("word_tokenizer"))

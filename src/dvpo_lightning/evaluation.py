@@ -3,7 +3,9 @@ models (reward models, GVMs, critics) on held-out pairs and on a policy's sample
 
 Every policy is judged the same way: the same prompts (the data module's validation split), the same sampling
 and the same seed, so numbers of different algorithms and runs compare directly. The gold reward needs a
-built-in task; the KL is the sequence-level KL to the reference estimated on the policy's own samples.
+built-in task; the KL is the sequence-level KL to the reference estimated on the policy's own samples. Where no
+gold reward exists (real data), `judge_policy` scores the same answers with reward models instead, e.g. one trained
+on pairs the policy's own reward model never saw (the proxy-gold setup of arXiv 2210.10760).
 
 A value model is judged as the DVPO paper judges it: its pairwise accuracy on held-out preference pairs (chosen
 valued above rejected), by its mean value over a response's states and by its value of the complete response;
@@ -84,13 +86,11 @@ def evaluate_policy(
     golds, fractions, kl_k1, kl_k3, lengths, finished = [], [], [], [], [], []
     for responses in held_out_responses(policy, datamodule, sampling, seed, device):
         gold, fraction = gold_rewards(task, tokenizer, responses)
-        logprobs = policy_logprobs(policy, responses, temperature)[0]
-        ref_logprobs = policy_logprobs(reference, responses, temperature)[0]
-        mask = responses.response_mask
+        k1, k3 = sequence_kls(policy, reference, responses, temperature)
         golds.append(gold)
         fractions.append(fraction)
-        kl_k1.append(sequence_kl(logprobs, ref_logprobs, mask, "k1").cpu())
-        kl_k3.append(sequence_kl(logprobs, ref_logprobs, mask, "k3").cpu())
+        kl_k1.append(k1)
+        kl_k3.append(k3)
         lengths.append(responses.lengths.float().cpu())
         finished.append(responses.finished.float().cpu())
     gold = torch.cat(golds)
@@ -103,6 +103,74 @@ def evaluate_policy(
         response_length=float(torch.cat(lengths).mean()),
         finished_rate=float(torch.cat(finished).mean()),
         per_prompt_gold=gold.tolist(),
+    )
+
+
+def sequence_kls(
+    policy: torch.nn.Module, reference: torch.nn.Module, responses: Responses, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per response `[B]` (on CPU), the summed per-token k1 and k3 estimates of KL(policy || reference)."""
+    logprobs = policy_logprobs(policy, responses, temperature)[0]
+    ref_logprobs = policy_logprobs(reference, responses, temperature)[0]
+    mask = responses.response_mask
+    return tuple(sequence_kl(logprobs, ref_logprobs, mask, kind).cpu() for kind in ("k1", "k3"))
+
+
+@dataclass
+class JudgedReport:
+    """A policy's answers to the held-out prompts as judged by value models (reward models) instead of a gold
+    reward: the proxy-gold setup of Gao et al. 2022 (arXiv 2210.10760) where no gold reward exists."""
+
+    per_prompt: dict[
+        str, list[float]
+    ]  # judge name -> its score of each answer, in prompt order (for win rates)
+    kl_ref: float  # mean over responses of the summed per-token k1 estimate
+    response_length: float
+    finished_rate: float
+
+    def summary(self) -> dict:
+        return {
+            **{
+                f"{name}_reward": float(torch.tensor(scores).mean())
+                for name, scores in self.per_prompt.items()
+            },
+            "kl_ref": self.kl_ref,
+            "response_length": self.response_length,
+            "finished_rate": self.finished_rate,
+        }
+
+
+@torch.no_grad()
+def judge_policy(
+    policy_dir: str,
+    reference_dir: str,
+    datamodule: RLHFDataModule,
+    sampling: SamplingConfig,
+    judges: dict[str, ValueScorer],
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> JudgedReport:
+    """Sample one answer per validation prompt from the policy (as `evaluate_policy` does) and score it with each
+    of `judges` (e.g. `value_scorer` of a reward model): its value of the complete answer."""
+    tokenizer = datamodule.tokenizer
+    policy = build_policy(ModelSpec(name_or_path=policy_dir), tokenizer, role="policy").to(device).eval()
+    reference = (
+        build_policy(ModelSpec(name_or_path=reference_dir), tokenizer, role="reference").to(device).eval()
+    )
+    temperature = sampling.temperature if sampling.do_sample else 1.0
+    scores = {name: [] for name in judges}
+    kl, lengths, finished = [], [], []
+    for responses in held_out_responses(policy, datamodule, sampling, seed, device):
+        for name, judge in judges.items():
+            scores[name].append(judge(responses)[1].cpu())  # the value of the complete answer
+        kl.append(sequence_kls(policy, reference, responses, temperature)[0])
+        lengths.append(responses.lengths.float().cpu())
+        finished.append(responses.finished.float().cpu())
+    return JudgedReport(
+        per_prompt={name: torch.cat(parts).tolist() for name, parts in scores.items()},
+        kl_ref=float(torch.cat(kl).mean()),
+        response_length=float(torch.cat(lengths).mean()),
+        finished_rate=float(torch.cat(finished).mean()),
     )
 
 

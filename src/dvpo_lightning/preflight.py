@@ -10,6 +10,7 @@ depends on; without these checks it surfaces minutes later as a hub lookup error
   `export_dir`), the error says to run that config first;
 - a model or tokenizer named like a hub id (a bare directory name that does not exist, say) while the hub is
   offline and the name is not in its cache: without this it fails as a long chain of offline-mode errors;
+- a packaged model (`packaged:<name>`) that is unknown or not fetched yet: the error gives the fetch command;
 - FSDP1 (`FSDPStrategy`) on a machine or accelerator without CUDA, which Lightning refuses: FSDP2 runs there.
 """
 
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 import yaml
 
+from dvpo_lightning.data.model_files import PACKAGED_PREFIX, fetched_gguf
 from dvpo_lightning.data.sources import is_local
 
 DATA_PATH_OPTIONS = ("dataset", "tokenizer", "prompt_dataset", "val_split")
@@ -38,6 +40,7 @@ def check_run_config(config: dict[str, Any], config_files: list[str]) -> None:
     problems = (
         [missing_path_problem(option, path, config_files) for option, path in missing_paths(config)]
         + [offline_hub_problem(option, name) for option, name in uncached_hub_names(config)]
+        + list(packaged_problems(config))
         + strategy_problems(config.get("trainer") or {})
     )
     if problems:
@@ -72,7 +75,7 @@ def uncached_hub_names(config: dict[str, Any]) -> Iterator[tuple[str, str]]:
     if isinstance(tokenizer, str) and not tokenizer.startswith("bpe:"):
         candidates.append(("data.init_args.tokenizer", tokenizer, "tokenizer_config.json"))
     for option, name, file in candidates:
-        if not isinstance(name, str) or is_local(name):
+        if not isinstance(name, str) or is_local(name) or name.startswith(PACKAGED_PREFIX):
             continue
         try:
             cached = isinstance(try_to_load_from_cache(name, file), str)
@@ -80,6 +83,18 @@ def uncached_hub_names(config: dict[str, Any]) -> Iterator[tuple[str, str]]:
             cached = False
         if not cached:
             yield option, name
+
+
+def packaged_problems(config: dict[str, Any]) -> Iterator[str]:
+    """A message for every model or tokenizer named `packaged:<name>` that is unknown or not fetched."""
+    tokenizer = ((config.get("data") or {}).get("init_args") or {}).get("tokenizer")
+    names = [*_model_paths(config.get("model"), "model"), ("data.init_args.tokenizer", tokenizer)]
+    for option, name in names:
+        if isinstance(name, str) and name.startswith(PACKAGED_PREFIX):
+            try:
+                fetched_gguf(name.removeprefix(PACKAGED_PREFIX))
+            except (ValueError, OSError) as err:
+                yield f"{option}: {err}"
 
 
 def offline_hub_problem(option: str, name: str) -> str:

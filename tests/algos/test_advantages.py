@@ -7,6 +7,7 @@ import torch
 
 from dvpo_lightning.algos import (
     ADVANTAGE_ESTIMATORS,
+    advantages_are_normalized,
     earned_values,
     gae,
     get_advantage,
@@ -208,6 +209,65 @@ def test_gvm_with_a_perfect_gvm_gives_zero_advantages_only_with_the_final_value_
     assert reference.tolist() == [[-0.25, -0.5, -1.0]]
 
 
+# ------------------------------------------------------------------ decoupled lambdas, whitened GVM values
+@pytest.mark.parametrize("name", ["gae", "gvm"])
+def test_value_lam_sets_the_returns_lambda_apart_from_the_advantages(name):
+    """V = (0.5, 0.6), rewards (0, 1), gamma = 1, "gvm" bootstrapping from V_final = 0 (the same TD errors):
+    deltas (0.1, 0.4); advantages with lam = 0: (0.1, 0.4); returns with value_lam = 1: (1, 1)."""
+    rewards, values, mask = torch.tensor([[0.0, 1.0]]), torch.tensor([[0.5, 0.6]]), torch.ones(1, 2)
+    gvm_inputs = {"final_values": torch.zeros(1)} if name == "gvm" else {}
+    advantages, returns = get_advantage(name)(
+        token_rewards=rewards, values=values, mask=mask, gamma=1.0, lam=0.0, value_lam=1.0, **gvm_inputs
+    )
+    torch.testing.assert_close(advantages, torch.tensor([[0.1, 0.4]]))
+    torch.testing.assert_close(returns, torch.tensor([[1.0, 1.0]]))
+
+
+def test_length_adaptive_lambda_is_one_minus_one_over_alpha_times_the_length():
+    """alpha = 0.5: a 4-token response gets lambda 1 - 1/2 = 0.5, a 2-token one 1 - 1/1 = 0, a 1-token one
+    1 - 1/0.5 < 0, clamped to 0. V = 0 and a reward of 1 on the last token: A_t = lambda^(T - t); the returns keep
+    `lam` = 1: 1 everywhere."""
+    mask = torch.tensor([[1, 1, 1, 1], [0, 1, 0, 1], [1, 0, 0, 0]]).bool()
+    rewards = torch.zeros(3, 4).masked_fill(
+        torch.tensor([[0, 0, 0, 1], [0, 0, 0, 1], [1, 0, 0, 0]]).bool(), 1.0
+    )
+    advantages, returns = get_advantage("gae")(
+        token_rewards=rewards,
+        values=torch.zeros(3, 4),
+        mask=mask,
+        gamma=1.0,
+        lam=1.0,
+        length_adaptive_alpha=0.5,
+    )
+    expected = torch.tensor([[0.125, 0.25, 0.5, 1.0], [0.0, 0.0, 0.0, 1.0], [1.0, 0.0, 0.0, 0.0]])
+    torch.testing.assert_close(advantages, expected)
+    torch.testing.assert_close(returns, mask.float())
+    with pytest.raises(ValueError, match="length_adaptive_alpha must be > 0"):
+        get_advantage("gae")(
+            token_rewards=rewards, values=rewards, mask=mask, gamma=1.0, lam=1.0, length_adaptive_alpha=0.0
+        )
+
+
+@pytest.mark.parametrize(
+    "bootstrap, expected", [("zero", [[1.0, -1.0], [0.0, 0.0]]), ("final_value", [[4.0, 2.0], [0.0, 0.0]])]
+)
+def test_whitened_gvm_values_share_one_affine_map_with_the_final_values(bootstrap, expected):
+    """Real V(s_t) = 1, 3 | 2 (a padded NaN): mean 2, unbiased std 1, so V -> (-1, 1 | 0), and V_final (5 | 2) ->
+    (3 | 0) by the same map. gamma = lam = 1, no reward: A_t = V_after_last - V(s_t), V_after_last 0 or V_final."""
+    values, mask = torch.tensor([[1.0, 3.0], [2.0, NAN]]), torch.tensor([[True, True], [True, False]])
+    advantages, _ = get_advantage("gvm")(
+        token_rewards=torch.zeros(2, 2),
+        values=values,
+        mask=mask,
+        gamma=1.0,
+        lam=1.0,
+        final_values=torch.tensor([5.0, 2.0]),
+        bootstrap=bootstrap,
+        whiten_values=True,
+    )
+    torch.testing.assert_close(advantages, torch.tensor(expected))
+
+
 def test_earned_values_by_hand_with_interior_padding():
     # token rewards (1, -0.5, 0.25): earned before each token (0, 1, 0.5), in all 0.75
     mask = torch.tensor([[True, False, True, True]])
@@ -240,14 +300,37 @@ def test_reinforce_is_the_discounted_return_to_go():
 
 
 def test_rloo_by_hand():
-    # Sequence rewards (1, 3 | 2, 2); leave-one-out baselines (3, 1 | 2, 2).
+    """TRL's form: sequence rewards (1, 3 | 2, 2), leave-one-out baselines (3, 1 | 2, 2), one advantage per
+    response."""
     rewards = torch.tensor([[1.0, 0.0], [0.0, 3.0], [2.0, NAN], [1.0, 1.0]])
     mask = ~torch.isnan(rewards)
     advantages, returns = get_advantage("rloo")(
         token_rewards=rewards, values=None, mask=mask, gamma=1.0, lam=1.0, group_size=2
     )
+    assert returns.tolist() == [[1.0, 1.0], [3.0, 3.0], [2.0, 0.0], [2.0, 2.0]]
+    assert advantages.tolist() == [[-2.0, -2.0], [2.0, 2.0], [0.0, 0.0], [0.0, 0.0]]
+
+
+def test_rloo_openrlhf_form_baselines_the_score_alone_and_keeps_the_return_to_go():
+    """Scores (1, 3 | 2, 1): baselines (3, 1 | 1, 2); return-to-go (1, 0 | 3, 3 | 2 | 2, 1)."""
+    rewards = torch.tensor([[1.0, 0.0], [0.0, 3.0], [2.0, NAN], [1.0, 1.0]])
+    mask = ~torch.isnan(rewards)
+    advantages, returns = get_advantage("rloo")(
+        token_rewards=rewards,
+        values=None,
+        mask=mask,
+        gamma=1.0,
+        lam=1.0,
+        group_size=2,
+        scores=torch.tensor([1.0, 3.0, 2.0, 1.0]),
+        form="openrlhf",
+    )
     assert returns.tolist() == [[1.0, 0.0], [3.0, 3.0], [2.0, 0.0], [2.0, 1.0]]
-    assert advantages.tolist() == [[-2.0, -3.0], [2.0, 2.0], [0.0, 0.0], [0.0, -1.0]]
+    assert advantages.tolist() == [[-2.0, -3.0], [2.0, 2.0], [1.0, 0.0], [0.0, -1.0]]
+    with pytest.raises(ValueError, match="openrlhf form baselines the sequence scores"):
+        get_advantage("rloo")(
+            token_rewards=rewards, values=None, mask=mask, gamma=1.0, lam=1.0, group_size=2, form="openrlhf"
+        )
 
 
 # Two groups of three: sequence rewards (1, 2, 3 | 2, 2, 2), rows of 2, 1, 2 | 1, 1, 2 real tokens.
@@ -301,17 +384,17 @@ def test_reinforce_group_baseline_subtracts_the_groups_mean_reward_from_the_retu
     assert advantages.tolist() == [[-1.0, -1.0], [0.0, 0.0], [1.0, -2.0], [0.0, 0.0], [0.0, 0.0], [0.0, -1.0]]
 
 
-def test_rloo_first_token_advantages_average_to_zero_in_each_group():
-    """With discounting, a sample's sequence reward is its return from its first real token."""
-    lengths = [4, 2, 3, 1, 4, 4]
-    mask = layout_mask(lengths, 4, "interior", seed=9)
-    rewards = spread(torch.randn(6, 4), mask)
-    advantages, _ = get_advantage("rloo")(
-        token_rewards=rewards, values=None, mask=mask, gamma=0.9, lam=1.0, group_size=3
-    )
-    first_token = [compact(advantages, mask)[row][0].item() for row in range(6)]
-    assert sum(first_token[:3]) == pytest.approx(0.0, abs=1e-6)
-    assert sum(first_token[3:]) == pytest.approx(0.0, abs=1e-6)
+@pytest.mark.parametrize("name", ["rloo", "grpo"])
+def test_group_estimators_refuse_a_discount_that_would_make_outcome_rewards_depend_on_length(name):
+    with pytest.raises(ValueError, match=f"{name} compares whole responses' rewards.*set ppo.gamma: 1.0"):
+        get_advantage(name)(
+            token_rewards=GROUP_REWARDS, values=None, mask=GROUP_MASK, gamma=0.9, lam=1.0, group_size=3
+        )
+
+
+def test_group_estimators_declare_their_advantages_normalised():
+    normalized = {name for name in ADVANTAGE_ESTIMATORS if advantages_are_normalized(get_advantage(name))}
+    assert normalized == {"grpo", "rloo"}
 
 
 # Keyword arguments each registered estimator needs besides the common ones; a new estimator must add
@@ -327,7 +410,7 @@ EXTRA_KEYWORDS = {
 CASE_LENGTHS = [5, 1, 3, 0, 6, 2]
 
 
-def _call(name, rewards, values, mask, gamma=1.0, lam=0.95):
+def _call(name, rewards, values, mask, gamma=1.0, lam=0.95, **options):
     return get_advantage(name)(
         token_rewards=rewards,
         values=None if name in CRITIC_FREE else values,
@@ -335,6 +418,7 @@ def _call(name, rewards, values, mask, gamma=1.0, lam=0.95):
         gamma=gamma,
         lam=lam,
         **EXTRA_KEYWORDS[name],
+        **options,
     )
 
 
@@ -352,6 +436,26 @@ def test_every_estimator_gives_the_same_numbers_in_every_layout(name):
         assert torch.isfinite(advantages).all() and torch.isfinite(returns).all()  # NaN padding did not leak
         assert (advantages[~mask] == 0).all() and (returns[~mask] == 0).all()
         outputs[layout] = (compact(advantages, mask), compact(returns, mask))
+    for layout in ("left", "interior"):
+        for got, expected in zip(outputs[layout], outputs["right"]):
+            for got_row, expected_row in zip(got, expected):
+                torch.testing.assert_close(got_row, expected_row)
+
+
+@pytest.mark.parametrize(
+    "name, options",
+    [
+        ("gae", {"value_lam": 1.0, "length_adaptive_alpha": 0.5}),
+        ("gvm", {"whiten_values": True, "value_lam": 0.5, "length_adaptive_alpha": 0.3}),
+    ],
+)
+def test_the_lambda_and_whitening_options_give_the_same_numbers_in_every_layout(name, options):
+    rewards, values = torch.randn(6, 6), torch.randn(6, 6)
+    outputs = {}
+    for layout in ("right", "left", "interior"):
+        mask = layout_mask(CASE_LENGTHS, 6, layout, seed=11)
+        got = _call(name, spread(rewards, mask), spread(values, mask), mask, **options)
+        outputs[layout] = [compact(tensor, mask) for tensor in got]
     for layout in ("left", "interior"):
         for got, expected in zip(outputs[layout], outputs["right"]):
             for got_row, expected_row in zip(got, expected):

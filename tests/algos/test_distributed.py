@@ -1,4 +1,5 @@
-"""Two real CPU ranks (gloo): whitening and loss normalisers see every rank's real tokens."""
+"""Two real CPU ranks (gloo): whitening (of advantages, and of the GVM's values) and loss normalisers see every
+rank's real tokens."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dvpo_lightning.algos import aggregate_loss, loss_normalizers, masked_whiten
+from dvpo_lightning.algos import aggregate_loss, get_advantage, loss_normalizers, masked_whiten
 from tests.algos.test_layouts import layout_mask, spread
 
 WORLD_SIZE = 2
@@ -20,12 +21,28 @@ def _batch():
     return spread(torch.randn(5, 4, generator=torch.Generator().manual_seed(0)), mask), mask
 
 
+FINAL_VALUES = torch.arange(1.0, 6.0)  # [5], the GVM's complete-response values of the batch
+
+
+def _whitened_gvm_advantages(values, mask, final_values):
+    return get_advantage("gvm")(
+        token_rewards=torch.zeros_like(values),
+        values=values,
+        mask=mask,
+        gamma=1.0,
+        lam=0.95,
+        final_values=final_values,
+        whiten_values=True,
+    )[0]
+
+
 def _rank_main(rank, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE)
     try:
         x, mask = _batch()
         rows = RANK_ROWS[rank]
         whitened = masked_whiten(x[rows], mask[rows], distributed=True)
+        gvm_advantages = _whitened_gvm_advantages(x[rows], mask[rows], FINAL_VALUES[rows])
         normalizers = loss_normalizers(mask[rows], distributed=True)
         params = torch.where(mask, x, 0).requires_grad_(True)
         loss = aggregate_loss(params[rows] ** 2, mask[rows], "token-mean", normalizers)
@@ -34,6 +51,7 @@ def _rank_main(rank, init_file, out_dir):
         torch.save(
             {
                 "whitened": whitened,
+                "gvm_advantages": gvm_advantages,
                 "counts": (
                     normalizers.num_tokens.item(),
                     normalizers.num_sequences.item(),
@@ -55,8 +73,10 @@ def test_whitening_and_loss_normalizers_across_two_ranks(tmp_path):
     x, mask = _batch()
 
     whole_batch = masked_whiten(x, mask)
+    gvm_whole_batch = _whitened_gvm_advantages(x, mask, FINAL_VALUES)
     for rank, rows in enumerate(RANK_ROWS):
         torch.testing.assert_close(results[rank]["whitened"], whole_batch[rows])
+        torch.testing.assert_close(results[rank]["gvm_advantages"], gvm_whole_batch[rows])
         assert results[rank]["counts"] == (14.0, 5.0, 2)
 
     params = torch.where(mask, x, 0).requires_grad_(True)

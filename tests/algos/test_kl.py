@@ -12,9 +12,12 @@ from dvpo_lightning.algos import (
     AdaptiveKLController,
     FixedKLController,
     build_kl_controller,
+    check_kl_loss_estimator,
+    kl_loss,
     kl_penalty,
     sequence_kl,
 )
+from dvpo_lightning.rl import PPOConfig
 
 # log_ratio = logprobs - ref_logprobs = (1, -1)
 LOGPROBS = torch.tensor([[-1.0, -2.0]])
@@ -114,3 +117,68 @@ def test_sequence_kl_sums_the_estimate_over_each_responses_real_tokens():
     mask = torch.tensor([[True, True], [True, False]])
     assert sequence_kl(logprobs, ref_logprobs, mask, "k1").tolist() == [0.0, 1.0]
     assert sequence_kl(logprobs, ref_logprobs, mask, "abs").tolist() == [2.0, 1.0]
+
+
+def exact_gradient_of_the_loss_term(kind: str, logits: torch.Tensor, ref_probs: torch.Tensor) -> torch.Tensor:
+    """E_{y ~ pi}[grad kl(y)] over a 5-way softmax pi, exactly: every token weighted by its (constant) probability,
+    as the loss term on sampled tokens is on average."""
+    logits = logits.clone().requires_grad_(True)
+    logprobs = torch.log_softmax(logits, dim=-1)
+    estimate = kl_penalty(logprobs[None], ref_probs.log()[None], kind)[0]
+    (logprobs.exp().detach() * estimate).sum().backward()
+    return logits.grad
+
+
+def kl_gradient(logits: torch.Tensor, divergence) -> torch.Tensor:
+    logits = logits.clone().requires_grad_(True)
+    divergence(torch.softmax(logits, dim=-1)).backward()
+    return logits.grad
+
+
+LOGITS = torch.tensor([0.3, -1.2, 0.8, 0.0, -0.4], dtype=torch.float64)
+REF_PROBS = torch.softmax(torch.tensor([-0.5, 0.4, 0.1, 0.9, -1.0], dtype=torch.float64), dim=-1)
+
+
+def test_as_a_loss_term_k1_regularises_nothing_k2_and_k3_give_the_two_kl_gradients():
+    zero = exact_gradient_of_the_loss_term("k1", LOGITS, REF_PROBS)
+    assert torch.allclose(zero, torch.zeros(5, dtype=torch.float64), atol=1e-15)
+    forward_kl = kl_gradient(LOGITS, lambda pi: (pi * (pi.log() - REF_PROBS.log())).sum())  # KL(pi || ref)
+    reverse_kl = kl_gradient(
+        LOGITS, lambda pi: (REF_PROBS * (REF_PROBS.log() - pi.log())).sum()
+    )  # KL(ref || pi)
+    assert torch.allclose(exact_gradient_of_the_loss_term("k2", LOGITS, REF_PROBS), forward_kl)
+    assert torch.allclose(exact_gradient_of_the_loss_term("k3", LOGITS, REF_PROBS), reverse_kl)
+    assert not torch.allclose(forward_kl, torch.zeros(5, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("kind", ["k1", "abs"])
+def test_kl_in_the_loss_refuses_an_estimator_that_regularises_nothing(kind):
+    with pytest.raises(ValueError, match=f"the {kind} estimate as a loss term .* use k3 .* or k2"):
+        check_kl_loss_estimator(kind)
+    with pytest.raises(ValueError, match=f"ppo.kl_estimator={kind} with ppo.kl_placement=loss: .*use k3"):
+        PPOConfig(kl_placement="loss", kl_estimator=kind)
+    with pytest.raises(ValueError, match="use k3"):
+        kl_loss(LOGPROBS, REF_LOGPROBS, torch.ones(1, 2, dtype=torch.bool), kl_coef=0.1, estimator=kind)
+    PPOConfig(kl_placement="reward", kl_estimator=kind)  # in the reward each is an estimate of the KL
+
+
+def test_k3_overflows_without_a_clamp_and_is_finite_with_one():
+    log_ratio = torch.tensor([[-95.0, -5.0, -2.0, 0.5]], requires_grad=True)
+    assert torch.isinf(kl_penalty(log_ratio, torch.zeros(1, 4), "k3")[0, 0])
+    clamped = kl_penalty(log_ratio, torch.zeros(1, 4), "k3", clamp=10.0)
+    clamped.sum().backward()
+    # k3(-5) = e^5 - 6 = 142 and k3(-95) are clamped to 10 with zero gradient; the others are untouched
+    assert clamped[0].tolist() == pytest.approx([10.0, 10.0, math.exp(2) - 3, math.exp(-0.5) - 0.5])
+    assert log_ratio.grad[0].tolist() == pytest.approx([0.0, 0.0, 1 - math.exp(2), 1 - math.exp(-0.5)])
+
+
+@pytest.mark.parametrize("kind, expected", [("k1", [-3.0, 2.0]), ("k2", [3.0, 2.0]), ("abs", [3.0, 2.0])])
+def test_the_clamp_bounds_every_estimator(kind, expected):
+    assert (
+        kl_penalty(torch.tensor([[-12.0, 2.0]]), torch.zeros(1, 2), kind, clamp=3.0)[0].tolist() == expected
+    )
+
+
+def test_a_clamp_must_be_positive():
+    with pytest.raises(ValueError, match="ppo.kl_clamp: a KL clamp must be > 0"):
+        PPOConfig(kl_clamp=0.0)

@@ -140,10 +140,33 @@ def test_gvm_ranking_term_by_hand():
     torch.testing.assert_close(final.grad, torch.tensor([-first, -second, first, second]))
 
 
-def test_gvm_loss_refuses_a_negative_ranking_weight():
+def test_gvm_consistency_terms_by_hand_with_interior_padding():
+    """States V = (1, 2, 4) with a NaN padded slot inside, targets 0: TD loss 0.5 * (1 + 4 + 16) / 3 = 3.5.
+    Every prefix towards V_last = 4: 0.5 * (9 + 4 + 0) / 3 = 13/6. Each towards the next: 0.5 * (1 + 4 + 0) / 3 = 5/6.
+    The targets carry no gradient: d/dV = V/3 + (V - 4)/3 + 2 * (V - V_next)/3 = (-4/3, -4/3, 4/3)."""
+    values = torch.tensor([[1.0, NAN, 2.0, 4.0]], requires_grad=True)
+    mask = torch.tensor([[True, False, True, True]])
+    loss, stats = gvm_loss(
+        values,
+        torch.zeros(1, 4),
+        mask,
+        torch.zeros(1),
+        final_consistency_weight=1.0,
+        td_consistency_weight=2.0,
+    )
+    assert stats["td_loss"].item() == pytest.approx(3.5)
+    assert stats["final_consistency_loss"].item() == pytest.approx(13 / 6)
+    assert stats["td_consistency_loss"].item() == pytest.approx(5 / 6)
+    assert loss.item() == pytest.approx(3.5 + 13 / 6 + 2 * 5 / 6)
+    loss.backward()
+    torch.testing.assert_close(values.grad, torch.tensor([[-4 / 3, 0.0, -4 / 3, 4 / 3]]))
+
+
+@pytest.mark.parametrize("weight", ["ranking_weight", "final_consistency_weight", "td_consistency_weight"])
+def test_gvm_loss_refuses_a_negative_weight(weight):
     values, _, returns, mask = _value_case()
-    with pytest.raises(ValueError, match="ranking_weight must be >= 0"):
-        gvm_loss(values, returns, mask, torch.zeros(2), ranking_weight=-1.0)
+    with pytest.raises(ValueError, match=f"{weight} must be >= 0"):
+        gvm_loss(values, returns, mask, torch.zeros(2), **{weight: -1.0})
 
 
 def test_dpo_sigmoid_ipo_and_label_smoothing_by_hand():

@@ -201,6 +201,14 @@ def test_bad_objectives_fail_when_built_naming_the_option(arguments, message):
         PreferenceObjective(**arguments)
 
 
+def test_an_option_at_its_neutral_value_is_accepted_by_losses_that_do_not_read_it():
+    # label_smoothing 0 flips no label: it changes no loss, so IPO (which has no such option) accepts it
+    objective = PreferenceObjective("ipo", beta=BETA, label_smoothing=0.0)
+    assert objective(**PAIRS).losses.tolist() == pytest.approx([1.0, 4.0])
+    with pytest.raises(ValueError, match="label_smoothing=0.05 is read by none of loss_type"):
+        PreferenceObjective("ipo", beta=BETA, label_smoothing=0.05)
+
+
 def test_missing_inputs_are_named():
     objective = PreferenceObjective("simpo")
     with pytest.raises(ValueError, match="the simpo loss needs chosen_lengths, rejected_lengths"):
@@ -209,3 +217,48 @@ def test_missing_inputs_are_named():
         objective(
             torch.zeros(2), torch.zeros(3), chosen_lengths=torch.ones(2), rejected_lengths=torch.ones(2)
         )
+
+
+def orpo_gradient_by_hand(chosen: float, rejected: float, beta: float) -> tuple[float, float]:
+    """d/dc and d/dr of ORPO on one pair of one-token responses (c, r the log-probs): the NLL's -1, plus beta
+    times the odds-ratio term's `-odds(r) / (p_c + odds(r) (1 - p_c))` and `odds(r) (1 - p_c) / ((p_c + odds(r)
+    (1 - p_c)) (1 - p_r))`, which are finite at c = 0, where log odds(c) is infinite."""
+    p_c, p_r = math.exp(chosen), math.exp(rejected)
+    odds_r = p_r / (1 - p_r)
+    denominator = p_c + odds_r * (1 - p_c)
+    return -1 - beta * odds_r / denominator, beta * odds_r * (1 - p_c) / (denominator * (1 - p_r))
+
+
+@pytest.mark.parametrize("chosen", [0.0, -1e-9, -1e-8, -1e-6, -0.3, -0.69, -0.7, -2.0, -60.0])
+def test_orpo_is_finite_with_its_exact_gradient_up_to_a_chosen_probability_of_one(chosen):
+    beta, rejected = 0.5, -0.4
+    chosen_logps = torch.tensor([chosen], requires_grad=True)
+    rejected_logps = torch.tensor([rejected], requires_grad=True)
+    ones = torch.ones(1)
+    loss = PreferenceObjective("orpo", beta=beta)(
+        chosen_logps, rejected_logps, chosen_lengths=ones, rejected_lengths=ones
+    ).losses.sum()
+    loss.backward()
+    odds_ratio_term = sp(-(log_odds(chosen) - log_odds(rejected))) if chosen < 0 else 0.0
+    assert loss.item() == pytest.approx(-chosen + beta * odds_ratio_term, rel=1e-5, abs=1e-6)
+    expected = orpo_gradient_by_hand(chosen, rejected, beta)
+    assert [chosen_logps.grad.item(), rejected_logps.grad.item()] == pytest.approx(
+        expected, rel=1e-4, abs=1e-6
+    )
+
+
+@pytest.mark.parametrize("rho", [-100.0, -89.0, -20.0, 0.5, 100.0])
+def test_discopop_is_finite_with_its_exact_gradient_at_extreme_margins(rho):
+    tau = 0.05
+    chosen = torch.tensor([rho], requires_grad=True)  # beta = 1, rejected log-ratio 0: rho = c
+    loss = PreferenceObjective("discopop", beta=1.0, discopop_tau=tau)(
+        chosen, torch.zeros(1), ref_chosen_logps=torch.zeros(1), ref_rejected_logps=torch.zeros(1)
+    ).losses.sum()
+    loss.backward()
+    x = torch.tensor(rho, dtype=torch.float64, requires_grad=True)  # the paper's form, exact in float64 here
+    blend = torch.sigmoid(x / tau)
+    exact = (1 - blend) * torch.nn.functional.softplus(-x) + blend * torch.exp(-x)
+    exact.backward()
+    assert math.isfinite(loss.item()) and math.isfinite(chosen.grad.item())
+    assert loss.item() == pytest.approx(exact.item(), rel=1e-5)
+    assert chosen.grad.item() == pytest.approx(x.grad.item(), rel=1e-4, abs=1e-6)

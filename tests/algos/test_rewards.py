@@ -10,6 +10,7 @@ from dvpo_lightning.algos import (
     clamp_scores,
     dpo_token_reward,
     kl_reward,
+    overlong_penalty,
     penalize_unfinished,
     rs_ppo_shaping,
 )
@@ -106,3 +107,13 @@ def test_rs_ppo_total_is_score_plus_kl_part():
 def test_assembly_checks_shapes():
     with pytest.raises(ValueError, match=r"reward term 1 has shape \(2, 3\)"):
         assemble_token_rewards(MASK, KL, KL[:, :3])
+
+
+def test_overlong_penalty_falls_linearly_over_the_buffer_before_the_maximum_length():
+    """DAPO: L_max = 20, L_cache = 4: free up to 16 tokens, -1/4 per token after, -factor at 20 and beyond."""
+    lengths = torch.tensor([3, 16, 17, 19, 20, 25])
+    assert overlong_penalty(lengths, 20, 4).tolist() == [0.0, 0.0, -0.25, -0.75, -1.0, -1.0]
+    assert overlong_penalty(lengths, 20, 4, factor=0.5).tolist() == [0.0, 0.0, -0.125, -0.375, -0.5, -0.5]
+    for buffer, factor in ((0, 1.0), (21, 1.0), (4, -1.0)):
+        with pytest.raises(ValueError, match="0 < buffer <= max_length and factor >= 0"):
+            overlong_penalty(lengths, 20, buffer, factor)

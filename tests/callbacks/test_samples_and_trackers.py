@@ -130,3 +130,29 @@ def test_a_run_logs_to_a_local_mlflow_file_store(tmp_path, cache, monkeypatch):
     artifacts = [item.path for item in client.list_artifacts(run.info.run_id, "val_samples")]
     assert artifacts == ["val_samples/step_00000002.md", "val_samples/step_00000004.md"]
     assert (tmp_path / "run" / "model" / "dvpo_export.json").is_file()
+
+
+@pytest.mark.parametrize("tracker", ["wandb", "mlflow"])
+def test_runs_logging_to_one_tracker_store_keep_their_reports_apart(tmp_path, cache, monkeypatch, tracker):
+    pytest.importorskip(tracker, reason="the trackers extra is not installed")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    store = (
+        f"--trainer.logger.init_args.save_dir={tmp_path / 'wb'}"
+        if tracker == "wandb"
+        else f"--trainer.logger.init_args.tracking_uri=file:{tmp_path / 'mlruns'}"
+    )
+    reports = ("config.yaml", "samples.jsonl", "peak_memory.json", "throughput.json")
+    for run in ("first", "second"):
+        run_sft_with(
+            tmp_path, cache, monkeypatch, f"{tracker}.yaml", store, f"--trainer.default_root_dir={run}"
+        )
+        if tracker == "wandb":
+            import wandb
+
+            wandb.finish()
+    found = {report: sorted(tmp_path.rglob(report)) for report in reports}
+    assert all(len(paths) == 2 for paths in found.values()), found
+    folders = {paths[0].parent for paths in found.values()} | {paths[1].parent for paths in found.values()}
+    assert len(folders) == 2  # one folder per run, holding all four
+    configs = [path.read_text() for path in found["config.yaml"]]
+    assert {"first" in text and "second" not in text for text in configs} == {True, False}

@@ -70,6 +70,61 @@ def test_a_bad_argument_value_is_one_line_naming_the_option(capsys, run_dir):
     assert message.startswith("dvpo: error: --model.optim.betas: Expected a <class 'tuple'>. Got value: abc")
 
 
+DPO, DVPO = (str(REPO / "configs" / f"{name}.yaml") for name in ("dpo", "dvpo"))
+
+
+@pytest.mark.parametrize(
+    "config, args, expected",
+    [
+        (
+            DPO,
+            ["--model.init_args.betaa", "0.2"],
+            "--model.init_args.betaa: DPOModule has no option 'betaa'; did you mean 'beta'?",
+        ),
+        (
+            DVPO,
+            ["--model.init_args.ppo.kl_estimatr", "k3"],
+            "--model.init_args.ppo.kl_estimatr: PPOConfig has no "
+            "option 'kl_estimatr'; did you mean 'kl_estimator'",
+        ),
+        (
+            DPO,
+            ["--model.init_args.ppo.kl_estimator", "k3"],
+            "--model.init_args.ppo.kl_estimator: DPOModule has no option 'ppo'; valid: ",
+        ),
+        (
+            DPO,
+            ["--model.class_path", "dvpo_lightning.modules.DPOModul"],
+            "--model.class_path: no 'DPOModul' in "
+            "dvpo_lightning.modules; did you mean 'DPOModule' or 'DVPOModule'?",
+        ),
+        (
+            DPO,
+            ["--model.class_path", "DPOModul"],
+            "--model.class_path: no 'DPOModul' in dvpo_lightning.modules; "
+            "did you mean 'DPOModule' or 'DVPOModule'?",
+        ),
+        (
+            DPO,
+            ["--data.init_args.max_lenght", "3"],
+            "--data.init_args.max_lenght: RLHFDataModule has no option "
+            "'max_lenght'; did you mean 'max_prompt_length' or 'max_response_length'?",
+        ),
+    ],
+)
+def test_a_misspelt_option_or_class_names_the_class_and_the_closest_valid_name(
+    capsys, run_dir, config, args, expected
+):
+    message = error_of(capsys, "fit", "--config", config, *args, run_dir)
+    assert message.startswith(f"dvpo: error: {expected}"), message
+
+
+def test_a_misspelt_key_in_a_config_files_data_section_is_named(capsys, run_dir, tmp_path):
+    (tmp_path / "mine.yaml").write_text("data:\n  init_args:\n    max_length: 10\n")
+    message = error_of(capsys, "fit", "--config", SFT, "--config", str(tmp_path / "mine.yaml"), run_dir)
+    assert "--data.init_args.max_length: RLHFDataModule has no option 'max_length'; did you mean " in message
+
+
 def test_an_empty_data_file_is_named(capsys, run_dir, tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
     message = error_of(
@@ -170,7 +225,7 @@ def test_top_level_help_and_a_mistyped_subcommand_answer_without_importing_torch
     result = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=60
     )
-    assert "{fit,validate,test,predict,generate}" in result.stdout
+    assert "{fit,validate,test,predict,generate,models}" in result.stdout
     assert "exit 0" in result.stdout and "exit 2" in result.stdout
     assert "invalid choice: 'fitt'" in result.stderr
     assert "heavy: []" in result.stdout

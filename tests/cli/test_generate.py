@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import copy
 import json
+import re
+import shlex
+from pathlib import Path
 
 import pytest
 
 from dvpo_lightning.cli import main
 from dvpo_lightning.models import ModelSpec, build_policy, export_model
 from tests.helpers.stages import TINY_GPT2, tiny
+from tests.helpers.tiny import TINY_ARCH
+
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 TEMPLATE = "{% for m in messages %}<{{ m.role }}> {{ m.content }} {% endfor %}{% if add_generation_prompt %}<bot>{% endif %}"
 
@@ -126,3 +132,29 @@ def test_no_prompts_and_a_missing_prompt_file_are_one_line_errors(policy_dir, tm
     err = capsys.readouterr().err
     assert "dvpo: error: no prompts: pass --prompt TEXT or --prompts-file FILE" in err
     assert f"dvpo: error: --prompts-file {tmp_path / 'missing.txt'} does not exist" in err
+
+
+def test_the_readmes_generate_command_runs_on_a_policy_with_the_built_in_models_context(
+    tokenizer, tmp_path, monkeypatch, capsys
+):
+    command = re.search(r"`(dvpo generate outputs/builtin/dvpo/model [^`]*)`", README.read_text()).group(1)
+    builtin_context = {**TINY_ARCH, "max_position_embeddings": 64}  # configs/sft.yaml's
+    monkeypatch.chdir(tmp_path)
+    export_model(
+        build_policy(ModelSpec(arch=builtin_context), tokenizer), tokenizer, "outputs/builtin/dvpo/model"
+    )
+    main(shlex.split(command)[1:])
+    printed = capsys.readouterr().out
+    assert printed.startswith("### prompt: tell me about : horse forest . answer :\n--- sample 1: "), printed
+
+
+def test_a_conversation_without_a_chat_template_is_rendered_as_training_renders_it(
+    policy_dir, tmp_path, capsys
+):
+    conversation = tmp_path / "prompts.jsonl"
+    conversation.write_text(json.dumps({"messages": [{"role": "user", "content": "apple"}]}) + "\n")
+    answers, _ = generate(
+        capsys, policy_dir, "--prompts-file", str(conversation), "--max-new-tokens", "3",
+        "--output", str(tmp_path / "a.jsonl"),
+    )  # fmt: skip
+    assert answers[0]["prompt"] == "\n\nHuman: apple\n\nAssistant:"  # ChatRenderer's default, as in training

@@ -17,6 +17,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from dvpo_lightning.callbacks import ProgressLines, RunLength, TotalsRichProgressBar
+from tests.helpers.onpolicy import build_onpolicy, export_frozen_models
+from tests.helpers.stages import quick_trainer, topics_data
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -151,6 +153,29 @@ def test_progress_lines_of_an_on_policy_module_count_iterations_against_steps_pe
         for line in training
     ]
     assert steps == [("4/12", "1/3", "1/1"), ("8/12", "2/3", "1/1"), ("12/12", "3/3", "1/1")]
+
+
+def test_progress_lines_of_a_real_on_policy_stage_have_the_readmes_shape(tmp_path, capsys, cache, tokenizer):
+    # The README's `step 4/800 (0%) | iteration 1/200 | epoch 1/1 | rollout/reward 0.412 | 2.1 s/it | elapsed
+    # 0:00:02 | ETA 0:06:58`, at 2 optimiser steps per rollout.
+    module = build_onpolicy("dvpo_gvm", tokenizer, export_frozen_models(tmp_path, tokenizer))
+    trainer = quick_trainer(
+        tmp_path, max_steps=4, callbacks=[ProgressLines(every_n_iterations=1)], enable_progress_bar=True
+    )
+    trainer.fit(module, datamodule=topics_data(cache))
+    lines = capsys.readouterr().out.splitlines()
+    assert any(
+        "training DVPOModule: 2 iterations of 2 optimiser step(s), 4 steps, 1 epoch(s)" in line
+        for line in lines
+    )
+    training = [line for line in lines if "| iteration" in line]
+    assert len(training) == 2, lines
+    for line, (step, iteration) in zip(training, [("2/4 (50%)", "1/2"), ("4/4 (100%)", "2/2")], strict=True):
+        assert re.search(
+            rf"\] step {re.escape(step)} \| iteration {iteration} \| epoch 1/1 \| rollout/reward [-\d.e]+ \| (rollout/gold_reward [-\d.e]+ \| )?"
+            r"[\d.e+]+ (it/s|s/it) \| elapsed \d:\d\d:\d\d \| ETA \d:\d\d:\d\d$",
+            line,
+        ), line
 
 
 class RecordBar(pl.Callback):

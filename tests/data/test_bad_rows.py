@@ -89,7 +89,9 @@ def test_strict_also_catches_a_prompt_too_long(tmp_path, word_tokenizer):
 def test_all_bad_rows_is_an_error_with_the_counts(tmp_path, word_tokenizer):
     path = write_jsonl(tmp_path / "rows.jsonl", [{**GOOD, "chosen": ""}, {**GOOD, "rejected": 3}])
     with pytest.raises(
-        BadRowError, match=r"no usable rows after filtering \(skipped: empty_response 1, wrong_type 1\)"
+        BadRowError,
+        match=r"no usable rows after filtering \(skipped: empty_response 1 \(e.g.: the chosen is empty\), "
+        r"wrong_type 1 \(e.g.: 'rejected' must be a string, got int\)\)",
     ):
         module_for(path, tmp_path, word_tokenizer).setup()
 

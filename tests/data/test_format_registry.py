@@ -18,7 +18,7 @@ from dvpo_lightning.data.formats import (
 )
 from tests.helpers.data import make_module, texts_by_row, write_jsonl
 
-BUILT_IN = ("messages", "pairs", "hh", "sft", "prompts")
+BUILT_IN = ("messages", "pairs", "hh", "kto", "sft", "prompt_completion", "prompts", "hh_chat")
 
 
 @pytest.fixture
@@ -90,7 +90,7 @@ def test_detection_asks_the_formats_in_their_order(registry_restored):
         def parse(self, record, renderer):
             return {key: text(record, key) for key in ("prompt", "chosen", "rejected")}
 
-    assert format_names() == ("messages", "early", "pairs", "hh", "sft", "prompts")
+    assert format_names() == ("messages", "early", *BUILT_IN[1:])
     assert detect_format([{"prompt": "p", "chosen": "a", "rejected": "b"}], "x") == "early"
     message = [{"role": "assistant", "content": "hi"}]
     assert detect_format([{"prompt": "p", "chosen": message, "rejected": message}], "x") == "messages"
@@ -119,13 +119,13 @@ def test_registration_refuses_ambiguity_and_mistakes(registry_restored, tmp_path
 
     register_format(format_class("mine", None, detect=False))
     replacement = register_format(replace=True)(format_class("mine", 61))
-    assert isinstance(get_format("mine"), replacement) and format_names()[-1] == "mine"
+    assert isinstance(get_format("mine"), replacement)
+    # Now detected (order 61): after the other detected formats, before `hh_chat`, which is only used by name.
+    assert format_names() == (*BUILT_IN[:-1], "mine", "hh_chat")
     unregister_format("mine")
-    with pytest.raises(
-        ValueError, match="unknown data format 'mine'; known: messages, pairs, hh, sft, prompts"
-    ):
+    with pytest.raises(ValueError, match=f"unknown data format 'mine'; known: {', '.join(BUILT_IN)}"):
         get_format("mine")
-    with pytest.raises(ValueError, match="format must be one of messages, pairs, hh, sft, prompts"):
+    with pytest.raises(ValueError, match=f"format must be one of {', '.join(BUILT_IN)}"):
         make_module("builtin:topics", tmp_path, format="mine")
 
 

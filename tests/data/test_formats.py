@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import gzip
 import json
 
@@ -135,6 +136,47 @@ def test_prompt_strings_and_message_lists(hh, tmp_path, tokenizer_dir):
         assert index == 40 or prompt == rows[index]["prompt"]
 
 
+def test_trls_prompt_completion_rows_are_sft_data_as_strings_and_as_message_lists(tmp_path, tokenizer_dir):
+    strings = [{"prompt": f"question {i}?", "completion": f" answer {i}."} for i in range(6)]
+    chats = [
+        {
+            "prompt": [{"role": "user", "content": f"question {i}?"}],
+            "completion": [{"role": "assistant", "content": f"answer {i}."}],
+        }
+        for i in range(6)
+    ]
+    for name, rows, expected in (
+        ("strings.jsonl", strings, lambda i: (f"question {i}?", f" answer {i}.")),
+        ("chats.jsonl", chats, lambda i: (f"\n\nHuman: question {i}?{ASSISTANT}", f" answer {i}.")),
+    ):
+        assert detect_format(rows, name) == "prompt_completion"
+        module = load(write_jsonl(tmp_path / name, rows), tmp_path, tokenizer_dir, mode="sft", val_size=1)
+        assert texts_by_row(module) == {i: expected(i) for i in range(6)}
+
+
+def test_columns_no_format_reads_are_named_with_those_that_were_used(tmp_path, tokenizer_dir):
+    rows = [{"prompt": f"question {i}?", "completion": "yes", "source": "forum"} for i in range(6)]
+    with pytest.warns(UserWarning, match=r"read as 'prompt_completion' data from its columns \['completion', "
+                      r"'prompt'\]; no format reads all of them, so \['source'\] are ignored"):  # fmt: skip
+        load(write_jsonl(tmp_path / "unpaired.jsonl", rows), tmp_path, tokenizer_dir, mode="sft", val_size=1)
+
+
+def test_pairs_without_rejected_responses_say_so(tmp_path, tokenizer_dir):
+    rows = [{"prompt": f"question {i}?", "chosen": "yes"} for i in range(6)]
+    with (
+        pytest.warns(UserWarning, match=r"\['chosen'\] are ignored"),
+        pytest.raises(
+            ValueError,
+            match=r"'prompts' data \(its columns: \['chosen', 'prompt'\]\); no row has a 'rejected' response",
+        ),
+    ):
+        load(write_jsonl(tmp_path / "no_rejected.jsonl", rows), tmp_path, tokenizer_dir, val_size=1)
+    nulls = [{**row, "rejected": None} for row in rows]
+    with pytest.raises(ValueError, match=r"no usable rows after filtering \(skipped: missing_field 6 \(every row: "
+                       r"no 'rejected'\)\)"):  # fmt: skip
+        load(write_jsonl(tmp_path / "null_rejected.jsonl", nulls), tmp_path, tokenizer_dir, val_size=1)
+
+
 @pytest.mark.parametrize("kind", ["json", "parquet", "dataset_dir", "dataset_dict_dir", "jsonl_gz"])
 def test_other_file_types_give_the_same_rows(kind, hh, tmp_path, tokenizer_dir):
     rows = [dict(zip(("prompt", "chosen", "rejected"), expected_hh(row))) for row in hh[:60]]
@@ -187,6 +229,7 @@ def test_detect_format_from_columns():
     assert detect_format([{"prompt": "p", "chosen": message, "rejected": message}], "x") == "messages"
     assert detect_format([{"prompt": "p", "response": "r"}], "x") == "sft"
     assert detect_format([{"messages": message}], "x") == "sft"
+    assert detect_format([{"prompt": "p", "completion": "c"}], "x") == "prompt_completion"
     assert detect_format([{"prompt": "p"}], "x") == "prompts"
     with pytest.raises(ValueError, match=r"cannot tell the format of x from its columns \['question'\]"):
         detect_format([{"question": "q"}], "x")
@@ -255,3 +298,25 @@ def test_template_with_no_prompt_messages_is_a_bad_row(tokenizer_dir):
         with pytest.raises(BadRow, match="no messages before the answer") as caught:
             parse_record(record, get_format(fmt), ChatRenderer(tokenizer), scores=False)
         assert caught.value.reason == "empty_prompt"
+
+
+def test_hh_chat_reads_hh_transcripts_as_conversations(hh_file, hh, tmp_path, tokenizer_dir, word_tokenizer):
+    # Without a chat template, the default template gives back the transcripts: the same texts as `hh`.
+    check_matches_hh(load(hh_file, tmp_path, tokenizer_dir, max_samples=ROWS, format="hh_chat"), hh)
+    # With one, each turn goes through it, and the answer loses the EOS text that closes its turn.
+    template = (
+        "{% for m in messages %}<{{ m.role }}>{{ m.content }}<eos>{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    chat_tokenizer = copy.copy(word_tokenizer)
+    chat_tokenizer.chat_template = template
+    renderer = ChatRenderer(chat_tokenizer)
+    record = {
+        "chosen": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: a cat?\n\nAssistant: a dog",
+        "rejected": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: a cat?\n\nAssistant: no",
+    }
+    assert get_format("hh_chat").parse(record, renderer) == {
+        "prompt": "<user>hi<eos><assistant>hello<eos><user>a cat?<eos><assistant>",
+        "chosen": "a dog",
+        "rejected": "no",
+    }

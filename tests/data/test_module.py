@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 from types import SimpleNamespace
 
 import datasets
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 from jsonargparse import ArgumentParser
@@ -13,7 +15,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 from dvpo_lightning.data import RLHFDataModule, get_task
-from dvpo_lightning.data.sources import SourceError
+from dvpo_lightning.data.sources import SourceError, content_of
+from dvpo_lightning.data.splits import split_rows
 from dvpo_lightning.data.tokenization import tokenize_batch
 from tests.helpers.data import make_module, write_jsonl
 
@@ -222,11 +225,81 @@ def test_validation_split_is_deterministic_from_the_seed(tmp_path, word_tokenize
         return list(module.train_dataset["row"]), list(module.val_dataset["row"])
 
     train, val = split(0, 0.1)
-    assert len(val) == 4 and sorted(train + val) == list(range(40))
+    assert sorted(train + val) == list(range(40))
     assert split(0, 0.1) == (train, val)
     assert split(1, 0.1)[1] != val
-    assert len(split(0, 7)[1]) == 7
     assert train == sorted(train)  # the source order is kept inside a split
+    # Whole prompts are held out (word_rows repeats them): at least the rows asked for, no prompt on both sides.
+    prompts = [row["prompt"] for row in word_rows(40)]
+    for val_size in (0.1, 7):
+        train, val = split(0, val_size)
+        assert len(val) >= (4 if val_size == 0.1 else 7)
+        assert not {prompts[row] for row in train} & {prompts[row] for row in val}
+
+
+@pytest.mark.parametrize("mode", ["prompts", "pairs"])
+def test_repeated_prompts_are_never_both_trained_on_and_validated_on(tmp_path, word_tokenizer_dir, mode):
+    # 30 rows of 10 prompts, each three times: a row split held out 11 rows of 9 prompts, 8 of them also trained on.
+    rows = [
+        {"prompt": f"{WORDS[i % 10]} .", "chosen": "the cat", "rejected": f"a {WORDS[i % 7]}"}
+        for i in range(30)
+    ]
+    module = make_module(
+        write_jsonl(tmp_path / "rows.jsonl", rows), tmp_path, tokenizer=word_tokenizer_dir, mode=mode,
+        val_size=0.2, batch_size=2,
+    )  # fmt: skip
+    module.setup()
+    train, val = (
+        {rows[row]["prompt"] for row in part["row"]} for part in (module.train_dataset, module.val_dataset)
+    )
+    assert len(val) == 2 and len(train) == 8 and not train & val
+
+
+def test_data_without_repeated_prompts_keeps_its_row_split():
+    rows = datasets.Dataset.from_dict({"prompt": [f"prompt {i}" for i in range(50)]})
+    order = np.random.default_rng(3).permutation(50)  # the split before prompts were grouped
+    train, val = split_rows(rows, 0.2, seed=3)
+    assert val["prompt"] == [f"prompt {i}" for i in sorted(order[:10])]
+    assert train["prompt"] == [f"prompt {i}" for i in sorted(order[10:])]
+
+
+def test_the_lineage_records_the_detected_format_and_each_local_files_path_and_hash(
+    tmp_path, word_tokenizer_dir, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "rows.jsonl", word_rows(20))
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"a {word}"} for word in WORDS])
+    module = make_module(
+        "rows.jsonl",
+        tmp_path,
+        tokenizer=word_tokenizer_dir,
+        mode="prompts",
+        prompt_dataset="prompts.jsonl",
+        val_size=2,
+    )
+    module.setup()
+    described = module.describe()
+    assert described["format"] is None  # `dataset` was not read: the prompts came from `prompt_dataset`
+    assert described["sources"] == {
+        "prompts.jsonl": {
+            "format": "prompts",
+            "path": str(prompts),
+            "sha256": hashlib.sha256(prompts.read_bytes()).hexdigest(),
+        }
+    }
+    pairs = make_module("rows.jsonl", tmp_path, tokenizer=word_tokenizer_dir, mode="pairs", val_size=2)
+    pairs.setup()
+    assert pairs.describe()["format"] == "pairs"
+    assert pairs.describe()["sources"]["rows.jsonl"]["path"] == str(tmp_path / "rows.jsonl")
+
+
+def test_a_saved_dataset_directory_is_hashed_over_its_files(tmp_path):
+    datasets.Dataset.from_list([{"prompt": "a"}]).save_to_disk(tmp_path / "saved")
+    first = content_of(str(tmp_path / "saved"))
+    assert first["path"] == str(tmp_path / "saved") and content_of(str(tmp_path / "saved")) == first
+    datasets.Dataset.from_list([{"prompt": "b"}]).save_to_disk(tmp_path / "saved")
+    assert content_of(str(tmp_path / "saved"))["sha256"] != first["sha256"]
+    assert content_of("builtin:topics") == {} and content_of("Anthropic/hh-rlhf") == {}
 
 
 def test_training_order_is_seeded_and_shuffled(tmp_path, word_tokenizer_dir):
@@ -242,6 +315,27 @@ def test_training_order_is_seeded_and_shuffled(tmp_path, word_tokenizer_dir):
     first = order(3)
     assert sorted(first) == list(range(40)) and first != list(range(40))
     assert order(3) == first
+
+
+@pytest.mark.parametrize("pinned", [None, 3])
+def test_the_split_and_order_follow_the_run_seed_unless_pinned(tmp_path, word_tokenizer_dir, pinned):
+    path = write_jsonl(tmp_path / "rows.jsonl", word_rows(40))
+
+    def split_and_order(run_seed):
+        pl.seed_everything(run_seed)  # what --seed_everything does
+        module = make_module(
+            path, tmp_path, tokenizer=word_tokenizer_dir, mode="pairs", seed=pinned, val_size=4
+        )
+        module.setup()
+        order = [index for batch in module.train_dataloader() for index in batch["index"].tolist()]
+        return module.seed, list(module.val_dataset["row"]), order
+
+    first, second = split_and_order(0), split_and_order(1)
+    if pinned is None:
+        assert (first[0], second[0]) == (0, 1)
+        assert first[1] != second[1] and first[2] != second[2]
+    else:
+        assert first == second and first[0] == pinned
 
 
 def test_prompts_mode_deduplicates_and_drops_the_last_partial_batch(tmp_path, word_tokenizer_dir):
@@ -293,7 +387,9 @@ def test_mode_comes_from_the_trainers_module(tmp_path):
 
 
 def test_mode_must_fit_the_data(tmp_path, word_tokenizer_dir):
-    path = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "the cat", "response": "runs"}] * 3)
+    path = write_jsonl(
+        tmp_path / "sft.jsonl", [{"prompt": f"the {word}", "response": "runs"} for word in WORDS]
+    )
     with pytest.raises(ValueError, match="mode 'pairs' needs preference pairs"):
         make_module(path, tmp_path, tokenizer=word_tokenizer_dir, mode="pairs").setup()
 

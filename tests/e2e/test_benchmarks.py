@@ -6,12 +6,13 @@ Timings are never asserted: they are benchmark numbers, not properties of the co
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 import transformers
 
-from benchmarks import cost, peer, run, value_runs
+from benchmarks import cost, peer, real_value, report, run, value_runs
 from benchmarks import table as table_benchmark
 from benchmarks import value as value_benchmark
 from benchmarks.flops import LinearWork, matmul_peak
@@ -86,6 +87,16 @@ def test_quick_run_writes_every_report(quick_run):
         assert record["results"]["benchmark_seconds"] > 0
     assert (output / "table_reward_vs_kl.png").stat().st_size > 0
     assert "![table_reward_vs_kl](table_reward_vs_kl.png)" in (output / "table.md").read_text()
+
+
+def test_a_quick_run_shows_its_figures_but_judges_no_target_set_for_the_full_scale(quick_run):
+    output, _ = quick_run
+    for name in ("cost", "rollout", "peer", "value"):
+        rows = [line for line in (output / f"{name}.md").read_text().splitlines() if line.startswith("| ")]
+        judged = [row for row in rows if re.search(r"\| (met|missed) \|", row)]
+        # The first-step loss of DPO against TRL's is a parity check, exact at any scale: the only one judged.
+        assert all("first-step loss gap" in row for row in judged), judged
+        assert any(report.NOT_JUDGED in row for row in rows), name
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -182,7 +193,8 @@ def test_value_judges_every_value_model_and_policy_of_its_runs(quick_run):
     for item in value_runs.BUILTIN_RUNS:
         assert (root / item.name / "model" / "config.json").exists(), item.name
     assert (root / "ppo" / "critic" / "config.json").exists()
-    assert (root / value_runs.SAMPLED_PAIRS).stat().st_size > 0
+    for output, _ in value_runs.SAMPLED_DATA.values():  # the gold- and the GVM-scored samples
+        assert (root / output).stat().st_size > 0
     assert bool(results["hh"]) == value_runs.HH_FILE.exists()
     if results["hh"]:
         assert set(results["hh"]["0"]) == {*value_runs.HH_VALUE_MODELS, "ppo_critic"}
@@ -200,6 +212,8 @@ def test_value_run_arguments_scale_the_budget_and_let_later_options_win(tmp_path
     assert not any(option.startswith("--model.init_args.value_model.") for option in oracle)
     samples = value_runs.arguments(runs["gvm_sft_samples"], 0, tmp_path, quarter, device, configs)
     assert f"--data.init_args.dataset={tmp_path}/{value_runs.SAMPLED_PAIRS}" in samples
+    reference = value_runs.arguments(runs["dvpo_reference_advantages"], 0, tmp_path, quarter, device, configs)
+    assert '--model.init_args.advantage.options={"bootstrap": "zero", "whiten_values": true}' in reference
     assert "--data.init_args.max_response_length=16" in samples  # the task's, not a file's default
     hh_ppo = value_runs.arguments(
         value_runs.HH_RUNS[-1], 0, tmp_path, value_runs.QUICK, device, configs, hh=True
@@ -212,6 +226,56 @@ def test_value_refuses_a_configs_directory_without_its_configs(tmp_path):
     (tmp_path / "sft.yaml").write_text("{}")
     with pytest.raises(ValueError, match="lacks dpo.yaml, dvpo.yaml"):
         value_benchmark.run(quick=True, device=torch.device("cpu"), output=tmp_path, configs=tmp_path)
+
+
+def test_real_value_quick_judges_every_value_model_and_policy_on_disjoint_pairs(hh_file, tmp_path):
+    threads = torch.get_num_threads()
+    written = run.main(["--quick", "--only", "real_value", "--output", str(tmp_path)])
+    torch.set_num_threads(threads)
+    transformers.utils.logging.enable_progress_bar()
+    markdown = written["real_value"].read_text()
+    for column in (
+        "pairwise accuracy (complete response)",
+        "DVPO v2 paper",
+        "random init, value report",
+        "win rate vs instruct (judge)",
+        "KL to instruct (nats)",
+    ):
+        assert column in markdown
+    assert "![real_value_token_credit](real_value_token_credit.png)" in markdown
+    assert (
+        "| met |" not in markdown and "not judged (not the full scale)" in markdown
+    )  # quick judges no budget
+    assert (tmp_path / "real_value_token_credit.png").stat().st_size > 0
+    results = json.loads((tmp_path / "real_value.json").read_text())["results"]
+    scale = real_value.QUICK
+    assert set(results["values"]) == {"rm", "gvm", "ppo_critic", "judge"}
+    assert {value["pairs"] for value in results["values"].values()} == {scale.held_out_pairs}
+    start = results["policies"]["base"]
+    assert start["win_rate_vs_instruct"] == 0.5 and start["kl_ref"] == pytest.approx(0.0, abs=1e-6)
+    assert set(results["policies"]) == {"base", "ppo", "dvpo"}
+    # The proxy-gold split: no pair is in two parts, and every row read is in one.
+    parts = {
+        name: (tmp_path / "runs" / "real_value" / "seed0" / "data" / f"{name}.jsonl").read_text().splitlines()
+        for name in ("runs", "judge", "held_out")
+    }
+    assert len(parts["held_out"]) == scale.held_out_pairs
+    assert sum(map(len, parts.values())) == len(set().union(*parts.values())) == scale.rows
+
+
+def test_real_value_is_opt_in():
+    assert "real_value" not in run.parse_args([]).only
+    assert run.parse_args(["--only", "real_value"]).only == ["real_value"]
+
+
+def test_real_value_reduced_scale_keeps_every_budget_positive():
+    scale = real_value.FULL.reduced(0.01)
+    budgets = ("value_steps", "judge_steps", "rl_iterations", "held_out_pairs", "held_out_prompts")
+    assert [getattr(scale, name) for name in budgets] == [1, 1, 1, 4, 4]
+    half = real_value.FULL.reduced(0.5)
+    assert [getattr(half, name) * 2 for name in budgets] == [
+        getattr(real_value.FULL, name) for name in budgets
+    ]
 
 
 def test_only_runs_the_chosen_benchmarks(tmp_path):

@@ -114,6 +114,18 @@ def test_ckpt_path_last_resumes_from_the_saved_step_and_continues_the_logs(shuff
     assert not list((root / "checkpoints").glob("last-v*"))
 
 
+def test_ckpt_path_last_without_a_checkpoint_is_refused_in_one_line(shuffled_tokenizer, tmp_path, capsys):
+    root, cache = tmp_path / "sft", tmp_path / "cache"
+    with pytest.raises(SystemExit) as exit_info:
+        run_sft(root, cache, shuffled_tokenizer, "--trainer.max_steps=2", "--ckpt_path=last")
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"dvpo: error: --ckpt_path last: there is no checkpoint to resume ({root}/checkpoints/last.ckpt does not "
+        "exist); leave --ckpt_path out to start a fresh run (--debug shows the traceback)"
+    )
+    assert not (root / "checkpoints").exists()
+
+
 def test_a_run_resumed_from_an_earlier_checkpoint_logs_each_step_once(shuffled_tokenizer, tmp_path):
     # As after a kill: the run went on (to step 4) after the checkpoint it is resumed from (step 2).
     root, cache = tmp_path / "sft", tmp_path / "cache"
@@ -158,6 +170,53 @@ def test_overwrite_starts_over_leaving_only_the_new_runs_checkpoints_logs_and_ex
     assert [path.name for path in (root / "logs").iterdir()] == ["version_0"]
     assert logged_steps(root / "logs" / "version_0" / "metrics.csv", "train/loss") == [0, 1, 2]
     assert json.loads((root / "model" / "dvpo_export.json").read_text())["global_step"] == 3
+
+
+def directory_contents(root: Path) -> dict[str, bytes]:
+    return {
+        str(path.relative_to(root)): path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file()
+    }
+
+
+SHORT = ("--data.init_args.max_prompt_length=16", "--data.init_args.max_response_length=16")
+
+
+@pytest.mark.parametrize(
+    "failure, message",
+    [
+        (
+            ("--model.init_args.optim.lr=-1e-3",),
+            "lr must be a positive number",
+        ),  # refused when the model is built
+        (
+            ("--data.init_args.strict=true", "--data.init_args.val_size=0", *SHORT),
+            "line 2: wrong_type",
+        ),  # found when the data is read, after the model's checks
+    ],
+    ids=["bad_option", "bad_row_under_strict"],
+)
+def test_an_overwrite_that_fails_before_its_first_checkpoint_leaves_the_earlier_run_as_it_was(
+    failure, message, shuffled_tokenizer, tmp_path, capsys
+):
+    root, cache = tmp_path / "sft", tmp_path / "cache"
+    run_sft(root, cache, shuffled_tokenizer, "--trainer.max_steps=2")
+    before = directory_contents(root)
+    bad_rows = tmp_path / "bad.jsonl"
+    row = '{"prompt": "apple", "chosen": %s, "rejected": "horse"}\n'
+    bad_rows.write_text(row % '"river"' + row % "5")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run_sft(
+            root,
+            cache,
+            shuffled_tokenizer,
+            "--overwrite=true",
+            f"--data.init_args.dataset={bad_rows}",
+            *failure,
+        )
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert directory_contents(root) == before  # nothing moved, lost or added, no `.overwritten` left
 
 
 def test_the_data_modules_tokenizer_reaches_the_model(first_run, shuffled_tokenizer):

@@ -80,28 +80,37 @@ ALL = {config.name: config for config in map(read_config, RUN)}
 
 
 class Chain:
-    """Runs configs in one working directory, each once, prerequisites first."""
+    """Runs `configs` in one working directory with `quick` arguments, each once, prerequisites first; the cache
+    is `cache` (default: one of the working directory's own)."""
 
-    def __init__(self, workdir: Path):
+    def __init__(
+        self,
+        workdir: Path,
+        configs: dict[str, Config] = ALL,
+        quick: tuple[str, ...] = tuple(QUICK),
+        cache: Path | None = None,
+    ):
         self.workdir = workdir
+        self.configs, self.quick = configs, quick
+        self.cache = cache or workdir / "cache"
         self.outcomes: dict[str, Exception | SystemExit | None] = {}
 
     def run(self, name: str, waiting: tuple[str, ...] = ()) -> None:
         if name in waiting:
             raise ValueError(f"configs depend on each other in a cycle: {' -> '.join((*waiting, name))}")
         if name not in self.outcomes:
-            for prerequisite in prerequisites(ALL[name], ALL):
+            for prerequisite in prerequisites(self.configs[name], self.configs):
                 self.run(prerequisite, (*waiting, name))
-            self.outcomes[name] = self._fit(ALL[name])
+            self.outcomes[name] = self._fit(self.configs[name])
         if self.outcomes[name] is not None:
             raise RuntimeError(f"configs/{name}.yaml failed") from self.outcomes[name]
 
     def _fit(self, config: Config) -> Exception | SystemExit | None:
         with pytest.MonkeyPatch.context() as patch:
             patch.chdir(self.workdir)
-            patch.setenv("DVPO_CACHE", str(self.workdir / "cache"))
+            patch.setenv("DVPO_CACHE", str(self.cache))
             try:
-                main(["fit", "--config", str(config.path), *QUICK])
+                main(["fit", "--config", str(config.path), *self.quick])
             except (
                 Exception,
                 SystemExit,

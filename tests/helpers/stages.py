@@ -18,6 +18,7 @@ from dvpo_lightning.models import LoraSpec, ModelSpec, build_value_model, export
 from dvpo_lightning.modules import (
     DPOModule,
     GVMModule,
+    KTOModule,
     OptimConfig,
     PolicyModule,
     RewardModelModule,
@@ -120,6 +121,7 @@ STAGES: dict[str, Callable[..., RLHFModule]] = {
     "dpo_rpo": _stage(DPOModule, loss_type=["sigmoid", "nll"], loss_weights=[1.0, 0.5]),
     "simpo": _stage(DPOModule, loss_type="simpo", beta=2.0, simpo_gamma=1.0),
     "orpo": _stage(DPOModule, loss_type="orpo"),
+    "kto": _stage(KTOModule, desirable_weight=1.3, undesirable_weight=0.7),
 }
 
 

@@ -3,12 +3,17 @@ run began (found at export and on resume); records and identities by hand, tiny 
 
 from __future__ import annotations
 
+import json
+from types import SimpleNamespace
+
+import lightning.pytorch as pl
 import pytest
 
 from dvpo_lightning.models import ModelSpec, build_policy, export_model
-from dvpo_lightning.models.lineage import disagreeing_inputs, identity, rewritten_inputs
-from dvpo_lightning.modules import DPOModule
-from tests.helpers.stages import tiny
+from dvpo_lightning.models.lineage import EXPORT_INFO, disagreeing_inputs, identity, rewritten_inputs
+from dvpo_lightning.modules import DPOModule, SFTModule
+from dvpo_lightning.modules.checks import check_run_seeds_agree
+from tests.helpers.stages import quick_trainer, tiny, topics_data
 
 
 def record(stage: str, export_id: str, **inputs) -> dict:
@@ -93,3 +98,31 @@ def test_a_stage_warns_at_export_and_on_resume_when_an_input_was_rewritten(sft_e
     resumed = DPOModule(policy=ModelSpec(name_or_path=first), tokenizer=tokenizer)
     with pytest.warns(UserWarning, match=r"was SFTModule a{12} then, and is SFTModule c{12} now"):
         resumed.on_load_checkpoint(checkpoint)
+
+
+@pytest.mark.parametrize("init_seed", [None, 2], ids=["following_the_run_seed", "pinned"])
+def test_the_export_records_the_run_seed_and_the_initialisation_and_data_seeds_it_gave(
+    init_seed, tokenizer, cache, tmp_path
+):
+    pl.seed_everything(4)  # what --seed_everything 4 does
+    module = SFTModule(
+        policy=tiny(init_seed=init_seed), tokenizer=tokenizer, export_dir=str(tmp_path / "model")
+    )
+    quick_trainer(tmp_path, max_steps=1).fit(module, datamodule=topics_data(cache))
+    info = json.loads((tmp_path / "model" / EXPORT_INFO).read_text())
+    expected = 4 if init_seed is None else init_seed
+    assert (info["seed"], info["init_seeds"], info["data"]["seed"]) == (4, {"policy": expected}, 4)
+    card = (tmp_path / "model" / "README.md").read_text()
+    assert f"- seeds: run 4; initialisation policy {expected}; data 4" in card
+
+
+def test_a_run_whose_processes_drew_different_seeds_is_refused(monkeypatch):
+    monkeypatch.setenv("PL_GLOBAL_SEED", "7")  # this process's; rank 0 drew 3
+    strategy = SimpleNamespace(
+        broadcast=lambda value, src=0: 3, reduce_boolean_decision=lambda agree, all: agree
+    )
+    with pytest.raises(
+        ValueError, match="processes of this run have different seeds .* pin --seed_everything"
+    ):
+        check_run_seeds_agree("SFTModule", SimpleNamespace(world_size=2, strategy=strategy))
+    check_run_seeds_agree("SFTModule", SimpleNamespace(world_size=1, strategy=None))

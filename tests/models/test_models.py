@@ -1,5 +1,6 @@
 import json
 
+import lightning.pytorch as pl
 import pytest
 import torch
 
@@ -37,6 +38,31 @@ def test_same_init_seed_gives_same_weights(word_tokenizer, tiny_arch):
     weight = "model.embed_tokens.weight"
     assert torch.equal(first.state_dict()[weight], second.state_dict()[weight])
     assert not torch.equal(first.state_dict()[weight], third.state_dict()[weight])
+
+
+def lora_weights(model) -> dict[str, torch.Tensor]:
+    return {name: tensor for name, tensor in model.state_dict().items() if "lora_" in name}
+
+
+@pytest.mark.parametrize("build", [build_policy, build_value_model], ids=["policy", "value_model"])
+def test_lora_from_a_pretrained_model_follows_the_run_seed_unless_init_seed_pins_it(
+    build, tmp_path, word_tokenizer, tiny_arch
+):
+    pretrained = export_model(
+        build_policy(ModelSpec(arch=tiny_arch), word_tokenizer), word_tokenizer, str(tmp_path)
+    )
+
+    def adapters(run_seed: int, init_seed: int | None = None) -> dict[str, torch.Tensor]:
+        pl.seed_everything(run_seed)  # what --seed_everything does
+        spec = ModelSpec(name_or_path=pretrained, lora=LoraSpec(r=4), init_seed=init_seed)
+        return lora_weights(build(spec, word_tokenizer))
+
+    first, second = adapters(0), adapters(1)
+    assert first.keys() == second.keys() and first
+    assert any(not torch.equal(first[name], second[name]) for name in first)
+    assert all(torch.equal(first[name], adapters(0)[name]) for name in first)
+    pinned = adapters(0, init_seed=5), adapters(1, init_seed=5)
+    assert all(torch.equal(pinned[0][name], pinned[1][name]) for name in first)
 
 
 def test_policy_round_trips_through_save_pretrained(tmp_path, word_tokenizer, tiny_arch):

@@ -1,4 +1,5 @@
-"""The GVM's training options beyond the paper: the ranking term and inner epochs on fixed targets."""
+"""The GVM's training options beyond the paper: the ranking term, TCRM's consistency terms and inner epochs on fixed
+targets."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
 from dvpo_lightning.modules import GVMModule, OptimConfig
-from dvpo_lightning.rl import final_values, pair_sequences, state_values
+from dvpo_lightning.rl import final_values, pair_sequences, state_mask, state_values
 from tests.helpers.stages import first_batch, quick_trainer, tiny, topics_data
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log")
@@ -35,6 +36,26 @@ def test_the_ranking_term_adds_the_weighted_bradley_terry_loss_of_the_final_valu
     expected = 0.5 * F.softplus(rejected - chosen).mean()
     assert expected > 1e-3
     torch.testing.assert_close(ranked - plain, expected)
+
+
+def test_the_consistency_terms_add_their_weighted_losses_on_the_trained_states(tokenizer, cache):
+    """Each row's trained states s_1..s_T and the complete response, written out: every value towards the last's,
+    and towards the next's."""
+    batch = first_batch(topics_data(cache, "pairs"))
+    weights = {"final_consistency_weight": 0.5, "td_consistency_weight": 0.25}
+    module = gvm(tokenizer, **weights)
+    consistent, plain = module.training_step(batch, 0), gvm(tokenizer).training_step(batch, 0)
+    with torch.no_grad():
+        sequences = pair_sequences(batch)
+        values = state_values(gvm(tokenizer).value_model, sequences)
+    mask = state_mask(sequences.response_mask, include_final=True)
+    rows = [row_values[row_mask].tolist() for row_values, row_mask in zip(values, mask)]
+    states = sum(len(row) for row in rows)
+    to_last = sum((value - row[-1]) ** 2 for row in rows for value in row) / (2 * states)
+    to_next = sum((row[i] - row[i + 1]) ** 2 for row in rows for i in range(len(row) - 1)) / (2 * states)
+    assert min(to_last, to_next) > 1e-4
+    torch.testing.assert_close(consistent - plain, torch.tensor(0.5 * to_last + 0.25 * to_next))
+    assert weights.items() <= module.export_info()["value_training"].items()
 
 
 class RecordSteps(Callback):

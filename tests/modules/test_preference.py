@@ -26,7 +26,14 @@ from dvpo_lightning.models import (
     export_model,
 )
 from dvpo_lightning.models.export import EXPORT_INFO
-from dvpo_lightning.modules import DPOModule, GVMModule, PolicyModule, RewardModelModule, RLHFModule
+from dvpo_lightning.modules import (
+    DPOModule,
+    GVMModule,
+    KTOModule,
+    PolicyModule,
+    RewardModelModule,
+    RLHFModule,
+)
 from dvpo_lightning.rl import pair_sequences, policy_logprobs, sft_sequences, state_values
 from tests.helpers.stages import (
     STAGES,
@@ -61,8 +68,8 @@ def exports(tmp_path_factory, tokenizer):
 
 @pytest.fixture(scope="module")
 def batches(cache):
-    """A batch of each layout: "sft" and "pairs"."""
-    return {mode: first_batch(topics_data(cache, mode)) for mode in ("sft", "pairs")}
+    """A batch of each layout: "sft", "pairs" and "unpaired"."""
+    return {mode: first_batch(topics_data(cache, mode)) for mode in ("sft", "pairs", "unpaired")}
 
 
 @pytest.fixture(scope="module", params=list(STAGES))
@@ -131,7 +138,7 @@ def test_frozen_models_are_the_ones_each_configuration_promises(fitted):
         assert module.reference is None and "reference" not in names  # SimPO, ORPO: no reference at all
         models = [name for name, child in module.named_children() if isinstance(child, PreTrainedModel)]
         assert models == ["policy"]
-    elif isinstance(module, DPOModule):
+    elif isinstance(module, (DPOModule, KTOModule)):
         assert "reference" in names
     elif isinstance(module, GVMModule):
         assert ("reward_model" in names) == (module.terminal_reward == "reward_model")
@@ -333,6 +340,19 @@ def test_checkpoint_loads_under_torchs_default_weights_only(tokenizer, cache, tm
     DPOModule.load_from_checkpoint(tmp_path / "stage.ckpt", tokenizer=tokenizer)
 
 
+def test_a_checkpoint_that_stored_an_options_neutral_value_loads_with_a_loss_not_reading_it(
+    tokenizer, cache, tmp_path
+):
+    # Before options were per-loss, every DPO checkpoint stored label_smoothing=0.0, whatever its loss_type.
+    module = DPOModule(policy=tiny(), loss_type="ipo", label_smoothing=0.0, tokenizer=tokenizer)
+    trainer = quick_trainer(tmp_path, max_steps=1)
+    trainer.fit(module, datamodule=topics_data(cache))
+    trainer.save_checkpoint(tmp_path / "stage.ckpt")
+    assert torch.load(tmp_path / "stage.ckpt")["hyper_parameters"]["label_smoothing"] == 0.0
+    restored = DPOModule.load_from_checkpoint(tmp_path / "stage.ckpt", tokenizer=tokenizer)
+    assert restored.objective.names == ("ipo",)
+
+
 # ---------------------------------------------------------------------------------------------------- export
 def test_export_loads_by_path_with_the_same_outputs(fitted, tokenizer, batches):
     module = fitted.module
@@ -343,12 +363,13 @@ def test_export_loads_by_path_with_the_same_outputs(fitted, tokenizer, batches):
     assert (directory / "README.md").read_text().startswith("---\nlibrary_name: transformers\n")
     if isinstance(module, GVMModule):  # how its values were trained, which DVPO checks
         options = ("terminal_reward", "gamma", "lam", "train_final_value", "ranking_weight", "inner_epochs")
+        options += ("final_consistency_weight", "td_consistency_weight")
         assert info["value_training"] == {option: getattr(module, option) for option in options}
     else:
         assert "value_training" not in info
     trained = getattr(module, module.exported_model).eval()
     batch = batch_for(module, batches)
-    sequences = sft_sequences(batch) if module.data_mode == "sft" else pair_sequences(batch)
+    sequences = sft_sequences(batch) if module.data_mode in ("sft", "unpaired") else pair_sequences(batch)
     spec = ModelSpec(name_or_path=str(directory))
     with torch.no_grad():
         if isinstance(module, PolicyModule):

@@ -18,6 +18,7 @@ UNRESOLVABLE = re.compile(r"\.\./shared|shared algorithms reference|the algorith
 REGISTERED_ESTIMATOR = re.compile(
     r"^\s*@(?:register_advantage|ADVANTAGE_ESTIMATORS\.register)\(\s*[\"']([^\"']+)[\"']", re.MULTILINE
 )
+REGISTERED_POLICY_LOSS = re.compile(r"^\s*@register_policy_loss\(\s*[\"']([^\"']+)[\"']", re.MULTILINE)
 
 
 def _headings() -> tuple[list[str], set[str]]:
@@ -84,3 +85,28 @@ def test_every_registered_advantage_estimator_is_documented():
     assert {"gae", "gvm", "reinforce", "rloo"} <= names, f"the registrations were not found: {names}"
     undocumented = sorted(name for name in names if f"`{name}`" not in text)
     assert not undocumented, f"advantage estimators missing from docs/algorithms.md: {undocumented}"
+
+
+def test_every_registered_policy_loss_is_documented():
+    text = ALGORITHMS.read_text()
+    names = {
+        name
+        for path in (REPO / "src").rglob("*.py")
+        for name in REGISTERED_POLICY_LOSS.findall(path.read_text())
+    }
+    assert {"ppo", "gspo", "gspo_token", "cispo"} <= names, f"the registrations were not found: {names}"
+    undocumented = sorted(name for name in names if f"`{name}`" not in text)
+    assert not undocumented, f"policy losses missing from docs/algorithms.md: {undocumented}"
+
+
+def test_every_command_of_the_real_models_section_is_run_by_the_real_model_tests():
+    from tests.e2e.test_real_recipes import POLICIES, QUESTION, REAL
+
+    section = (REPO / "README.md").read_text().split("## Real models", 1)[1]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    commands = [line.split("  #")[0].strip() for line in block.splitlines() if line.strip()]
+    run = {"dvpo models fetch smollm2-135m-instruct"}
+    run |= {f"dvpo fit --config configs/{name}.yaml" for name in REAL}
+    run |= {f'dvpo generate outputs/{name}/model --prompt "{QUESTION}" --greedy' for name in POLICIES}
+    assert commands and set(commands) <= run, set(commands) - run
+    assert {f"dvpo fit --config configs/{name}.yaml" for name in REAL} <= set(commands)

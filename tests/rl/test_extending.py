@@ -1,5 +1,5 @@
-"""The walkthroughs of docs/design.md ("Extending") hold: a new advantage estimator and a new rollout backend are
-each one registered function, which a config then names, with no other file touched."""
+"""The walkthroughs of docs/design.md ("Extending") hold: a new advantage estimator, policy loss and rollout backend
+are each one registered function, which a config then names, with no other file touched."""
 
 from __future__ import annotations
 
@@ -9,7 +9,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dvpo_lightning.algos import ADVANTAGE_ESTIMATORS, masked_sum, register_advantage
+from dvpo_lightning.algos import (
+    ADVANTAGE_ESTIMATORS,
+    POLICY_LOSSES,
+    aggregate_loss,
+    kl_penalty,
+    masked_mean,
+    masked_sum,
+    register_advantage,
+    register_policy_loss,
+)
 from dvpo_lightning.cli import main
 from dvpo_lightning.models import build_policy, export_model
 from dvpo_lightning.rl import ROLLOUT_BACKENDS, AdvantageConfig, SamplingConfig, register_rollout_backend
@@ -17,7 +26,7 @@ from dvpo_lightning.rl.rollout import hf_generate
 from tests.helpers.stages import export_random_value_model, tiny, topics_data
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-CALLS = {"estimator": 0, "backend": 0, "scale": None}
+CALLS = {"estimator": 0, "backend": 0, "scale": None, "loss": 0, "loss_scale": None}
 
 
 def sign_of_score(*, token_rewards, values, mask, gamma, lam, group_size, scale=1.0):
@@ -27,6 +36,15 @@ def sign_of_score(*, token_rewards, values, mask, gamma, lam, group_size, scale=
     CALLS["estimator"] += 1
     CALLS["scale"] = scale
     return torch.where(mask.bool(), sign, 0.0), torch.where(mask.bool(), rewards.reshape(-1, 1), 0.0)
+
+
+def unclipped(*, logprobs, old_logprobs, advantages, mask, mode="token-mean", normalizers=None, scale=1.0):
+    """A toy policy loss: the surrogate without PPO's clip."""
+    ratio = torch.exp(torch.where(mask, logprobs - old_logprobs, 0))  # [B, T], 1 on padding
+    loss = aggregate_loss(-scale * advantages * ratio, mask, mode, normalizers)
+    CALLS["loss"] += 1
+    CALLS["loss_scale"] = scale
+    return loss, {"approx_kl": masked_mean(kl_penalty(old_logprobs, logprobs.detach(), "k3", mask), mask)}
 
 
 def counting_generate(*args):
@@ -40,6 +58,7 @@ def test_a_registered_estimator_and_rollout_backend_train_from_a_config(tmp_path
     reward_model = export_random_value_model(tmp_path / "rm", tokenizer)
     register_advantage("sign_of_score")(sign_of_score)
     register_rollout_backend("counting")(counting_generate)
+    register_policy_loss("unclipped")(unclipped)
     monkeypatch.chdir(tmp_path)
     try:
         main(
@@ -52,6 +71,8 @@ def test_a_registered_estimator_and_rollout_backend_train_from_a_config(tmp_path
                 "--model.init_args.advantage.estimator=sign_of_score",
                 "--model.init_args.advantage.options={scale: 0.5}",
                 "--model.init_args.sampling.backend=counting",
+                "--model.init_args.ppo.policy_loss=unclipped",
+                "--model.init_args.ppo.policy_loss_options={scale: 0.5}",
                 "--model.init_args.eval_sampling=null",
                 "--trainer.max_steps=4",
                 "--trainer.limit_val_batches=0",
@@ -65,9 +86,12 @@ def test_a_registered_estimator_and_rollout_backend_train_from_a_config(tmp_path
     finally:
         ADVANTAGE_ESTIMATORS.unregister("sign_of_score")
         ROLLOUT_BACKENDS.unregister("counting")
+        POLICY_LOSSES.unregister("unclipped")
     # two iterations of 16 responses (4 prompts x 4), each 2 optimiser steps (2 epochs, one mini-batch); the estimator
     # also ran once at start-up, where the module checks it against the run's settings
-    assert CALLS == {"estimator": 3, "backend": 2, "scale": 0.5}
+    # the policy loss: on every micro-batch (2 iterations x 2 steps), besides the config's checks on one token
+    losses = CALLS.pop("loss")
+    assert CALLS == {"estimator": 3, "backend": 2, "scale": 0.5, "loss_scale": 0.5} and losses >= 4
     start, trained = (
         load_file(f"{policy}/model.safetensors"),
         load_file(tmp_path / "run/model/model.safetensors"),

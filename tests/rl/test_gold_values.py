@@ -12,14 +12,25 @@ from dvpo_lightning.data import RLHFDataModule
 from dvpo_lightning.data.builtin import get_task
 from dvpo_lightning.data.collate import pad_sequences
 from dvpo_lightning.evaluation import (
+    evaluate_policy,
     gold_agreement,
     held_out_responses,
+    judge_policy,
     pairwise_value_accuracy,
     value_scorer,
 )
-from dvpo_lightning.models import build_policy, export_model
-from dvpo_lightning.rl import GoldValues, Responses, SamplingConfig, gold_rewards, gold_token_rewards
-from dvpo_lightning.sampled_pairs import inner_special_tokens, write_gold_scored_pairs
+from dvpo_lightning.models import ModelSpec, build_policy, build_value_model, export_model
+from dvpo_lightning.rl import (
+    GoldValues,
+    Responses,
+    SamplingConfig,
+    final_values,
+    gold_rewards,
+    gold_token_rewards,
+    pair_sequences,
+    state_values,
+)
+from dvpo_lightning.sampled_pairs import inner_special_tokens, write_scored_pairs
 from tests.helpers.stages import export_random_value_model, tiny
 
 PROMPT = "tell me about : cat river . answer :"
@@ -77,7 +88,7 @@ def test_gold_scored_pairs_of_a_policys_samples(tokenizer, cache, tmp_path):
     policy_dir = export_model(build_policy(tiny(init_seed=3), tokenizer), tokenizer, str(tmp_path / "policy"))
     options = dict(builtin_size=120, val_size=20, batch_size=8, cache_dir=str(cache))
     output = tmp_path / "pairs.jsonl"
-    written = write_gold_scored_pairs(policy_dir, output, pairs=6, **options)
+    written = write_scored_pairs(policy_dir, output, pairs=6, **options)
     rows = [json.loads(line) for line in output.read_text().splitlines()]
     assert written == len(rows) == 6
     task = get_task("topics")
@@ -97,10 +108,43 @@ def test_gold_scored_pairs_of_a_policys_samples(tokenizer, cache, tmp_path):
     assert {"chosen_score", "rejected_score"} <= set(batch)  # ready for the GVM's terminal_reward: score
 
 
+@pytest.mark.slow
+def test_pairs_scored_by_a_gvm_carry_its_complete_response_values_on_any_prompt_data(
+    tokenizer, cache, hh_file, tmp_path
+):
+    """VC-PPO's Monte-Carlo targets as self-distillation: each answer's score is the GVM's value of it, as the GVM
+    stage will read the pair back; prompts without a gold reward (HH-RLHF) are fine."""
+    policy_dir = export_model(build_policy(tiny(init_seed=3), tokenizer), tokenizer, str(tmp_path / "policy"))
+    gvm_dir = export_random_value_model(tmp_path / "gvm", tokenizer)
+    output = tmp_path / "pairs.jsonl"
+    options = dict(builtin_size=120, val_size=20, batch_size=8, cache_dir=str(cache))
+    assert write_scored_pairs(policy_dir, output, pairs=4, value_model=gvm_dir, **options) == 4
+    task = get_task("topics")  # a file's lengths are the task's, as when the answers were sampled
+    lengths = {
+        key: getattr(task, f"recommended_{key}") for key in ("max_prompt_length", "max_response_length")
+    }
+    pairs = RLHFDataModule(
+        str(output), tokenizer=policy_dir, mode="pairs", val_size=1, batch_size=4, **lengths
+    )
+    pairs.setup("fit")
+    batch = next(iter(pairs.train_dataloader()))
+    sequences = pair_sequences(batch)
+    with torch.no_grad():
+        gvm = build_value_model(ModelSpec(name_or_path=gvm_dir), tokenizer)
+        values = final_values(state_values(gvm, sequences), sequences.response_mask)  # [2B]
+    scores = torch.cat([batch["chosen_score"], batch["rejected_score"]])
+    torch.testing.assert_close(scores, values, atol=1e-4, rtol=1e-4)
+    assert (batch["chosen_score"] >= batch["rejected_score"]).all() and values.std() > 1e-3
+    hh_output = tmp_path / "hh_pairs.jsonl"
+    assert write_scored_pairs(
+        policy_dir, hh_output, str(hh_file), pairs=2, value_model=gvm_dir, max_samples=50
+    )
+
+
 def test_gold_scored_pairs_need_a_built_in_task(tokenizer, hh_file, tmp_path):
     policy_dir = export_model(build_policy(tiny(), tokenizer), tokenizer, str(tmp_path / "policy"))
     with pytest.raises(ValueError, match="need a built-in task's gold reward"):
-        write_gold_scored_pairs(policy_dir, tmp_path / "pairs.jsonl", dataset=str(hh_file), max_samples=50)
+        write_scored_pairs(policy_dir, tmp_path / "pairs.jsonl", dataset=str(hh_file), max_samples=50)
 
 
 def test_answers_with_a_special_token_inside_are_found(tokenizer):
@@ -135,3 +179,25 @@ def test_gold_agreement_of_the_oracle_is_perfect_and_of_a_random_value_model_is_
     random = gold_agreement(value_scorer(random_model, data), samples, data)
     assert abs(random.final_value_pearson) < 0.9 and abs(random.token_credit_pearson) < 0.9
     assert random.responses == 24
+
+
+def test_a_policy_judged_by_the_gold_values_gets_the_gold_reward_of_evaluate_policy(
+    tokenizer, cache, tmp_path
+):
+    data = RLHFDataModule(
+        "builtin:topics", mode="prompts", builtin_size=120, val_size=12, cache_dir=str(cache)
+    )
+    data.setup("validate")
+    policy = export_model(build_policy(tiny(init_seed=5), tokenizer), tokenizer, str(tmp_path / "policy"))
+    reference = export_model(
+        build_policy(tiny(init_seed=6), tokenizer), tokenizer, str(tmp_path / "reference")
+    )
+    sampling = SamplingConfig(max_new_tokens=12)
+    gold = evaluate_policy(policy, reference, data, sampling, seed=3)
+    judged = judge_policy(
+        policy, reference, data, sampling, {"gold": GoldValues(data.task, tokenizer)}, seed=3
+    )
+    assert judged.per_prompt["gold"] == pytest.approx(gold.per_prompt_gold)
+    assert judged.kl_ref == pytest.approx(gold.kl_ref) and judged.kl_ref != 0
+    assert judged.summary()["gold_reward"] == pytest.approx(gold.gold_reward)
+    assert judged.response_length == pytest.approx(gold.response_length)

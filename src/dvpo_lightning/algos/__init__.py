@@ -1,4 +1,4 @@
-"""The math of DVPO, PPO, DPO (and its offline family), RTO and reward modelling as pure tensor functions.
+"""The math of DVPO, PPO (GSPO, CISPO), DPO (and its offline family), KTO, RTO and reward modelling as tensor functions.
 
 No Lightning, no `nn.Module`, no I/O: every function takes tensors and returns tensors, so it can
 be read, imported in a notebook and unit-tested on its own. Per-token tensors are `[B, T]` with an
@@ -9,6 +9,7 @@ of the state before token t. See docs/design.md and docs/algorithms.md.
 from dvpo_lightning.algos.advantages import (
     ADVANTAGE_ESTIMATORS,
     ROLLOUT_INPUTS,
+    advantages_are_normalized,
     check_discounts,
     discounted_returns,
     earned_values,
@@ -17,10 +18,12 @@ from dvpo_lightning.algos.advantages import (
     get_advantage,
     grpo_advantages,
     gvm_advantages,
+    normalized_advantages,
     register_advantage,
     reinforce_advantages,
     rloo_advantages,
     td_lambda_returns,
+    varied_groups,
 )
 from dvpo_lightning.algos.aggregation import (
     AGGREGATION_MODES,
@@ -32,14 +35,18 @@ from dvpo_lightning.algos.aggregation import (
 from dvpo_lightning.algos.kl import (
     KL_CONTROLLERS,
     KL_ESTIMATORS,
+    KL_LOSS_ESTIMATORS,
     AdaptiveKLController,
     FixedKLController,
     KLController,
     build_kl_controller,
+    check_kl_clamp,
     check_kl_estimator,
+    check_kl_loss_estimator,
     kl_penalty,
     sequence_kl,
 )
+from dvpo_lightning.algos.kto import check_kto_options, kto_loss, kto_reference_point
 from dvpo_lightning.algos.logprobs import entropy_from_logits, head_token_logprobs, token_logprobs
 from dvpo_lightning.algos.losses import (
     LOSSES,
@@ -47,7 +54,6 @@ from dvpo_lightning.algos.losses import (
     get_loss,
     gvm_loss,
     kl_loss,
-    ppo_policy_loss,
     register_loss,
     value_loss,
 )
@@ -61,6 +67,16 @@ from dvpo_lightning.algos.masked import (
     masked_var,
     masked_whiten,
 )
+from dvpo_lightning.algos.policy_losses import (
+    POLICY_LOSS_INPUTS,
+    POLICY_LOSSES,
+    cispo_policy_loss,
+    get_policy_loss,
+    gspo_policy_loss,
+    gspo_token_policy_loss,
+    ppo_policy_loss,
+    register_policy_loss,
+)
 from dvpo_lightning.algos.preference_losses import (
     PREFERENCE_LOSSES,
     get_preference_loss,
@@ -73,6 +89,7 @@ from dvpo_lightning.algos.rewards import (
     clamp_scores,
     dpo_token_reward,
     kl_reward,
+    overlong_penalty,
     penalize_unfinished,
     rs_ppo_shaping,
 )
@@ -82,7 +99,10 @@ __all__ = [
     "AGGREGATION_MODES",
     "KL_CONTROLLERS",
     "KL_ESTIMATORS",
+    "KL_LOSS_ESTIMATORS",
     "LOSSES",
+    "POLICY_LOSSES",
+    "POLICY_LOSS_INPUTS",
     "ROLLOUT_INPUTS",
     "PREFERENCE_LOSSES",
     "AdaptiveKLController",
@@ -93,13 +113,18 @@ __all__ = [
     "PreferenceObjective",
     "Registry",
     "add_at_last_token",
+    "advantages_are_normalized",
     "aggregate_loss",
     "assemble_token_rewards",
     "bradley_terry_loss",
     "build_kl_controller",
     "check_aggregation",
     "check_discounts",
+    "check_kl_clamp",
     "check_kl_estimator",
+    "check_kto_options",
+    "cispo_policy_loss",
+    "check_kl_loss_estimator",
     "clamp_scores",
     "discounted_returns",
     "dpo_loss",
@@ -110,13 +135,18 @@ __all__ = [
     "gae_advantages",
     "get_advantage",
     "get_loss",
+    "get_policy_loss",
     "grpo_advantages",
+    "gspo_policy_loss",
+    "gspo_token_policy_loss",
     "get_preference_loss",
     "gvm_advantages",
     "gvm_loss",
     "kl_loss",
     "kl_penalty",
     "kl_reward",
+    "kto_loss",
+    "kto_reference_point",
     "last_token_mask",
     "last_token_values",
     "loss_normalizers",
@@ -125,10 +155,13 @@ __all__ = [
     "masked_sum",
     "masked_var",
     "masked_whiten",
+    "normalized_advantages",
+    "overlong_penalty",
     "penalize_unfinished",
     "ppo_policy_loss",
     "register_advantage",
     "register_loss",
+    "register_policy_loss",
     "register_preference_loss",
     "reinforce_advantages",
     "rloo_advantages",
@@ -138,4 +171,5 @@ __all__ = [
     "head_token_logprobs",
     "token_logprobs",
     "value_loss",
+    "varied_groups",
 ]

@@ -7,6 +7,14 @@ per-token sample whose mean estimates `KL(pi || pi_ref)` (Schulman, "Approximati
 - `k2 = log_ratio**2 / 2`: non-negative, biased (low variance);
 - `k3 = exp(-log_ratio) - 1 + log_ratio`: non-negative and unbiased;
 - `abs = |log_ratio|`: non-negative, biased.
+
+As a loss term on the new log-probs (`kl_loss`) what counts is the estimate's gradient, averaged over tokens sampled
+from `pi`: k2's is the gradient of KL(pi || pi_ref), k3's that of KL(pi_ref || pi) (GRPO, TRL), but k1's is
+`sum_y grad pi(y) = 0` (it regularises nothing) and abs's that of the total variation `sum_y |pi(y) - pi_ref(y)|`,
+not of a KL: `check_kl_loss_estimator` refuses those two there.
+
+`clamp` bounds every estimate to [-clamp, clamp] (OpenRLHF clamps to 10): k3's `exp(-log_ratio)` overflows float32
+below a log-ratio of about -88, which without a clamp gives an infinite estimate (the step is then skipped).
 """
 
 from __future__ import annotations
@@ -18,6 +26,8 @@ from dvpo_lightning.algos.masked import checked_mask
 
 KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
 KL_CONTROLLERS = ("fixed", "adaptive")
+#: the estimators whose mean gradient as a loss term is that of a KL (see the module docstring)
+KL_LOSS_ESTIMATORS = ("k2", "k3")
 
 
 def check_kl_estimator(kind: str) -> str:
@@ -27,14 +37,43 @@ def check_kl_estimator(kind: str) -> str:
     return kind
 
 
-def kl_penalty(
-    logprobs: Tensor, ref_logprobs: Tensor, kind: str = "k1", mask: Tensor | None = None
-) -> Tensor:
-    """The `kind` estimate of KL(pi || pi_ref) per token, `[B, T]`; 0 on padding when `mask` is given.
+def check_kl_loss_estimator(kind: str) -> str:
+    """`kind` if its gradient as a loss term is that of a KL (k2, k3); an error naming those otherwise."""
+    check_kl_estimator(kind)
+    if kind not in KL_LOSS_ESTIMATORS:
+        why = (
+            "averages to zero over sampled tokens"
+            if kind == "k1"
+            else "is that of the total variation, not a KL"
+        )
+        raise ValueError(
+            f"the {kind} estimate as a loss term regularises nothing towards the reference (its gradient {why}): "
+            "use k3 (the gradient of KL(ref || pi), as GRPO and TRL) or k2 (that of KL(pi || ref)), or put the KL "
+            "in the reward"
+        )
+    return kind
 
-    Differentiable in both arguments; callers building rewards pass detached log-probs.
+
+def check_kl_clamp(clamp: float | None) -> float | None:
+    if clamp is not None and not clamp > 0:
+        raise ValueError(f"a KL clamp must be > 0 (or None for none); got {clamp}")
+    return clamp
+
+
+def kl_penalty(
+    logprobs: Tensor,
+    ref_logprobs: Tensor,
+    kind: str = "k1",
+    mask: Tensor | None = None,
+    clamp: float | None = None,
+) -> Tensor:
+    """The `kind` estimate of KL(pi || pi_ref) per token, `[B, T]`, within [-clamp, clamp] when `clamp` is given;
+    0 on padding when `mask` is given.
+
+    Differentiable in both arguments (0 where clamped); callers building rewards pass detached log-probs.
     """
     check_kl_estimator(kind)
+    check_kl_clamp(clamp)
     if logprobs.shape != ref_logprobs.shape:
         raise ValueError(
             f"logprobs {tuple(logprobs.shape)} and ref_logprobs {tuple(ref_logprobs.shape)} differ in shape"
@@ -42,13 +81,19 @@ def kl_penalty(
     log_ratio = logprobs - ref_logprobs
     if mask is not None:  # before exp(): a NaN on padding must not reach a gradient either
         log_ratio = torch.where(checked_mask(mask, log_ratio=log_ratio), log_ratio, 0)
+    if clamp is not None and kind == "k3":
+        # Below -(clamp + 1) k3 exceeds clamp (e^x >= 2x), so this changes no clamped value and keeps exp() finite
+        # (an inf there would make the clamp's zero gradient 0 * inf = NaN).
+        log_ratio = log_ratio.clamp(min=-min(clamp + 1, 80.0))
     if kind == "k1":
-        return log_ratio
-    if kind == "k2":
-        return 0.5 * log_ratio**2
-    if kind == "k3":
-        return torch.exp(-log_ratio) - 1 + log_ratio
-    return log_ratio.abs()  # "abs"
+        estimate = log_ratio
+    elif kind == "k2":
+        estimate = 0.5 * log_ratio**2
+    elif kind == "k3":
+        estimate = torch.exp(-log_ratio) - 1 + log_ratio
+    else:
+        estimate = log_ratio.abs()  # "abs"
+    return estimate if clamp is None else estimate.clamp(-clamp, clamp)
 
 
 def sequence_kl(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, kind: str = "k1") -> Tensor:

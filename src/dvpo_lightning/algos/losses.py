@@ -10,6 +10,9 @@ Every loss returns a tuple whose first element is the loss to minimise:
   statistics; the caller averages (an offline stage's batch mean). `dpo` (in `preference_objective`)
   is the entry to the whole offline preference family of `preference_losses`.
 
+The policy losses of the on-policy update (`ppo`, `gspo`, `gspo_token`, `cispo`) have their own registry,
+`policy_losses.POLICY_LOSSES`; PPO's is also here as `ppo_policy`.
+
 Gradients flow into what is being trained (new log-probs, values, policy log-probs, scores) and
 never into old log-probs, reference log-probs, advantages or targets: those are detached here.
 """
@@ -20,9 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dvpo_lightning.algos.advantages import td_lambda_returns
 from dvpo_lightning.algos.aggregation import LossNormalizers, aggregate_loss
-from dvpo_lightning.algos.kl import kl_penalty
-from dvpo_lightning.algos.masked import checked_mask, masked_mean
+from dvpo_lightning.algos.kl import check_kl_loss_estimator, kl_penalty
+from dvpo_lightning.algos.masked import checked_mask, last_token_values, masked_mean
+from dvpo_lightning.algos.policy_losses import ppo_policy_loss
 from dvpo_lightning.algos.registry import Registry
 
 LOSSES = Registry("loss")
@@ -30,56 +35,7 @@ register_loss = LOSSES.register
 get_loss = LOSSES.get
 
 
-@register_loss("ppo_policy")
-def ppo_policy_loss(
-    logprobs: Tensor,
-    old_logprobs: Tensor,
-    advantages: Tensor,
-    mask: Tensor,
-    *,
-    clip_eps_low: float = 0.2,
-    clip_eps_high: float | None = None,
-    dual_clip: float | None = None,
-    mode: str = "token-mean",
-    normalizers: LossNormalizers | None = None,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """PPO's clipped surrogate, per token `-min(rho * A, clip(rho, 1 - eps_low, 1 + eps_high) * A)`.
-
-    `rho = exp(logprobs - old_logprobs)`, all `[B, T]`. `clip_eps_high=None` uses `clip_eps_low`.
-    `dual_clip = c > 1` (Ye et al. 2020) also bounds the loss of a negative-advantage token by
-    `-c * A`, so a ratio far above 1 cannot make it arbitrarily large.
-
-    Stats: `clip_fraction` (tokens where the clipped term is the one used), `approx_kl`
-    (k3 estimate of KL(old || new)), `ratio_mean`, `ratio_max`, and `dual_clip_fraction` with
-    `dual_clip`.
-    """
-    high = clip_eps_low if clip_eps_high is None else clip_eps_high
-    if clip_eps_low < 0 or high < 0:
-        raise ValueError(f"clip ranges must be >= 0, got clip_eps_low={clip_eps_low}, clip_eps_high={high}")
-    if dual_clip is not None and dual_clip <= 1:
-        raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
-    real = checked_mask(mask, logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages)
-    old_logprobs = torch.where(real, old_logprobs.detach(), 0)
-    advantages = torch.where(real, advantages.detach(), 0)
-    log_ratio = torch.where(real, logprobs - old_logprobs, 0)  # padding: ratio 1, advantage 0
-
-    ratio = torch.exp(log_ratio)
-    unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1 - clip_eps_low, 1 + high)
-    loss_mat = torch.maximum(unclipped, clipped)
-    stats = {"clip_fraction": masked_mean((clipped > unclipped).float(), real)}
-    if dual_clip is not None:
-        bound = -advantages * dual_clip
-        dual_clipped = (advantages < 0) & (loss_mat > bound)
-        loss_mat = torch.where(dual_clipped, bound, loss_mat)
-        stats["dual_clip_fraction"] = masked_mean(dual_clipped.float(), real)
-
-    loss = aggregate_loss(loss_mat, real, mode, normalizers)
-    ratio = ratio.detach()
-    stats["approx_kl"] = masked_mean(kl_penalty(old_logprobs, logprobs.detach(), "k3", real), real)
-    stats["ratio_mean"] = masked_mean(ratio, real)
-    stats["ratio_max"] = torch.where(real, ratio, -torch.inf).amax()
-    return loss, stats
+register_loss("ppo_policy")(ppo_policy_loss)  # the PPO policy loss, also `POLICY_LOSSES["ppo"]`
 
 
 @register_loss("value")
@@ -131,6 +87,8 @@ def gvm_loss(
     final_values: Tensor,
     *,
     ranking_weight: float = 0.0,
+    final_consistency_weight: float = 0.0,
+    td_consistency_weight: float = 0.0,
     normalizers: LossNormalizers | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The Global Value Model's loss (docs/algorithms.md §4): the TD regression `value_loss(values, targets, mask)`
@@ -142,22 +100,46 @@ def gvm_loss(
     GVM's pair layout). w = 0 is the paper's loss. The ranking term asks only that chosen outrank rejected, which
     the preference data says, where the TD term also asks for the terminal reward's scale.
 
-    Stats: the `value` loss's, `td_loss`, and with w > 0 `ranking_loss` and `ranking_accuracy` (chosen's final
-    value strictly higher).
+    TCRM's per-prefix consistency terms (arXiv 2604.22981), each `0.5 * mean_states (V(s) - sg(target))^2` over the
+    same states, so that every prefix's value carries the response's credit:
+    `final_consistency_weight` times the term whose target is the last state's value V(s_last) (every prefix
+    predicts the final value), `td_consistency_weight` times the term whose target is the next state's value
+    V(s') (a TD target; s_last has itself as target). Both targets are the model's own values without gradient.
+
+    Stats: the `value` loss's, `td_loss`, and each term in use: `ranking_loss` and `ranking_accuracy` (chosen's
+    final value strictly higher), `final_consistency_loss`, `td_consistency_loss`.
     """
-    if ranking_weight < 0:
-        raise ValueError(f"ranking_weight must be >= 0; got {ranking_weight}")
+    weights = {
+        "ranking_weight": ranking_weight,
+        "final_consistency_weight": final_consistency_weight,
+        "td_consistency_weight": td_consistency_weight,
+    }
+    for name, weight in weights.items():
+        if weight < 0:
+            raise ValueError(f"{name} must be >= 0; got {weight}")
     td, stats = value_loss(values, targets, mask, normalizers=normalizers)
     stats["td_loss"] = td.detach()
+    loss = td
+    if final_consistency_weight or td_consistency_weight:
+        last = last_token_values(values.detach(), mask)  # [2B], V(s_last)
+        consistency_targets = {  # [2B, S]: V(s_last) everywhere; V(s') (gamma = 1, lambda = 0), V(s_last) at s_last
+            "final_consistency": (final_consistency_weight, last.unsqueeze(-1).expand_as(values)),
+            "td_consistency": (td_consistency_weight, td_lambda_returns(last, values, mask, 1.0, 0.0)),
+        }
+        for name, (weight, consistency_target) in consistency_targets.items():
+            if weight:
+                term, _ = value_loss(values, consistency_target, mask, normalizers=normalizers)
+                stats[f"{name}_loss"] = term.detach()
+                loss = loss + weight * term
     if ranking_weight == 0:
-        return td, stats
+        return loss, stats
     if final_values.shape[0] % 2:
         raise ValueError(
             f"final_values must hold chosen then rejected rows; got {final_values.shape[0]} rows"
         )
     ranking, accuracy = bradley_terry_loss(*final_values.chunk(2))
     stats["ranking_loss"], stats["ranking_accuracy"] = ranking.mean().detach(), accuracy.mean()
-    return td + ranking_weight * ranking.mean(), stats
+    return loss + ranking_weight * ranking.mean(), stats
 
 
 @register_loss("kl")
@@ -170,14 +152,17 @@ def kl_loss(
     estimator: str = "k3",
     mode: str = "token-mean",
     normalizers: LossNormalizers | None = None,
+    clamp: float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The KL to the reference as a loss term, `kl_coef * kl_t` per token (GRPO puts it here, k3, rather than in the
-    reward); `logprobs` carry the gradient, `ref_logprobs` are detached. All `[B, T]`.
+    reward); `logprobs` carry the gradient, `ref_logprobs` are detached. All `[B, T]`. `estimator` is k2 or k3
+    (`check_kl_loss_estimator`), each estimate within [-clamp, clamp] when `clamp` is given.
 
     Stats: `kl_mean`, the mean per-token estimate over real tokens.
     """
+    check_kl_loss_estimator(estimator)
     real = checked_mask(mask, logprobs=logprobs, ref_logprobs=ref_logprobs)
-    kl = kl_penalty(logprobs, ref_logprobs.detach(), estimator, real)
+    kl = kl_penalty(logprobs, ref_logprobs.detach(), estimator, real, clamp)
     loss = kl_coef * aggregate_loss(kl, real, mode, normalizers)
     return loss, {"kl_mean": masked_mean(kl.detach(), real)}
 

@@ -51,6 +51,19 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = False) -> Tensor:
     return masked_sum(squared_deviation, real) / (count - 1 if unbiased else count).clamp(min=1)
 
 
+def masked_moments(x: Tensor, mask: Tensor, distributed: bool = False) -> tuple[Tensor, Tensor]:
+    """(mean, unbiased variance) of `x` over its real tokens, scalars; with `distributed=True` and a process group
+    initialised, over every rank's real tokens (sums and counts are all-reduced; the statistics from other ranks
+    carry no gradient)."""
+    real = checked_mask(mask, x=x)
+    x = torch.where(real, x, 0)  # a NaN on padding would otherwise reach the gradient of the mean
+    reduce = all_reduce_sum if distributed else (lambda total: total)
+    count = reduce(masked_count(real))
+    mean = reduce(masked_sum(x, real)) / count.clamp(min=1)
+    squared_deviation = reduce(masked_sum((x - mean) ** 2, real))
+    return mean, squared_deviation / (count - 1).clamp(min=1)
+
+
 def masked_whiten(
     x: Tensor, mask: Tensor, shift_mean: bool = True, distributed: bool = False, eps: float = 1e-8
 ) -> Tensor:
@@ -58,17 +71,12 @@ def masked_whiten(
 
     The variance is the unbiased one. With `shift_mean=False` the mean is added back, so only the
     scale changes (used for advantages whose sign must be kept). With `distributed=True` and a
-    process group initialised, the mean and variance are those of every rank's real tokens (sums
-    and counts are all-reduced; the statistics from other ranks carry no gradient).
+    process group initialised, the mean and variance are those of every rank's real tokens
+    (`masked_moments`).
     """
     real = checked_mask(mask, x=x)
-    x = torch.where(real, x, 0)  # a NaN on padding would otherwise reach the gradient of the mean
-    reduce = all_reduce_sum if distributed else (lambda total: total)
-    count = reduce(masked_count(real))
-    mean = reduce(masked_sum(x, real)) / count.clamp(min=1)
-    squared_deviation = reduce(masked_sum((x - mean) ** 2, real))
-    var = squared_deviation / (count - 1).clamp(min=1)
-    whitened = (x - mean) * torch.rsqrt(var + eps)
+    mean, var = masked_moments(x, real, distributed)
+    whitened = (torch.where(real, x, 0) - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean
     return torch.where(real, whitened, 0)

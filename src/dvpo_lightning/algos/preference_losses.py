@@ -27,6 +27,9 @@ register_preference_loss = PREFERENCE_LOSSES.register
 get_preference_loss = PREFERENCE_LOSSES.get
 
 IPO_NORMALIZATIONS = ("sum", "token_mean")
+#: option values that change no loss, so that a loss not reading the option need not refuse them: no label flips
+#: (the value every DPO checkpoint stored before options became per-loss)
+NEUTRAL_OPTION_VALUES = {"label_smoothing": 0.0}
 
 
 def _check_flip_rate(label_smoothing: float, loss: str) -> None:
@@ -237,8 +240,9 @@ def discopop_loss(
     if discopop_tau <= 0:
         raise ValueError(f"discopop_tau must be > 0, got {discopop_tau}")
     rho = beta * (chosen_logratios - rejected_logratios)
-    blend = torch.sigmoid(rho / discopop_tau)
-    return (1 - blend) * -F.logsigmoid(rho) + blend * torch.exp(-rho)
+    # sigmoid(rho / tau) exp(-rho) in one exp: below rho = -88.7 exp(-rho) alone overflows (0 * inf = NaN).
+    exponential = torch.exp(F.logsigmoid(rho / discopop_tau) - rho)
+    return torch.sigmoid(-rho / discopop_tau) * -F.logsigmoid(rho) + exponential
 
 
 @register_preference_loss("nll")
@@ -273,9 +277,31 @@ def simpo_loss(
     return _smoothed_logistic(beta * margin - simpo_gamma, label_smoothing)
 
 
+LOG_2 = 0.6931471805599453
+
+
 def _log1mexp(x: Tensor) -> Tensor:
-    """`log(1 - exp(x))` for x < 0, without cancellation (branching at -log 2)."""
-    return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+    """`log(1 - exp(x))` for x < 0, without cancellation (branching at -log 2).
+
+    Each branch gets an input inside its own range: `torch.where` back-propagates through the branch it did not
+    pick too, and `log1p(-exp(x))` near 0 (its gradient infinite) would make that 0 * inf = NaN.
+    """
+    far, near = x.clamp(max=-LOG_2), x.clamp(min=-LOG_2)
+    return torch.where(x < -LOG_2, torch.log1p(-torch.exp(far)), torch.log(-torch.expm1(near)))
+
+
+def _odds_ratio_loss(chosen: Tensor, rejected: Tensor) -> Tensor:
+    """`-log sigmoid(log odds(c) - log odds(r))` of mean log-probs `c`, `r` `[B]`, finite with its gradient up to
+    c = 0 (a chosen response of probability 1, whose log-odds are infinite).
+
+    For c >= -log 2 it is written `log(p_c + odds(r) (1 - p_c)) - c` (`p_c = exp(c)`), which never forms odds(c):
+    its gradient in c at 0 is the limit `-odds(r)`. Below, the log-odds form, each branch given safe inputs.
+    """
+    log_odds_rejected = rejected - _log1mexp(rejected)
+    near, far = chosen.clamp(min=-LOG_2), chosen.clamp(max=-LOG_2)
+    near_loss = torch.log(torch.exp(near) - torch.exp(log_odds_rejected) * torch.expm1(near)) - near
+    far_loss = F.softplus(log_odds_rejected - (far - _log1mexp(far)))
+    return torch.where(chosen < -LOG_2, far_loss, near_loss)
 
 
 @register_preference_loss("orpo")
@@ -295,5 +321,4 @@ def orpo_loss(
     """
     chosen = policy_chosen_logps / chosen_lengths.clamp(min=1)
     rejected = policy_rejected_logps / rejected_lengths.clamp(min=1)
-    log_odds = (chosen - rejected) - (_log1mexp(chosen) - _log1mexp(rejected))
-    return nll_loss(policy_chosen_logps, chosen_lengths) - beta * F.logsigmoid(log_odds)
+    return nll_loss(policy_chosen_logps, chosen_lengths) + beta * _odds_ratio_loss(chosen, rejected)

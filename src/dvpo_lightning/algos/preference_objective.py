@@ -8,7 +8,8 @@ list and `loss_weights`.
 
 `beta` goes to every loss that takes it, each other option (`label_smoothing`, `ipo_normalization`,
 `discopop_tau`, `simpo_gamma`) to the chosen losses that declare it; an option that none of them reads is an
-error, and an option left None takes each loss's own default. The options' values are checked once, when the
+error unless its value changes no loss (`NEUTRAL_OPTION_VALUES`: `label_smoothing` 0), and an option left None
+takes each loss's own default. The options' values are checked once, when the
 objective is built, by the losses themselves.
 """
 
@@ -23,7 +24,11 @@ import torch
 from torch import Tensor
 
 from dvpo_lightning.algos.losses import register_loss
-from dvpo_lightning.algos.preference_losses import PREFERENCE_LOSSES, get_preference_loss
+from dvpo_lightning.algos.preference_losses import (
+    NEUTRAL_OPTION_VALUES,
+    PREFERENCE_LOSSES,
+    get_preference_loss,
+)
 
 # Inputs only a reference model provides: a loss reading none of them is reference-free.
 REFERENCE_INPUTS = frozenset(
@@ -104,7 +109,8 @@ class PreferenceObjective:
             self._term(name, weight, functions[name], beta, given) for name, weight in zip(names, weights)
         )
         for option, value in given.items():
-            if not any(option in term.keywords for term in self.terms):
+            neutral = option in NEUTRAL_OPTION_VALUES and value == NEUTRAL_OPTION_VALUES[option]
+            if not neutral and not any(option in term.keywords for term in self.terms):
                 readers = _losses_with_option(option)
                 if not readers:
                     raise ValueError(f"unknown preference-loss option {option!r}")

@@ -33,6 +33,22 @@ def clamp_scores(scores: Tensor, limit: float) -> Tensor:
     return scores.clamp(-limit, limit)
 
 
+def overlong_penalty(lengths: Tensor, max_length: int, buffer: int, factor: float = 1.0) -> Tensor:
+    """DAPO's overlong reward shaping (Yu et al., arXiv 2503.14476, eq. 13): `[B]` rewards for response lengths
+    `[B]`, 0 up to `max_length - buffer` tokens, then falling linearly to `-factor` at `max_length` (and staying
+    there beyond it):
+
+        R_length(y) = -factor * clamp(|y| - (max_length - buffer), 0, buffer) / buffer
+    """
+    if not 0 < buffer <= max_length or factor < 0:
+        raise ValueError(
+            f"overlong shaping needs 0 < buffer <= max_length and factor >= 0; got buffer={buffer}, "
+            f"max_length={max_length}, factor={factor}"
+        )
+    excess = (lengths.float() - (max_length - buffer)).clamp(0, buffer)
+    return -factor * excess / buffer
+
+
 def penalize_unfinished(scores: Tensor, finished: Tensor, penalty: float) -> Tensor:
     """`scores - penalty` for responses that did not end with EOS (`finished [B]` bool is False)."""
     if finished.shape != scores.shape:

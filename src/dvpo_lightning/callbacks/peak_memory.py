@@ -49,7 +49,7 @@ class PeakMemoryMonitor(Callback):
 
     At the end of fit, `summary` (a dict) holds the peak over the whole fit, overall and per phase (a phase run
     outside a training step, e.g. generation during validation, counts too), is printed as a table on rank zero
-    and written to `<trainer.log_dir or default_root_dir>/peak_memory.json`. It is this process's (rank zero's).
+    and written to `<run folder>/peak_memory.json` (`reports.run_dir`). It is this process's (rank zero's).
     Runs other than `fit` (validate, test, predict) are not measured.
 
     Args:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from rich.console import Console
 from rich.table import Table
@@ -16,11 +18,23 @@ GIB = 2**30  # the "gb" in metric names is GiB
 
 
 def run_dir(trainer: pl.Trainer) -> Path:
-    """`trainer.log_dir` (the first logger's version folder), else `Trainer(default_root_dir)`.
+    """This run's own folder: the first logger's version folder (CSV, TensorBoard: `<save_dir>/<name>/version_N`).
 
-    `trainer.log_dir` broadcasts from rank zero, so this must be called on every process (e.g. in `on_fit_start`).
+    A tracker logger (W&B, MLflow) has no such folder, and Lightning's `trainer.log_dir` is then its `save_dir`,
+    shared by every run: its run gets `<save_dir>/<name>/<version>` (the project or experiment, and the run's id),
+    where Lightning puts such a logger's checkpoints. Without a logger: `Trainer(default_root_dir)`. Broadcast from
+    rank zero (only it has the tracker's run), so this must be called on every process (e.g. in `on_fit_start`).
     """
-    return Path(trainer.log_dir or trainer.default_root_dir)
+    if not trainer.loggers:
+        return Path(trainer.default_root_dir)
+    logger = trainer.loggers[0]
+    if isinstance(logger, (CSVLogger, TensorBoardLogger)):
+        path = logger.log_dir
+    else:
+        path = os.path.join(
+            logger.save_dir or trainer.default_root_dir, str(logger.name), str(logger.version)
+        )
+    return Path(trainer.strategy.broadcast(path))
 
 
 @rank_zero_only

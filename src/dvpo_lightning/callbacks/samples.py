@@ -43,7 +43,7 @@ class SampleLogger(Callback):
     validation (`RLHFModule`: the policy's answers to validation prompts with their rewards, or a reward or value
     model's scores of validation pairs). Each logged sample is appended as one JSON line,
     `{"global_step": trainer.global_step, "split": "train" | "validation", **sample}`, to
-    `<trainer.log_dir or default_root_dir>/samples.jsonl`, and the batch goes, as a table under the tag `samples`
+    `<run folder>/samples.jsonl` (`reports.run_dir`), and the batch goes, as a table under the tag `samples`
     or `val_samples`, to every attached TensorBoard (markdown text), Weights & Biases (a `wandb.Table`) and MLflow
     logger (a markdown artifact `<tag>/step_<N>.md`). A module without samples (or with an empty list) is
     skipped; the same list object is never logged twice. Only rank zero's samples are logged. A run resumed into

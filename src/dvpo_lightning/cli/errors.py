@@ -13,12 +13,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import re
 import sys
 from collections.abc import Iterator
 
+from dvpo_lightning.cli.unknown_names import PARSER_KEY, unknown_name_message
+
 EXIT_USER_ERROR = 2
-PARSER_KEY = re.compile(r'(?:- )?Parser key "([^"]+)":')
 HINT = "(--debug shows the traceback)"
 
 
@@ -66,8 +66,11 @@ def argument_message(error: argparse.ArgumentError) -> str:
 
     For an option inside a class (`--model.init_args.optim.betas`) it nests `Parser key "...":` sections, one per
     level, among the reasons why every other type of each union failed too; the innermost section says what is
-    wrong.
+    wrong. A misspelt option or class is named with the closest valid name (`dvpo_lightning.cli.unknown_names`).
     """
+    unknown_name = unknown_name_message(str(error))
+    if unknown_name is not None:
+        return unknown_name
     lines = str(error).splitlines()
     keys, detail = [], ""
     for index, line in enumerate(lines):

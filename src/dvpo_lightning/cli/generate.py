@@ -1,4 +1,5 @@
-"""`dvpo generate`: sample from an exported policy (any Hugging Face causal LM directory or cached hub name).
+"""`dvpo generate`: sample from an exported policy (any Hugging Face causal LM directory or cached hub name, a GGUF
+file, or a packaged model).
 
     dvpo generate outputs/builtin/dvpo/model --prompt "tell me about : horse forest . answer :"
     dvpo generate outputs/builtin/sft/model --prompts-file prompts.txt --num-samples 4 --output samples.jsonl
@@ -7,9 +8,12 @@
 Prompts come from `--prompt` (repeatable) and `--prompts-file`: a `.txt` file holds one prompt per line; a
 `.jsonl` file one object per line with a `prompt` string or a `messages` list (`[{"role": ..., "content": ...}]`).
 Where the tokenizer has a chat template, a prompt is sent as a user message through it with the generation prompt
-(`--raw` sends the text as is); a `messages` conversation needs a template. Prompts are tokenised as in training,
-and sampled with the training engine (`generate_responses`: KV cache, the pad token never sampled, nothing after
-EOS); one longer than the model's context leaves room for the response by keeping its end. Each answer is printed;
+(`--raw` sends the text as is); a `messages` conversation is rendered as training rendered it (`ChatRenderer`: the
+template, or HH-RLHF's transcript style without one). Prompts are tokenised as in training, and sampled with the
+training engine (`generate_responses`: KV cache, the pad token never sampled, nothing after EOS); one longer than
+the model's context leaves room for the response by keeping its end. `--max-new-tokens` defaults to 64 tokens, fewer
+where the model's context would not hold them after the longest prompt (at least half the context stays for the
+response). Each answer is printed;
 `--output` also writes them as JSON lines (`prompt`, `sample`, `response`, `finished`).
 """
 
@@ -30,6 +34,8 @@ from dvpo_lightning.data.tokenizers import ensure_pad_token, load_tokenizer
 from dvpo_lightning.models import ModelSpec, build_policy, context_length
 from dvpo_lightning.rl import SamplingConfig, decode_responses, generate_responses
 
+DEFAULT_MAX_NEW_TOKENS = 64
+
 
 def generate_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -38,14 +44,21 @@ def generate_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "model", help="an exported policy directory (<default_root_dir>/model) or a cached hub name"
+        "model",
+        help="an exported policy directory (<default_root_dir>/model), a cached hub name, a .gguf file or "
+        "packaged:<name> (dvpo models fetch <name>)",
     )
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
     parser.add_argument(
         "--prompts-file", type=Path, help="a .txt file (one prompt per line) or a .jsonl file"
     )
     parser.add_argument("--num-samples", type=int, default=1, help="answers per prompt")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help=f"default: {DEFAULT_MAX_NEW_TOKENS}, or what the model's context holds after the longest prompt",
+    )
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0)
@@ -92,13 +105,23 @@ def read_prompts(prompts: list[str], file: Path | None) -> list[str | list[dict]
 
 
 def render(prompt: str | list[dict], tokenizer, raw: bool) -> str:
-    """The text the model is given for `prompt`: through the tokenizer's chat template where it has one."""
+    """The text the model is given for `prompt`: a text through the tokenizer's chat template where it has one, a
+    message list as training renders it (`ChatRenderer`)."""
+    if isinstance(prompt, list):
+        if raw:
+            raise ValueError("a `messages` prompt is a conversation to render: it cannot be sent --raw")
+        return ChatRenderer(tokenizer).prompt(prompt)
     if raw or not tokenizer.chat_template:
-        if isinstance(prompt, list):
-            raise ValueError("a `messages` prompt needs a tokenizer with a chat template (and no --raw)")
         return prompt
-    messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-    return ChatRenderer(tokenizer).prompt(messages)
+    return ChatRenderer(tokenizer).prompt([{"role": "user", "content": prompt}])
+
+
+def default_max_new_tokens(context: int | None, longest_prompt: int) -> int:
+    """`DEFAULT_MAX_NEW_TOKENS`, fewer where the context would not hold them after the longest prompt (a longer
+    prompt then loses its start, down to half the context)."""
+    if context is None:
+        return DEFAULT_MAX_NEW_TOKENS
+    return min(DEFAULT_MAX_NEW_TOKENS, max(context - longest_prompt, context // 2))
 
 
 def generate_main(argv: list[str]) -> list[dict]:
@@ -110,6 +133,14 @@ def generate_main(argv: list[str]) -> list[dict]:
     if args.num_samples < 1 or args.batch_size < 1:
         raise ValueError("--num-samples and --batch-size must be >= 1")
     set_threads(args.threads, {"accelerator": args.device, "devices": 1})
+    dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    spec = ModelSpec(name_or_path=args.model, dtype=dtype)
+    tokenizer = ensure_pad_token(load_tokenizer(spec.name_or_path))
+    texts = [render(prompt, tokenizer, args.raw) for prompt in prompts]
+    token_ids = prompt_token_ids(texts, tokenizer)
+    room = context_length(spec)
+    if args.max_new_tokens is None:
+        args.max_new_tokens = default_max_new_tokens(room, max(map(len, token_ids)))
     sampling = SamplingConfig(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -117,12 +148,6 @@ def generate_main(argv: list[str]) -> list[dict]:
         top_k=args.top_k,
         do_sample=not args.greedy,
     )
-    dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
-    spec = ModelSpec(name_or_path=args.model, dtype=dtype)
-    tokenizer = ensure_pad_token(load_tokenizer(args.model))
-    policy = build_policy(spec, tokenizer).to(args.device)
-    texts = [render(prompt, tokenizer, args.raw) for prompt in prompts]
-    room = context_length(spec)
     longest = None if room is None else room - sampling.max_new_tokens
     if longest is not None and longest < 1:
         raise ValueError(
@@ -132,8 +157,9 @@ def generate_main(argv: list[str]) -> list[dict]:
         truncate_prompt(row, longest, "keep_end", tokenizer.bos_token_id)
         if longest and len(row) > longest
         else row
-        for row in prompt_token_ids(texts, tokenizer)
+        for row in token_ids
     ]
+    policy = build_policy(spec, tokenizer).to(args.device)
     rows = [(index, sample) for index in range(len(texts)) for sample in range(args.num_samples)]
     collate = Collator("prompts", tokenizer.pad_token_id)
     torch.manual_seed(args.seed)

@@ -13,6 +13,8 @@ Reliability, also by default:
   config that writes them, FSDP1 without CUDA points at FSDP2;
 - a fresh run refuses a directory that holds an earlier run's checkpoints or export (`--ckpt_path last` resumes
   that run, `--overwrite true` starts over: `dvpo_lightning.cli.outputs`), so `last.ckpt` is always this run's;
+  `--overwrite true` moves the earlier run aside and puts it back if the new run fails before its first
+  checkpoint;
   a resumed run continues the newest `logs/version_N` from its checkpoint's step (`dvpo_lightning.cli.logs`);
 - torch gets a share of the machine's cores per process, said at start-up (`--threads`, `dvpo_lightning.cli.threads`);
 - checkpoint files are written atomically (`AtomicCheckpointIO`), so a run killed while saving keeps its previous
@@ -28,13 +30,14 @@ Reliability, also by default:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import sys
 import warnings
 
-from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
@@ -50,11 +53,22 @@ from dvpo_lightning.callbacks import (
     ThroughputMonitor,
     TotalsRichProgressBar,
 )
+from dvpo_lightning.callbacks.reports import run_dir
 from dvpo_lightning.checkpoint_io import link_last_checkpoint, use_atomic_checkpoints
 from dvpo_lightning.cli.logs import default_loggers, resumed_log_step
-from dvpo_lightning.cli.outputs import prepare_output_directory
+from dvpo_lightning.cli.outputs import DiscardSetAside, SetAside, prepare_output_directory
 from dvpo_lightning.cli.threads import set_threads
 from dvpo_lightning.preflight import check_run_config
+
+
+class RunTrainer(Trainer):
+    """Lightning's Trainer, whose `log_dir` (where the CLI saves `config.yaml`) is the run's own folder, as for the
+    reports of the monitors (`run_dir`): with a tracker logger, Lightning's is the tracker's folder, shared by every
+    run, so each run would replace the previous one's `config.yaml`."""
+
+    @property
+    def log_dir(self) -> str:
+        return str(run_dir(self))
 
 
 class DVPOCLI(LightningCLI):
@@ -70,8 +84,9 @@ class DVPOCLI(LightningCLI):
             "--overwrite",
             type=bool,
             default=False,
-            help="start over in a directory that holds an earlier run's checkpoints or export: delete them, and its "
-            "logs, first (see dvpo_lightning.cli.outputs)",
+            help="start over in a directory that holds an earlier run's checkpoints or export: they, and its logs, "
+            "are moved aside, deleted once the new run has its first checkpoint and put back if it fails before "
+            "(see dvpo_lightning.cli.outputs)",
         )
         parser.add_argument(
             "--threads",
@@ -92,6 +107,7 @@ class DVPOCLI(LightningCLI):
         self._default_loggers = config.trainer.logger in (None, True)
         self._root = root
         self._resume_from_step = None
+        self._set_aside: SetAside | None = None
         if self.subcommand != "fit":
             return
         checkpoint = resolved_checkpoint(config.ckpt_path, config.checkpoint.dirpath)
@@ -102,7 +118,30 @@ class DVPOCLI(LightningCLI):
                 root, "model"
             )
             logs = os.path.join(root, "logs") if self._default_loggers else None
-            prepare_output_directory(root, config.checkpoint.dirpath, export_dir, logs, config.overwrite)
+            self._set_aside = prepare_output_directory(
+                root, config.checkpoint.dirpath, export_dir, logs, config.overwrite
+            )
+
+    def instantiate_classes(self) -> None:
+        with self._settling_overwritten_run(finished=False):
+            super().instantiate_classes()
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        with self._settling_overwritten_run(finished=True):
+            super()._run_subcommand(subcommand)
+
+    @contextlib.contextmanager
+    def _settling_overwritten_run(self, finished: bool):
+        """Put an overwritten run back if this run fails before its first checkpoint; delete it once this one has
+        finished (`cli.outputs.SetAside`)."""
+        try:
+            yield
+        except BaseException:
+            if self._set_aside is not None:
+                self._set_aside.settle(failed=True)
+            raise
+        if finished and self._set_aside is not None:
+            self._set_aside.settle(failed=False)
 
     def before_fit(self) -> None:
         if hasattr(self.model, "run_config"):  # recorded in the export's lineage
@@ -117,6 +156,8 @@ class DVPOCLI(LightningCLI):
         if self._default_loggers:
             kwargs["logger"] = default_loggers(self._root, self._resume_from_step)
         callbacks = [*(config.get("callbacks") or []), RandomState()]
+        if self._set_aside is not None:
+            callbacks.append(DiscardSetAside(self._set_aside))
         if config.get("enable_progress_bar") is not False:
             callbacks.append(TotalsRichProgressBar() if sys.stdout.isatty() else ProgressLines())
         if config.get("logger") is not False:
@@ -128,11 +169,17 @@ class DVPOCLI(LightningCLI):
 
 
 def resolved_checkpoint(ckpt_path: str | None, checkpoint_dir: str) -> str | None:
-    """The checkpoint file or directory a fit resumes from: `last` is `<checkpoint_dir>/last.ckpt`; None for a
+    """The checkpoint file or directory a fit resumes from: `last` is `<checkpoint_dir>/last.ckpt`, refused when
+    there is none (Lightning would start from step 0, as TRL's `resume_from_checkpoint=True` does not); None for a
     fresh run or a checkpoint Lightning finds by other means (`best`, `hpc`, a registry)."""
     if ckpt_path == "last":
         path = os.path.join(checkpoint_dir, "last.ckpt")
-        return path if os.path.exists(path) else None
+        if not os.path.exists(path):
+            raise ValueError(
+                f"--ckpt_path last: there is no checkpoint to resume ({path} does not exist); leave --ckpt_path "
+                "out to start a fresh run"
+            )
+        return path
     return ckpt_path if ckpt_path is not None and os.path.exists(ckpt_path) else None
 
 
@@ -167,6 +214,7 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> DVPOCLI:
     return DVPOCLI(
         LightningModule,
         LightningDataModule,
+        trainer_class=RunTrainer,
         subclass_mode_model=True,
         subclass_mode_data=True,
         auto_configure_optimizers=False,

@@ -57,6 +57,7 @@ class BadRows:
         self.strict = strict
         self.counts: Counter[str] = Counter()
         self.examples: dict[str, list[int]] = {}
+        self.details: dict[str, Counter[str]] = {}  # reason -> how often each detail was given
 
     def where(self, row: int) -> str:
         return f"line {row + 1}" if self.json_lines else f"row {row}"
@@ -72,6 +73,7 @@ class BadRows:
                     "bad row; without it bad rows are skipped and counted."
                 )
             self.counts[reason] += 1
+            self.details.setdefault(reason, Counter())[detail] += 1
             examples = self.examples.setdefault(reason, [])
             if len(examples) < EXAMPLES_PER_REASON:
                 examples.append(row)
@@ -102,9 +104,14 @@ class BadRows:
         return f"{self.source}: " + ", ".join(parts)
 
     def require_rows(self, count: int, what: str) -> None:
-        """Fail with the reasons when filtering left `what` with no rows."""
+        """Fail with the reasons, each with its most frequent detail, when filtering left `what` with no rows:
+        `missing_field 6 (every row: no 'rejected')` when they all failed alike."""
         if count == 0:
-            reasons = ", ".join(f"{reason} {n}" for reason, n in self.counts.items()) or "none recorded"
+            alike = len(self.counts) == 1 and len(next(iter(self.details.values()))) == 1
+            reasons = ", ".join(
+                f"{reason} {n} ({'every row' if alike else 'e.g.'}: {self.details[reason].most_common(1)[0][0]})"
+                for reason, n in self.counts.items()
+            )
             raise BadRowError(
-                f"{what} of {self.source} has no usable rows after filtering (skipped: {reasons})"
+                f"{what} of {self.source} has no usable rows after filtering (skipped: {reasons or 'none recorded'})"
             )

@@ -1,10 +1,11 @@
-"""The project's cache directory, and writing a tokenizer directory into it safely."""
+"""The project's cache directory, and writing a directory (a tokenizer, a converted model) into it safely."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
@@ -16,15 +17,20 @@ def default_cache_dir() -> Path:
 
 
 def save_atomically(tokenizer: PreTrainedTokenizerBase, directory: Path) -> None:
-    """`save_pretrained` into a staging directory renamed to `directory`, so no process sees half of it.
+    """`save_pretrained` into `directory` through `write_atomically`."""
+    write_atomically(directory, tokenizer.save_pretrained)
+
+
+def write_atomically(directory: Path, write: Callable[[Path], object]) -> None:
+    """`write(staging)` fills a staging directory renamed to `directory`, so no process sees half of it.
 
     Several processes (ranks) may write the same directory at once: the first rename wins and the
     others keep its copy.
     """
     directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
     try:
-        tokenizer.save_pretrained(staging)
+        write(staging)
         os.rename(staging, directory)
     except OSError:
         if not directory.exists():  # not just another process winning the race

@@ -11,6 +11,8 @@ Keys per mode (every batch also has `index` `[B]`, the rows' ids in their source
 - `pairs`: the prompt block; `chosen_input_ids`, `chosen_mask`, `rejected_input_ids`, `rejected_mask`,
   all `[B, R]` with ONE `R` for both, so a module can stack them into a `[2B, R]` batch; `chosen_score`,
   `rejected_score` `[B]` float32 when the data has scores.
+- `unpaired`: the prompt block; `response_input_ids`, `response_mask` `[B, R]`; `label` `[B]` bool, true for a
+  desirable response (KTO's feedback).
 - `prompts`: the prompt block.
 """
 
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-MODES = ("sft", "pairs", "prompts")
+MODES = ("sft", "pairs", "unpaired", "prompts")
 
 
 def pad_sequences(
@@ -48,7 +50,8 @@ class Collator:
     """Turns tokenised rows into one batch of the given mode (see the module docstring).
 
     A row is a dict with `row` (its id in the source), `prompt_ids`, and per mode `response_ids`
-    (sft) or `chosen_ids`, `rejected_ids` and, when `scores`, `chosen_score` / `rejected_score` (pairs).
+    (sft), `response_ids` and `label` (unpaired) or `chosen_ids`, `rejected_ids` and, when `scores`,
+    `chosen_score` / `rejected_score` (pairs).
     A plain dataclass, so `DataLoader` workers can pickle it.
     """
 
@@ -65,11 +68,13 @@ class Collator:
         batch["prompt_input_ids"], batch["prompt_attention_mask"] = pad_sequences(
             [row["prompt_ids"] for row in rows], self.pad_id, "left"
         )
-        if self.mode == "sft":
+        if self.mode in ("sft", "unpaired"):
             batch["response_input_ids"], batch["response_mask"] = pad_sequences(
                 [row["response_ids"] for row in rows], self.pad_id, "right"
             )
-        elif self.mode == "pairs":
+        if self.mode == "unpaired":
+            batch["label"] = torch.tensor([row["label"] for row in rows], dtype=torch.bool)
+        if self.mode == "pairs":
             # Padded together so both blocks share the same width R.
             ids, mask = pad_sequences(
                 [row["chosen_ids"] for row in rows] + [row["rejected_ids"] for row in rows],

@@ -16,19 +16,31 @@ from dvpo_lightning.data.builtin import BuiltinTask, get_task
 from dvpo_lightning.data.collate import MODES, Collator
 from dvpo_lightning.data.formats import (
     CANONICAL_FEATURES,
+    LABEL_COLUMN,
     SCORE_COLUMNS,
     TEXT_COLUMNS,
     ChatRenderer,
     DataFormat,
+    columns_of,
     detect_format,
     format_names,
     get_format,
     has_scores,
+    ignored_columns,
     normalize_batch,
     sample_records,
+    unpair_rows,
 )
 from dvpo_lightning.data.resumable import EpochShuffle, LengthGroupedShuffle, ResumableDataLoader
-from dvpo_lightning.data.sources import RawSource, builtin_task_name, has_splits, is_local, load_source
+from dvpo_lightning.data.seeds import seed_or_run_seed
+from dvpo_lightning.data.sources import (
+    RawSource,
+    builtin_task_name,
+    content_of,
+    has_splits,
+    is_local,
+    load_source,
+)
 from dvpo_lightning.data.splits import split_rows, unique_prompts, validation_count
 from dvpo_lightning.data.tokenization import PROMPT_TRUNCATIONS, token_features, tokenize_batch
 from dvpo_lightning.data.tokenizers import (
@@ -39,8 +51,9 @@ from dvpo_lightning.data.tokenizers import (
 )
 
 DEFAULT_MAX_LENGTH = 256
-# The text columns each mode tokenises as responses (sft mode reads pair data's `chosen` as its `response`).
-RESPONSES = {"sft": ("response",), "pairs": ("chosen", "rejected"), "prompts": ()}
+# The text columns each mode tokenises as responses (sft mode reads pair data's `chosen` as its `response`,
+# unpaired mode each of a pair's responses as one `response`).
+RESPONSES = {"sft": ("response",), "pairs": ("chosen", "rejected"), "unpaired": ("response",), "prompts": ()}
 
 
 @dataclass
@@ -51,6 +64,7 @@ class _Rows:
     bad: BadRows
     format: DataFormat
     scores: bool  # the rows carry chosen_score / rejected_score
+    columns: frozenset[str]  # of the source
 
     def split(self, val_size: int | float, seed: int) -> tuple[_Rows, _Rows]:
         train, val = split_rows(self.rows, val_size, seed)
@@ -62,11 +76,13 @@ class RLHFDataModule(LightningDataModule):
 
     Sources: `builtin:<task>` (generated offline), a local `.jsonl` / `.jsonl.gz` / `.json` /
     `.parquet` file, a `save_to_disk` directory, or a hub dataset name. Formats (`hh`, `pairs`,
-    `messages`, `prompts`, `sft`, or one registered with `dvpo_lightning.data.formats.register_format`)
+    `messages`, `kto`, `prompts`, `sft`, `prompt_completion`, or one registered with `dvpo_lightning.data.formats.register_format`)
     are detected from the columns.
 
     Modes: `sft` batches a prompt and one response (the chosen one of pair data); `pairs` a prompt,
-    chosen and rejected (plus `chosen_score` / `rejected_score` when the data has them); `prompts`
+    chosen and rejected (plus `chosen_score` / `rejected_score` when the data has them); `unpaired` a prompt,
+    one response and its boolean `label` (KTO: `kto` data, or pair data as two rows per pair, the chosen
+    response desirable and the rejected one not); `prompts`
     only prompts, for rollouts: those of `prompt_dataset`, else of the main data, de-duplicated.
     Batch keys and padding: see `dvpo_lightning.data.collate`.
 
@@ -98,23 +114,26 @@ class RLHFDataModule(LightningDataModule):
       split (deterministic; cached under `cache_dir`), with `<pad>` and `<eos>` special tokens.
 
     Validation: `val_split` when given, else `val_size` rows of the data held out at random from
-    `seed` (the same on every run). Prompts mode splits `prompt_dataset` the same way. The training
+    `seed` (the run's seed unless pinned), by prompt: all rows of a prompt land on one side, so repeated prompts
+    never leak from training into validation (`data.splits.split_rows`). Prompts mode splits
+    `prompt_dataset` the same way. The training
     loader shuffles with a generator seeded from `seed`; in prompts mode it drops the last partial
     batch, so every rollout has `batch_size` prompts.
 
     Args:
         dataset: `builtin:<task>`, a local file or `save_to_disk` directory, or a hub dataset name.
-        tokenizer: a tokenizer directory or hub name, or `bpe:<vocab_size>` to train one on the data;
+        tokenizer: a tokenizer directory or hub name, a `.gguf` file or `packaged:<name>` (the tokenizer of the
+            converted model, `dvpo_lightning.data.model_files`), or `bpe:<vocab_size>` to train one on the data;
             None uses the built-in task's tokenizer (other datasets need one).
-        format: `hh`, `pairs`, `messages`, `prompts`, `sft` or a registered format's name; None detects
-            it from the columns.
-        mode: `sft`, `pairs` or `prompts`; None takes the `data_mode` of the Trainer's LightningModule.
+        format: `hh`, `pairs`, `messages`, `kto`, `prompts`, `sft`, `prompt_completion` or a registered format's
+            name; None detects it from the columns (and warns about columns the detected format does not read).
+        mode: `sft`, `pairs`, `unpaired` or `prompts`; None takes the `data_mode` of the Trainer's LightningModule.
         dataset_config: the hub dataset's configuration name.
         split: the split to train on (hub datasets and DatasetDict directories).
         val_split: the evaluation data: a split name of `dataset`, or a path to another file or
             directory; None holds out `val_size` rows of the training data.
         val_size: rows held out for validation when `val_split` is None: an int is a count, a float a
-            fraction; 0 disables validation.
+            fraction (at least that many: whole prompts are held out); 0 disables validation.
         prompt_dataset: a source of prompts for prompts mode (any format, detected; its prompts are used,
             a built-in task gives its prompt set, a hub dataset its `split`); None uses those of `dataset`.
         max_prompt_length: longest prompt in tokens (longer ones are handled by `prompt_truncation`); None is
@@ -131,7 +150,9 @@ class RLHFDataModule(LightningDataModule):
             `dvpo_lightning.data.resumable.LengthGroupedShuffle`. Off by default: it changes which rows share a batch.
         eval_batch_size: validation and test batch size; None is `batch_size`.
         num_workers: DataLoader worker processes.
-        seed: seed of the built-in task, the validation split and the training shuffle.
+        seed: seed of the built-in task's rows, the validation split and the training shuffle; None (the default)
+            takes the run's seed (`--seed_everything`; 0 without one), so two run seeds see two splits and orders;
+            set it to pin them (`dvpo_lightning.data.seeds`).
         strict: fail on the first bad row instead of skipping it.
         cache_dir: where datasets and trained tokenizers are cached; None uses the `datasets`
             cache and `$DVPO_CACHE` (default `~/.cache/dvpo_lightning`).
@@ -157,12 +178,13 @@ class RLHFDataModule(LightningDataModule):
         group_by_length: bool = False,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
-        seed: int = 0,
+        seed: int | None = None,
         strict: bool = False,
         cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        seed = seed_or_run_seed(seed)
         task_name = builtin_task_name(dataset)
         self.task: BuiltinTask | None = get_task(task_name, seed) if task_name is not None else None
         _check_choice("format", format, format_names())
@@ -211,6 +233,9 @@ class RLHFDataModule(LightningDataModule):
         self.val_dataset: datasets.Dataset | None = None
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self._main_splits: tuple[_Rows, _Rows] | None = None
+        self._sources: dict[
+            str, dict
+        ] = {}  # by spec: the format it was read in, and its content (`content_of`)
         self._scores = False
 
     # --- the tokenizer ---------------------------------------------------------------------------
@@ -243,7 +268,7 @@ class RLHFDataModule(LightningDataModule):
             train, val = self._prompt_splits()
         else:
             train, val = self._splits()
-            self._check_format_fits_mode(train.format)
+            self._check_format_fits_mode(train)
             self._scores = self.mode == "pairs" and train.scores
         self.train_dataset = self._tokenize(train, "train")
         self.val_dataset = self._tokenize(val, "validation")
@@ -293,13 +318,18 @@ class RLHFDataModule(LightningDataModule):
         return self.val_dataloader()
 
     def describe(self) -> dict:
-        """What the data of a run was, for the lineage of its export: sources, settings and row counts."""
+        """What the data of a run was, for the lineage of its export: sources, settings and row counts.
+
+        `format` is the one `dataset` was read in (detected, or named by the option); `sources` holds, for each
+        source read, its format and, for a local one, its resolved path and SHA-256 (`sources.content_of`).
+        """
         return {
             "dataset": self.dataset,
             "split": self.split,
             "val_split": self.val_split,
             "prompt_dataset": self.prompt_dataset,
-            "format": self.format,
+            "format": self._sources.get(self.dataset, {}).get("format", self.format),
+            "sources": self._sources,
             "mode": self.mode,
             "tokenizer": self.tokenizer_name,
             "seed": self.seed,
@@ -335,7 +365,14 @@ class RLHFDataModule(LightningDataModule):
     def _parse(self, source: RawSource, fmt: str | None) -> _Rows:
         """Raw records -> canonical rows; bad rows are logged in a new `BadRows` of the source."""
         sample = sample_records(source.dataset)
+        columns, detected = columns_of(sample), fmt is None
         fmt = get_format(fmt or detect_format(sample, source.name))
+        ignored = ignored_columns(columns, fmt)
+        if detected and ignored:
+            rank_zero_warn(
+                f"{source.name} is read as {fmt.name!r} data from its columns {sorted(columns & fmt.columns)}; no "
+                f"format reads all of them, so {ignored} are ignored (rename them, or pass --data.format)"
+            )
         scores = has_scores(sample, fmt)
         # A freshly trained BPE tokenizer has no chat template: messages use the default one.
         renderer = ChatRenderer(None if bpe_vocab_size(self.tokenizer_name) else self.tokenizer)
@@ -348,10 +385,11 @@ class RLHFDataModule(LightningDataModule):
             fn_kwargs={"data_format": fmt, "renderer": renderer, "scores": scores},
             desc=f"Parsing {source.name} ({fmt.name})",
         )
+        self._sources[source.name] = {"format": fmt.name, **content_of(source.name)}
         bad = BadRows(source.name, source.json_lines, self.strict)
         rows = bad.drop(rows)
         bad.require_rows(len(rows), "the data")
-        return _Rows(rows, bad, fmt, scores)
+        return _Rows(rows, bad, fmt, scores, columns)
 
     def _splits(self) -> tuple[_Rows, _Rows]:
         """Train and validation rows of `dataset` (canonical, untokenised)."""
@@ -385,6 +423,10 @@ class RLHFDataModule(LightningDataModule):
         rows = part.rows
         if self.mode == "sft" and part.format.kind == "pairs":  # sft on pair data learns the chosen responses
             rows = rows.remove_columns("response").rename_column("chosen", "response")
+        if self.mode == "unpaired" and part.format.kind == "pairs":
+            rows = rows.map(
+                unpair_rows, batched=True, features=rows.features, desc=f"Unpairing the {split} split"
+            )
         features = token_features(rows.features, responses)
         if len(rows) == 0:  # `map` would leave an empty dataset's columns as they are
             kept = datasets.Dataset.from_dict({name: [] for name in features}, features=features)
@@ -407,13 +449,27 @@ class RLHFDataModule(LightningDataModule):
         self.truncated += sum(kept["truncated"])
         self.prompts_truncated += sum(kept["prompt_truncated"])
         columns = ["row", "prompt_ids", *(f"{key}_ids" for key in responses)]
+        columns += [LABEL_COLUMN] if self.mode == "unpaired" else []
         return kept.select_columns(columns + (list(SCORE_COLUMNS) if self._scores else []))
 
-    def _check_format_fits_mode(self, fmt: DataFormat) -> None:
-        if fmt.kind == "prompts" or (self.mode == "pairs" and fmt.kind != "pairs"):
+    def _check_format_fits_mode(self, part: _Rows) -> None:
+        fmt = part.format
+        needs = {"pairs": ("pairs",), "unpaired": ("unpaired", "pairs"), "sft": ("sft", "pairs")}[self.mode]
+        if fmt.kind not in needs:
+            what = {
+                "pairs": "preference pairs",
+                "unpaired": "labelled or paired responses",
+                "sft": "responses",
+            }
+            because = " (its undesirable responses are no demonstrations)" if fmt.kind == "unpaired" else ""
+            missing = (
+                "; no row has a 'rejected' response"
+                if self.mode == "pairs" and "chosen" in part.columns and "rejected" not in part.columns
+                else ""
+            )
             raise ValueError(
-                f"mode {self.mode!r} needs {'preference pairs' if self.mode == 'pairs' else 'responses'}, but "
-                f"{self.dataset} is {fmt.name!r} data"
+                f"mode {self.mode!r} needs {what[self.mode]}, but {self.dataset} is {fmt.name!r} data{because} "
+                f"(its columns: {sorted(part.columns)}){missing}"
             )
 
     def _report(self, logs: list[BadRows]) -> None:
@@ -457,7 +513,7 @@ class RLHFDataModule(LightningDataModule):
         mode = getattr(module, "data_mode", None)
         if mode is None:
             raise ValueError(
-                "RLHFDataModule needs a mode: pass --data.mode sft|pairs|prompts, or attach it to a Trainer "
+                "RLHFDataModule needs a mode: pass --data.mode sft|pairs|unpaired|prompts, or attach it to a Trainer "
                 "whose LightningModule defines `data_mode`"
             )
         if mode not in MODES:

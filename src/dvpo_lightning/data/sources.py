@@ -17,6 +17,7 @@ time), so later maps over it (parsing, tokenisation) are cached too.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -57,6 +58,30 @@ class RawSource:
 def builtin_task_name(spec: str) -> str | None:
     """`<task>` for a `builtin:<task>` spec, else None."""
     return spec[len(BUILTIN_PREFIX) :] if spec.startswith(BUILTIN_PREFIX) else None
+
+
+def content_of(spec: str) -> dict[str, str]:
+    """What identifies the content of a local source, for the lineage: its resolved path and the SHA-256 of its
+    bytes (`sha256sum <file>`; for a directory, of each file's relative name and bytes, in name order), so a
+    rewritten file is detectable. Empty for a built-in task (its seed and size generate it) or a hub dataset."""
+    if builtin_task_name(spec) is not None or not is_local(spec):
+        return {}
+    path = os.path.abspath(os.path.expanduser(spec))
+    digest = hashlib.sha256()
+    if os.path.isfile(path):
+        files = {"": path}
+    else:
+        files = {
+            os.path.relpath(os.path.join(root, name), path): os.path.join(root, name)
+            for root, _, names in os.walk(path)
+            for name in names
+        }
+    for name in sorted(files):
+        digest.update(name.encode() + b"\0" if name else b"")
+        with open(files[name], "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return {"path": path, "sha256": digest.hexdigest()}
 
 
 def is_local(spec: str) -> bool:

@@ -25,17 +25,26 @@ def validation_count(total: int, val_size: int | float) -> int:
 def split_rows(
     rows: datasets.Dataset, val_size: int | float, seed: int
 ) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """`(train, validation)`: a random subset of `validation_count` rows drawn from `seed` is held out.
+    """`(train, validation)`, split by prompt: the rows of a prompt are all on one side, so a prompt repeated in
+    the data (prompt-only data, several pairs per prompt) is never both trained on and validated on.
 
-    Both keep the source order, and the same rows, seed and size always give the same split.
+    The unique prompts are permuted from `seed`, and the first ones are held out with all their rows until at
+    least `validation_count` rows are. Data without repeated prompts gets the row split it always had. Both keep
+    the source order, and the same rows, seed and size always give the same split.
     """
     held_out = validation_count(len(rows), val_size)
-    if held_out >= len(rows):
+    prompt_ids: dict[str, int] = {}
+    group_of_row = np.array([prompt_ids.setdefault(prompt, len(prompt_ids)) for prompt in rows["prompt"]])
+    order = np.random.default_rng(seed).permutation(len(prompt_ids))
+    rows_held = np.cumsum(np.bincount(group_of_row, minlength=len(prompt_ids))[order])
+    groups_held = int(np.searchsorted(rows_held, held_out)) + 1 if held_out else 0
+    if groups_held >= len(prompt_ids):
         raise ValueError(
-            f"val_size={val_size} holds out {held_out} of {len(rows)} rows, leaving none to train on"
+            f"val_size={val_size} holds out {held_out} of {len(rows)} rows ({len(prompt_ids)} distinct prompts, each "
+            "kept on one side of the split), leaving none to train on"
         )
-    order = np.random.default_rng(seed).permutation(len(rows))
-    return rows.select(np.sort(order[held_out:])), rows.select(np.sort(order[:held_out]))
+    validation = np.isin(group_of_row, order[:groups_held])
+    return rows.select(np.flatnonzero(~validation)), rows.select(np.flatnonzero(validation))
 
 
 def unique_prompts(rows: datasets.Dataset) -> datasets.Dataset:

@@ -17,6 +17,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from dvpo_lightning.data.cache import default_cache_dir, save_atomically
+from dvpo_lightning.data.model_files import resolve_model_path
 
 BPE_PREFIX = "bpe:"
 PAD_TOKEN = "<pad>"
@@ -41,9 +42,11 @@ def bpe_vocab_size(spec: str | None) -> int | None:
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
-    """`AutoTokenizer.from_pretrained(name_or_path)`, failing with an error that names the spec."""
+    """`AutoTokenizer.from_pretrained(name_or_path)`, failing with an error that names the spec; a GGUF file or
+    `packaged:<name>` loads the tokenizer of its converted directory (`dvpo_lightning.data.model_files`)."""
+    path = resolve_model_path(name_or_path)
     try:
-        return AutoTokenizer.from_pretrained(name_or_path)
+        return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
         raise ValueError(
             f"could not load the tokenizer {name_or_path!r}: {err}. Pass a tokenizer directory, a hub name "

@@ -20,6 +20,7 @@ KINDS = {
     ),
     "GVMModule": ("a token-level Global Value Model (GVM), the frozen critic of DVPO", None),
     "DPOModule": ("a policy trained with Direct Preference Optimization (DPO)", "AutoModelForCausalLM"),
+    "KTOModule": ("a policy trained with KTO on desirable and undesirable responses", "AutoModelForCausalLM"),
     "PPOModule": (
         "a policy trained with PPO against a reward model and a learned critic",
         "AutoModelForCausalLM",
@@ -61,7 +62,9 @@ def model_card(info: Mapping[str, Any]) -> str:
         "",
         "## Training",
         "",
-        f"- stage: `{stage}`, {info.get('global_step', '?')} optimiser steps, seed {info.get('seed')}",
+        f"- stage: `{stage}`, {info.get('global_step', '?')} optimiser steps",
+        f"- seeds: run {info.get('seed')}; initialisation {_listed_seeds(info.get('init_seeds'))}; data "
+        f"{data.get('seed', '?')}",
     ]
     for option, record in (info.get("inputs") or {}).items():
         found = record["identity"]
@@ -101,3 +104,8 @@ def model_card(info: Mapping[str, Any]) -> str:
     if auto_class == "AutoModelForCausalLM":
         lines += ["", 'or sample from it: `dvpo generate path/to/this/directory --prompt "..."`.']
     return "\n".join(lines) + "\n"
+
+
+def _listed_seeds(seeds: dict | None) -> str:
+    """`policy 0, reference 0`: the initialisation seed of each model a stage built (`?` in older records)."""
+    return ", ".join(f"{option} {seed}" for option, seed in seeds.items()) if seeds else "?"

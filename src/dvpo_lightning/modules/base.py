@@ -23,7 +23,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dvpo_lightning.models import ModelSpec, freeze
-from dvpo_lightning.modules.checks import check_model_sources, check_sequences_fit
+from dvpo_lightning.modules.checks import check_model_sources, check_run_seeds_agree, check_sequences_fit
 from dvpo_lightning.modules.export import export_stage
 from dvpo_lightning.modules.frozen import leave_frozen_models_out_of_checkpoints
 from dvpo_lightning.modules.lineage import current_inputs, warn_if_inputs_disagree, warn_if_inputs_rewritten
@@ -47,7 +47,7 @@ class RLHFModule(pl.LightningModule):
         fsdp: sharding settings under `ModelParallelStrategy` (FSDP2); ignored under other strategies.
     """
 
-    #: the batch layout this stage trains on: "sft", "pairs" or "prompts" (read by `RLHFDataModule`).
+    #: the batch layout this stage trains on: "sft", "pairs", "unpaired" or "prompts" (read by `RLHFDataModule`).
     data_mode: ClassVar[str] = "pairs"
     #: attribute names of the frozen submodules (reference, GVM, reward model, ...).
     frozen_models: ClassVar[tuple[str, ...]] = ()
@@ -88,6 +88,7 @@ class RLHFModule(pl.LightningModule):
                 f"{type(self).__name__} needs the run's tokenizer: pass `tokenizer=` (the `dvpo` CLI passes the "
                 "data module's tokenizer automatically)"
             )
+        check_run_seeds_agree(type(self).__name__, self._trainer)
         self.check_model_sources()
         self.check_sequences_fit()
         if self.inputs_at_start is None:  # else restored from the checkpoint of the run being resumed

@@ -49,7 +49,8 @@ class DPOModule(PolicyModule):
         **kwargs: `policy`, `reference`, `reference_as_disabled_adapter`, `eval_sampling` (see `PolicyModule`),
             `tokenizer`, `export_dir`, `fsdp` (see `RLHFModule`).
 
-    Options left None take each loss's default; an option that no chosen loss reads is an error.
+    Options left None take each loss's default; an option that no chosen loss reads is an error, unless its value
+    changes no loss (label_smoothing 0, which older checkpoints stored).
     """
 
     data_mode = "pairs"

@@ -1,15 +1,11 @@
 """The Global Value Model (GVM) of DVPO: a token-level value model pretrained offline on preference data.
 
-Each pair gives two trajectories, chosen with terminal reward `+1` and rejected with `-1` (or, with
-`terminal_reward="score"` / `"reward_model"`, the data's scores or a reward model's). The model's values on
-the states a response visits are regressed onto TD(lambda) returns of that terminal reward computed from its
-own (detached) values (`algos.td_lambda_returns`). The states are s_1..s_T (before each response token) and,
-with `train_final_value`, the complete response, whose target is the terminal reward itself; DVPO's
-default bootstrap (`final_value`) reads that final value as the return of a sampled response.
-
-Beyond the paper, each off by default: a Bradley-Terry ranking term on the complete responses' values beside the
-TD loss (`ranking_weight`, `algos.gvm_loss`), and several optimiser steps per batch on targets fixed at its start
-(`inner_epochs`, the reference code's `vas_epochs`).
+Each pair gives two trajectories with a terminal reward (`terminal_reward`: +/-1 by preference, the data's scores or
+a reward model's); the values of the states s_1..s_T (before each response token) and, with `train_final_value`, of
+the complete response (which DVPO's default bootstrap reads) are regressed onto TD(lambda) returns of it computed
+from the model's own detached values (`algos.td_lambda_returns`). Beyond the paper, each off by default: the loss
+terms of `LOSS_WEIGHTS` (`algos.gvm_loss`: a Bradley-Terry ranking term, TCRM's per-prefix consistency terms) and
+several optimiser steps per batch on targets fixed at its start (`inner_epochs`, the reference code's `vas_epochs`).
 """
 
 from __future__ import annotations
@@ -32,6 +28,12 @@ from dvpo_lightning.rl import (
     terminal_rewards,
 )
 
+#: the weights of the loss's terms beyond the paper's
+LOSS_WEIGHTS = ("ranking_weight", "final_consistency_weight", "td_consistency_weight")
+#: the export's record of how the values were trained, which DVPO reads
+VALUE_TRAINING = ("terminal_reward", "gamma", "lam", "train_final_value", *LOSS_WEIGHTS, "inner_epochs")
+PAPER_STATS = {"values_mean", "abs_error_mean", "td_loss"}  # the stats of the paper's loss
+
 
 class GVMModule(RLHFModule):
     """Pretrain the Global Value Model on preference pairs.
@@ -53,11 +55,11 @@ class GVMModule(RLHFModule):
             default `bootstrap="final_value"`; false reproduces the reference code, which fits s_1..s_T only).
         ranking_weight: weight of a Bradley-Terry ranking term on the complete responses' values (chosen above
             rejected) added to the TD loss; 0 (default) is the paper's loss.
-        inner_epochs: optimiser steps per batch, each regressing onto the TD targets computed once at the batch's
-            start (the reference code's `vas_epochs`; it uses 2). Above 1 the module steps the optimiser itself
-            (Lightning's manual optimisation): `trainer.max_steps` still counts optimiser steps, so a batch is drawn
-            every `inner_epochs` steps, and gradients are clipped by `max_grad_norm` (leave
-            `trainer.gradient_clip_val` unset, which Lightning refuses with manual optimisation).
+        final_consistency_weight: weight of TCRM's term fitting every state's value to the last state's (detached).
+        td_consistency_weight: weight of TCRM's term fitting every state's value to the next state's (detached).
+        inner_epochs: optimiser steps per batch, each towards the TD targets computed at the batch's start (the
+            reference code's `vas_epochs`: 2). Above 1 the module steps the optimiser itself: `trainer.max_steps`
+            counts optimiser steps, and `max_grad_norm` clips (Lightning refuses `trainer.gradient_clip_val` then).
         max_grad_norm: gradient-norm clip of the steps `inner_epochs` > 1 takes; None = no clip.
         optim: optimiser and schedule.
         **kwargs: `tokenizer`, `export_dir`, `fsdp` (see `RLHFModule`).
@@ -77,6 +79,8 @@ class GVMModule(RLHFModule):
         reward_model: ModelSpec | None = None,
         train_final_value: bool = True,
         ranking_weight: float = 0.0,
+        final_consistency_weight: float = 0.0,
+        td_consistency_weight: float = 0.0,
         inner_epochs: int = 1,
         max_grad_norm: float | None = None,
         optim: OptimConfig | None = None,
@@ -93,11 +97,12 @@ class GVMModule(RLHFModule):
         check_terminal_reward(terminal_reward, reward_model)
         self.model_spec = model
         self.reward_model_spec = reward_model
-        self.gamma, self.lam = gamma, lam
-        self.terminal_reward = terminal_reward
+        self.gamma, self.lam, self.terminal_reward = gamma, lam, terminal_reward
         self.preference_reward = preference_reward
         self.train_final_value = train_final_value
         self.ranking_weight = ranking_weight
+        self.final_consistency_weight = final_consistency_weight
+        self.td_consistency_weight = td_consistency_weight
         self.inner_epochs = inner_epochs
         self.max_grad_norm = max_grad_norm
         self.automatic_optimization = inner_epochs == 1
@@ -110,14 +115,7 @@ class GVMModule(RLHFModule):
 
     def export_info(self) -> dict:
         """Also how the values were trained, so DVPO can refuse a GVM whose values it would misread."""
-        training = {
-            "terminal_reward": self.terminal_reward,
-            "gamma": self.gamma,
-            "lam": self.lam,
-            "train_final_value": self.train_final_value,
-            "ranking_weight": self.ranking_weight,
-            "inner_epochs": self.inner_epochs,
-        }
+        training = {option: getattr(self, option) for option in VALUE_TRAINING}
         return {**super().export_info(), "value_training": training}
 
     def exported_model_spec(self) -> ModelSpec:
@@ -150,9 +148,8 @@ class GVMModule(RLHFModule):
         # In training, the mean over every rank's states, so that data-parallel gradients are the global batch's.
         normalizers = loss_normalizers(mask, distributed=True) if training else None
         final = final_values(values, sequences.response_mask)  # [2B]
-        return gvm_loss(
-            values, targets, mask, final, ranking_weight=self.ranking_weight, normalizers=normalizers
-        )
+        weights = {name: getattr(self, name) for name in LOSS_WEIGHTS}
+        return gvm_loss(values, targets, mask, final, **weights, normalizers=normalizers)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         sequences = pair_sequences(batch)
@@ -163,8 +160,8 @@ class GVMModule(RLHFModule):
             loss, stats = self.inner_epoch_steps(batch, sequences)
         size = batch["chosen_input_ids"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=size, sync_dist=True)
-        if self.ranking_weight:
-            for name in ("td_loss", "ranking_loss", "ranking_accuracy"):
+        if stats.keys() - PAPER_STATS:  # the loss has terms beyond the paper's: log them and the TD term
+            for name in sorted(stats.keys() - PAPER_STATS | {"td_loss"}):
                 self.log(f"train/{name}", stats[name], batch_size=size, sync_dist=True)
         return loss if self.automatic_optimization else None
 

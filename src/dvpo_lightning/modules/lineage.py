@@ -87,6 +87,8 @@ def export_record(module: pl.LightningModule, directory: str, inputs: dict[str, 
         "export_dir": os.path.abspath(directory),
         "global_step": module.global_step,
         "seed": int(seed) if seed is not None else None,
+        # the seeds of each model's random initialisation (the data's is in `data`): the run's unless pinned
+        "init_seeds": {option: spec.resolved_init_seed() for option, spec in module.model_specs().items()},
         # Outside the `dvpo` CLI only the module's own arguments are known.
         "config": module.run_config
         if module.run_config is not None

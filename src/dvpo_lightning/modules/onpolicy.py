@@ -118,7 +118,8 @@ class OnPolicyModule(PolicyModule):
         )
 
     def updater(self) -> PPOUpdate:
-        return PPOUpdate(self.policy, self.critic, self.ppo, self.kl_coef, self.sampling.temperature)
+        sampled = (self.sampling.temperature, self.sampling.max_new_tokens)
+        return PPOUpdate(self.policy, self.critic, self.ppo, self.kl_coef, *sampled)
 
     def training_step(self, batch: dict, batch_idx: int) -> dict | None:
         prompts = prompts_with_room(self, batch, self.sampling, self.context_length(), "sampling", "rollout")
@@ -137,7 +138,9 @@ class OnPolicyModule(PolicyModule):
         split_warmup(self.phase_seconds, warmup_seconds(self.policy) - compiled_before, self.sampling.backend)
         with timed_phase(self, "score"):
             experience = self.experience_maker().make(responses)
-            self.nonfinite_quantities = experience.nonfinite_quantities()
+        if experience is None:  # dynamic sampling (`CriticFreeModule`): more groups before the update
+            return None
+        self.nonfinite_quantities = experience.nonfinite_quantities()
         with timed_phase(self, "update"):
             update_stats = self.updater().run(
                 experience, self.manual_backward, self.optimizer_step_with_clipping, self.trains_policy()
@@ -188,10 +191,10 @@ class OnPolicyModule(PolicyModule):
 
     def configure_optimizers(self):
         optimizer = build_optimizer(self.trained_parameter_groups(), self.optim)
-        total = schedule_length(self.trainer, self.optimizer_steps_per_batch)
+        total = schedule_length(self.trainer, self.optimizer_steps_per_iteration)
         return [optimizer], [build_scheduler(optimizer, self.optim, total)]
 
-    def optimizer_steps_per_batch(self) -> int:
+    def optimizer_steps_per_iteration(self) -> int:
         if getattr(self.trainer, "datamodule", None) is None:
             raise ValueError(
                 "without a data module the rollout size is unknown, so the LR schedule cannot be sized from the "

@@ -11,6 +11,7 @@ on-policy LightningModules only choose models, scorers and the estimator, and ha
 
 from dvpo_lightning.rl import compiled_rollout  # noqa: F401  (registers the "compiled" rollout backend)
 from dvpo_lightning.rl.config import AdvantageConfig, PPOConfig
+from dvpo_lightning.rl.dynamic_sampling import DynamicSampling, concat_experiences
 from dvpo_lightning.rl.experience import Experience, ExperienceMaker, Scorers
 from dvpo_lightning.rl.forward import (
     final_values,
@@ -32,6 +33,7 @@ from dvpo_lightning.rl.scorers import (
     DPOTokenReward,
     GoldReward,
     GoldValues,
+    OverlongPenalty,
     SequenceValue,
     StateValues,
     gold_rewards,
@@ -45,6 +47,7 @@ __all__ = [
     "ROLLOUT_BACKENDS",
     "AdvantageConfig",
     "DPOTokenReward",
+    "DynamicSampling",
     "Experience",
     "ExperienceMaker",
     "GoldReward",
@@ -53,6 +56,7 @@ __all__ = [
     "PPOUpdate",
     "Responses",
     "SamplingConfig",
+    "OverlongPenalty",
     "Scorers",
     "SequenceValue",
     "Sequences",
@@ -60,6 +64,7 @@ __all__ = [
     "TERMINAL_REWARDS",
     "check_terminal_reward",
     "clip_grad_norms",
+    "concat_experiences",
     "decode_responses",
     "experience_metrics",
     "iteration_metrics",

@@ -1,32 +1,43 @@
-"""The settings of an RL iteration: how a rollout is scored and updated on (`PPOConfig`), and which advantage
-estimator turns its rewards into advantages (`AdvantageConfig`).
+"""The settings of an RL iteration: how a rollout is scored and updated on (`PPOConfig`, with its registered policy
+loss), and which advantage estimator turns its rewards into advantages (`AdvantageConfig`).
 
 Each setting's check is written once, in the code that uses it: sizes and the KL placement here, names and ranges
 in the `algos` function that reads them (`check_kl_estimator`, `check_aggregation`, `check_discounts`,
-`build_kl_controller`, the estimator itself). The configs call those checks when they are made, so a bad setting
-fails, naming its option, before any model loads.
+`build_kl_controller`, the policy loss and the estimator themselves). The configs call those checks when they are
+made, so a bad setting fails, naming its option, before any model loads.
 """
 
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from dvpo_lightning.algos import (
+    POLICY_LOSS_INPUTS,
     ROLLOUT_INPUTS,
     KLController,
+    advantages_are_normalized,
     build_kl_controller,
     check_aggregation,
     check_discounts,
+    check_kl_clamp,
     check_kl_estimator,
+    check_kl_loss_estimator,
     get_advantage,
+    get_policy_loss,
 )
 
 KL_PLACEMENTS = ("reward", "loss")
+#: PPO's clip settings and the keyword each is given to the policy losses that declare it (verl's actor config).
+SHARED_CLIP_SETTINGS = {
+    "clip_eps": "clip_eps_low",
+    "clip_eps_high": "clip_eps_high",
+    "dual_clip": "dual_clip",
+}
 
 
 @dataclass
@@ -38,17 +49,22 @@ class PPOConfig:
         ppo_epochs: passes over each rollout.
         mini_batch_size: samples per optimiser step (per rank); None = the whole rollout.
         micro_batch_size: samples per forward/backward pass (gradient accumulation); None = the mini-batch.
-        clip_eps: PPO ratio clip (lower side, and upper side unless `clip_eps_high` is set).
-        clip_eps_high: upper ratio clip ("clip-higher"); None = `clip_eps`.
-        dual_clip: dual-clip constant for negative advantages (> 1); None = off.
+        policy_loss: the registered policy loss (`algos.POLICY_LOSSES`): ppo, gspo, gspo_token, cispo, or yours.
+        policy_loss_options: its own keyword options, e.g. `{max_weight: 5.0}` for cispo.
+        clip_eps: ratio clip (lower side, and upper side unless `clip_eps_high` is set), for the losses that clip.
+        clip_eps_high: upper ratio clip ("clip-higher"; DAPO: 0.28 with clip_eps 0.2); None = `clip_eps`.
+        dual_clip: dual-clip constant for negative advantages (> 1; `ppo` loss); None = off.
         value_clip: critic value clip around the rollout's values (PPO/RTO); None = no clipping.
-        loss_aggregation: token-mean, seq-mean-token-mean or seq-mean-token-sum.
+        loss_aggregation: token-mean, seq-mean-token-mean, seq-mean-token-sum, or TRL's grpo, bnpo, dr_grpo, dapo.
         gamma: discount.
         lam: GAE lambda.
-        whiten_advantages: normalise advantages over the whole rollout (all ranks).
-        kl_estimator: k1, k2, k3 or abs, the per-token KL estimate.
+        whiten_advantages: normalise advantages over the whole rollout (all ranks); None = unless the estimator
+            declares them already normalised within each group (grpo, rloo: `algos.normalized_advantages`).
+        kl_estimator: k1, k2, k3 or abs, the per-token KL estimate; with kl_placement "loss" only k2 or k3 (as a loss
+            term k1's gradient averages to zero and abs's is not a KL's: `algos.check_kl_loss_estimator`).
         kl_placement: "reward" (a -kl_coef * kl_t token reward; PPO, DVPO, RTO, REINFORCE++) or "loss" (a
             kl_coef * kl_t loss term on the new log-probs; GRPO).
+        kl_clamp: bound every per-token KL estimate to [-kl_clamp, kl_clamp] (OpenRLHF: 10); None = no bound.
         kl_controller: fixed or adaptive.
         kl_coef: the KL coefficient (initial value when adaptive).
         kl_target: adaptive controller's target KL per sequence.
@@ -64,6 +80,8 @@ class PPOConfig:
     ppo_epochs: int = 1
     mini_batch_size: int | None = None
     micro_batch_size: int | None = None
+    policy_loss: str = "ppo"
+    policy_loss_options: dict[str, Any] = field(default_factory=dict)
     clip_eps: float = 0.2
     clip_eps_high: float | None = None
     dual_clip: float | None = None
@@ -71,9 +89,10 @@ class PPOConfig:
     loss_aggregation: str = "token-mean"
     gamma: float = 1.0
     lam: float = 0.95
-    whiten_advantages: bool = True
+    whiten_advantages: bool | None = None
     kl_estimator: str = "k1"
     kl_placement: str = "reward"
+    kl_clamp: float | None = None
     kl_controller: str = "fixed"
     kl_coef: float = 0.01
     kl_target: float | None = None
@@ -98,8 +117,10 @@ class PPOConfig:
             raise ValueError(f"ppo.kl_placement must be one of {KL_PLACEMENTS}; got {self.kl_placement!r}")
         checks = {
             "kl_estimator": lambda: check_kl_estimator(self.kl_estimator),
+            "kl_clamp": lambda: check_kl_clamp(self.kl_clamp),
             "loss_aggregation": lambda: check_aggregation(self.loss_aggregation),
             "gamma, ppo.lam": lambda: check_discounts(self.gamma, self.lam),
+            "policy_loss": self.check_policy_loss,
             "kl_controller, ppo.kl_coef, ppo.kl_target": self.build_kl_controller,
         }
         for options, check in checks.items():
@@ -107,6 +128,53 @@ class PPOConfig:
                 check()
             except ValueError as error:
                 raise ValueError(f"ppo.{options}: {error}") from None
+        if self.kl_placement == "loss":
+            try:
+                check_kl_loss_estimator(self.kl_estimator)
+            except ValueError as error:
+                raise ValueError(
+                    f"ppo.kl_estimator={self.kl_estimator} with ppo.kl_placement=loss: {error}"
+                ) from None
+
+    def policy_loss_arguments(self) -> dict[str, Any]:
+        """The keyword options `policy_loss` is called with: the clip settings it declares, and its own options.
+        A clip setting changed from its default for a loss that does not use it is an error, as is an unknown
+        option."""
+        parameters = inspect.signature(get_policy_loss(self.policy_loss)).parameters
+        defaults = {item.name: item.default for item in fields(self)}
+        arguments, ignored = {}, []
+        for setting, keyword in SHARED_CLIP_SETTINGS.items():
+            if keyword in parameters:
+                arguments[keyword] = getattr(self, setting)
+            elif getattr(self, setting) != defaults[setting]:
+                ignored.append(f"ppo.{setting}")
+        own = [name for name in parameters if name not in (*POLICY_LOSS_INPUTS, *arguments)]
+        if ignored:
+            raise ValueError(
+                f"{', '.join(ignored)} not used by this loss; its options: {', '.join(own) or 'none'}"
+            )
+        unknown = sorted(set(self.policy_loss_options) - set(own))
+        if unknown:
+            raise ValueError(
+                f"policy_loss_options {unknown} are not options of the {self.policy_loss!r} policy loss (clip "
+                f"settings are ppo.{', ppo.'.join(SHARED_CLIP_SETTINGS)}); its options: {', '.join(own) or 'none'}"
+            )
+        return {**arguments, **self.policy_loss_options}
+
+    def check_policy_loss(self) -> None:
+        """Call the policy loss once on one token, so that an option's value it refuses fails at start-up."""
+        token = torch.zeros(1, 1)
+        mask = torch.ones(1, 1, dtype=torch.bool)
+        try:
+            get_policy_loss(self.policy_loss)(
+                logprobs=token,
+                old_logprobs=token,
+                advantages=token,
+                mask=mask,
+                **self.policy_loss_arguments(),
+            )
+        except TypeError as error:
+            raise ValueError(str(error)) from None
 
     def build_kl_controller(self) -> KLController:
         """The KL controller these settings describe (`algos.build_kl_controller` checks them)."""
@@ -161,11 +229,19 @@ class AdvantageConfig:
                 lam=lam,
                 final_values=torch.zeros(group_size),
                 group_size=group_size,
+                scores=torch.zeros(group_size),
             )
         except (ValueError, TypeError) as error:
             raise ValueError(
                 f"advantage.estimator={self.estimator!r} with this run's settings: {error}"
             ) from None
+
+    def whitens(self, whiten_advantages: bool | None) -> bool:
+        """Whether advantages are whitened over the batch: as `ppo.whiten_advantages` says, else (None) unless the
+        estimator declared them already normalised."""
+        if whiten_advantages is not None:
+            return whiten_advantages
+        return not advantages_are_normalized(get_advantage(self.estimator))
 
     def option_names(self) -> list[str]:
         parameters = inspect.signature(get_advantage(self.estimator)).parameters

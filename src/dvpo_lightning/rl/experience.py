@@ -169,11 +169,10 @@ class ExperienceMaker:
             )
             for scorer in self.scorers.dense
         ]
-        kl = kl_penalty(old_logprobs, ref_logprobs, self.ppo.kl_estimator, mask=mask)
+        kl = kl_penalty(old_logprobs, ref_logprobs, self.ppo.kl_estimator, mask=mask, clamp=self.ppo.kl_clamp)
         reward_terms = [kl_reward(kl, self.kl_coef(), mask)] if self.ppo.kl_placement == "reward" else []
-        token_rewards = assemble_token_rewards(
-            mask, *reward_terms, *dense, scores=self.sequence_scores(raw_score, responses.finished)
-        )
+        scores = self.sequence_scores(raw_score, responses.finished)
+        token_rewards = assemble_token_rewards(mask, *reward_terms, *dense, scores=scores)
         advantages, returns = self.advantage(
             token_rewards=token_rewards,
             values=values,
@@ -182,8 +181,9 @@ class ExperienceMaker:
             lam=self.ppo.lam,
             final_values=final,
             group_size=self.ppo.samples_per_prompt,
+            scores=scores,
         )
-        if self.ppo.whiten_advantages:
+        if self.advantage.whitens(self.ppo.whiten_advantages):
             advantages = masked_whiten(advantages, mask, distributed=True)
         return Experience(
             responses=responses,

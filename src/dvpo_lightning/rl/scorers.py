@@ -4,7 +4,8 @@ Three kinds, by what they give the experience maker:
 
 - a *sequence scorer* `(responses, ref_logprobs) -> [B]`: one reward per response, placed at its last token
   (`SequenceValue` over a reward model, or over a GVM for GVM-scored GRPO; `GoldReward` on the built-in task);
-- a *dense scorer* `(responses, ref_logprobs) -> [B, R]`: a reward per response token (`DPOTokenReward`, RTO's);
+- a *dense scorer* `(responses, ref_logprobs) -> [B, R]`: a reward per response token (`DPOTokenReward`, RTO's;
+  `OverlongPenalty`, DAPO's length penalty at the last token);
 - a *value scorer* `(responses) -> (values [B, R], final_values [B])`: V(s_t) before each token and the value of
   the complete response (`StateValues` over PPO's critic or DVPO's GVM; `GoldValues`, the oracle of the built-in
   task).
@@ -18,7 +19,13 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from dvpo_lightning.algos import dpo_token_reward, earned_values, rs_ppo_shaping
+from dvpo_lightning.algos import (
+    add_at_last_token,
+    dpo_token_reward,
+    earned_values,
+    overlong_penalty,
+    rs_ppo_shaping,
+)
 from dvpo_lightning.rl.forward import final_values, policy_logprobs, state_values
 from dvpo_lightning.rl.rollout import decode_responses
 from dvpo_lightning.rl.sequences import Responses
@@ -36,6 +43,20 @@ class SequenceValue:
     @torch.no_grad()
     def __call__(self, responses: Responses, ref_logprobs: torch.Tensor) -> torch.Tensor:
         return final_values(state_values(self.model, responses), responses.response_mask)  # [B]
+
+
+class OverlongPenalty:
+    """DAPO's overlong reward shaping (`algos.overlong_penalty`) at each response's last token: 0 up to
+    `max_length - buffer` tokens, then down to `-factor` at `max_length` (sampling's `max_new_tokens`)."""
+
+    def __init__(self, max_length: int, buffer: int, factor: float = 1.0):
+        overlong_penalty(torch.zeros(1), max_length, buffer, factor)  # a bad setting fails here, not mid-run
+        self.max_length, self.buffer, self.factor = max_length, buffer, factor
+
+    def __call__(self, responses: Responses, ref_logprobs: torch.Tensor) -> torch.Tensor:
+        mask = responses.response_mask
+        penalty = overlong_penalty(responses.lengths, self.max_length, self.buffer, self.factor)  # [B]
+        return add_at_last_token(torch.zeros(mask.shape, device=mask.device), penalty, mask)  # [B, R]
 
 
 class StateValues:

@@ -19,10 +19,10 @@ import torch
 from torch import nn
 
 from dvpo_lightning.algos import (
+    get_policy_loss,
     kl_loss,
     loss_normalizers,
     masked_mean,
-    ppo_policy_loss,
     value_loss,
 )
 from dvpo_lightning.algos.distributed import all_reduce_sum, world_size
@@ -36,7 +36,9 @@ SUMMED_OVER_MICRO_BATCHES = ("policy/loss", "value/loss", "kl/loss")
 
 
 class PPOUpdate:
-    """Updates `policy` (and `critic`, when given) on experiences, with PPO's clipped losses."""
+    """Updates `policy` (and `critic`, when given) on experiences, with the policy loss `ppo.policy_loss` and PPO's
+    clipped value loss. `max_response_length` (sampling's `max_new_tokens`) is the `dr_grpo` aggregation's
+    constant."""
 
     def __init__(
         self,
@@ -45,14 +47,12 @@ class PPOUpdate:
         ppo: PPOConfig,
         kl_coef: Callable[[], float],
         temperature: float = 1.0,
+        max_response_length: int | None = None,
     ):
-        self.policy, self.critic, self.ppo, self.kl_coef, self.temperature = (
-            policy,
-            critic,
-            ppo,
-            kl_coef,
-            temperature,
-        )
+        self.policy, self.critic, self.ppo, self.kl_coef = policy, critic, ppo, kl_coef
+        self.temperature, self.max_response_length = temperature, max_response_length
+        self.policy_loss = get_policy_loss(ppo.policy_loss)
+        self.policy_loss_arguments = ppo.policy_loss_arguments()
 
     def run(
         self,
@@ -73,7 +73,9 @@ class PPOUpdate:
             epoch_kl = []
             for start in range(0, size, mini):
                 micro_rows = self.micro_batches(experience, order[start : start + mini], micro)
-                normalizers = loss_normalizers([experience.mask[r] for r in micro_rows], distributed=True)
+                normalizers = loss_normalizers(
+                    [experience.mask[r] for r in micro_rows], True, self.max_response_length
+                )
                 minibatch_losses: dict[str, float] = {}
                 for rows in micro_rows:
                     loss, stats = self.loss(experience.select(rows), normalizers, train_policy)
@@ -116,16 +118,14 @@ class PPOUpdate:
             logprobs, entropy = policy_logprobs(
                 self.policy, batch.responses, self.temperature, with_entropy=True
             )
-            policy_loss, policy_stats = ppo_policy_loss(
-                logprobs,
-                batch.old_logprobs,
-                batch.advantages,
-                batch.mask,
-                clip_eps_low=ppo.clip_eps,
-                clip_eps_high=ppo.clip_eps_high,
-                dual_clip=ppo.dual_clip,
+            policy_loss, policy_stats = self.policy_loss(
+                logprobs=logprobs,
+                old_logprobs=batch.old_logprobs,
+                advantages=batch.advantages,
+                mask=batch.mask,
                 mode=ppo.loss_aggregation,
                 normalizers=normalizers,
+                **self.policy_loss_arguments,
             )
             stats = {f"policy/{name}": value for name, value in policy_stats.items()}
             stats["policy/loss"] = policy_loss.detach()
@@ -140,6 +140,7 @@ class PPOUpdate:
                     estimator=ppo.kl_estimator,
                     mode=ppo.loss_aggregation,
                     normalizers=normalizers,
+                    clamp=ppo.kl_clamp,
                 )
                 loss = loss + kl_term
                 stats["kl/loss"] = kl_term.detach()

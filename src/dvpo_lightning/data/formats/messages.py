@@ -20,6 +20,7 @@ class MessagesFormat(DataFormat):
     kind = "pairs"
     detection_order = 10  # first: `pairs` and `hh` have the same columns, holding strings
     expects = "chosen+rejected message lists"
+    columns = frozenset({"prompt", "chosen", "rejected"})
 
     def detect(self, columns: frozenset[str], records: list[dict]) -> bool:
         """The first `chosen` that is a string or a list decides."""

@@ -14,6 +14,7 @@ class PairsFormat(DataFormat):
     kind = "pairs"
     detection_order = 20  # after `messages` (message lists in the same columns), before `hh` (no prompt)
     expects = "prompt+chosen+rejected"
+    columns = frozenset({"prompt", "chosen", "rejected", "chosen_score", "rejected_score"})
 
     def detect(self, columns: frozenset[str], records: list[dict]) -> bool:
         return {"prompt", "chosen", "rejected"} <= columns

@@ -9,6 +9,7 @@ import datasets
 from dvpo_lightning.data.bad_rows import BadRow
 from dvpo_lightning.data.formats.base import (
     CANONICAL_FEATURES,
+    LABEL_COLUMN,
     RESPONSE_COLUMNS,
     SCORE_COLUMNS,
     TEXT_COLUMNS,
@@ -24,7 +25,9 @@ JSON_TEXT = "__json"
 # How many leading records detection looks at.
 DETECTION_SAMPLE = 100
 
-_EMPTY_ROW = dict.fromkeys(("reason", "detail", *TEXT_COLUMNS), "") | dict.fromkeys(SCORE_COLUMNS)
+_EMPTY_ROW = dict.fromkeys(("reason", "detail", *TEXT_COLUMNS), "") | dict.fromkeys(
+    (*SCORE_COLUMNS, LABEL_COLUMN)
+)
 
 
 def sample_records(raw: datasets.Dataset, count: int = DETECTION_SAMPLE) -> list[dict]:
@@ -71,17 +74,21 @@ def normalize_batch(
 
 
 def parse_record(record: dict, data_format: DataFormat, renderer: ChatRenderer, scores: bool) -> dict:
-    """One record -> `prompt`, the texts of its kind (`chosen`, `rejected` / `response` / none) and,
-    when `scores`, `chosen_score` and `rejected_score`; raises `BadRow`."""
+    """One record -> `prompt`, the texts of its kind (`chosen`, `rejected` / `response` / none), the bool `label`
+    of unpaired data and, when `scores`, `chosen_score` and `rejected_score`; raises `BadRow`."""
     example = data_format.parse(record, renderer)
     responses = RESPONSE_COLUMNS[data_format.kind]
-    strings = all(isinstance(value, str) for value in example.values())
-    if set(example) != {"prompt", *responses} or not strings:
+    labels = (LABEL_COLUMN,) if data_format.kind == "unpaired" else ()
+    strings = all(isinstance(example.get(key), str) for key in ("prompt", *responses))
+    if set(example) != {"prompt", *responses, *labels} or not strings:
         raise TypeError(
             f"data format {data_format.name!r} parsed a record into "
             f"{ {key: type(value).__name__ for key, value in example.items()} }; a {data_format.kind!r} format "
             f"gives the strings {', '.join(('prompt', *responses))}"
+            + (f" and the bool {LABEL_COLUMN}" if labels else "")
         )
+    if labels and not isinstance(example[LABEL_COLUMN], bool):
+        raise TypeError(f"data format {data_format.name!r} parsed a {LABEL_COLUMN} that is not a bool")
     if not example["prompt"].strip():
         raise BadRow("empty_prompt", "the prompt is empty")
     for key in responses:

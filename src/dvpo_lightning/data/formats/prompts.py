@@ -14,6 +14,7 @@ class PromptsFormat(DataFormat):
     kind = "prompts"
     detection_order = 50  # last: every other format's columns may include a prompt
     expects = "prompt"
+    columns = frozenset({"prompt"})
 
     def detect(self, columns: frozenset[str], records: list[dict]) -> bool:
         return "prompt" in columns

@@ -63,7 +63,7 @@ def format_names() -> tuple[str, ...]:
 def detect_format(records: list[dict], source: str) -> str:
     """The name of the first format, in detection order, that accepts the columns of `records` (a source's
     leading rows); an error listing what each format expects when none does."""
-    columns = frozenset().union(*(record.keys() for record in records))
+    columns = columns_of(records)
     detected = [f for f in _by_detection_order() if f.detection_order is not None]
     for data_format in detected:
         if data_format.detect(columns, records):
@@ -73,6 +73,16 @@ def detect_format(records: list[dict], source: str) -> str:
         f"cannot tell the format of {source} from its columns {sorted(columns)}: expected, in this order, "
         f"{expected}; rename the columns or pass --data.format"
     )
+
+
+def columns_of(records: list[dict]) -> frozenset[str]:
+    """Every key of any of `records` (a source's leading rows)."""
+    return frozenset().union(*(record.keys() for record in records))
+
+
+def ignored_columns(columns: frozenset[str], data_format: DataFormat) -> list[str]:
+    """The `columns` that `data_format` does not read (none when it does not declare what it reads)."""
+    return sorted(columns - data_format.columns) if data_format.columns else []
 
 
 def _by_detection_order() -> list[DataFormat]:

@@ -14,6 +14,7 @@ class SFTFormat(DataFormat):
     kind = "sft"
     detection_order = 40  # after the pair formats (pair data may carry these columns too), before `prompts`
     expects = "prompt+response or messages"
+    columns = frozenset({"prompt", "response", "messages"})
 
     def detect(self, columns: frozenset[str], records: list[dict]) -> bool:
         return "messages" in columns or {"prompt", "response"} <= columns
