@@ -336,11 +336,13 @@ def trl_trainer(
     device: torch.device,
     root: Path,
     callbacks: list | None = None,
+    peft_config=None,
     **loss_options,
 ):
     """TRL's `DPOTrainer` on `job`'s pairs in `order`, with our training settings and
     `loss_options` (`beta`, `loss_type`, `loss_weights`, ...) for its `DPOConfig`; every pair's token ids are
-    checked to be ours."""
+    checked to be ours. With a peft `peft_config` the policy gets LoRA and the reference is the policy with its
+    adapter disabled (no reference model is loaded)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
@@ -370,7 +372,10 @@ def trl_trainer(
     )
     trainer = DPOTrainer(
         model=AutoModelForCausalLM.from_pretrained(job.policy_dir, dtype=torch.float32),
-        ref_model=AutoModelForCausalLM.from_pretrained(job.reference_dir, dtype=torch.float32),
+        ref_model=None
+        if peft_config is not None
+        else AutoModelForCausalLM.from_pretrained(job.reference_dir, dtype=torch.float32),
+        peft_config=peft_config,
         args=args,
         train_dataset=trl_rows(job, order),
         processing_class=AutoTokenizer.from_pretrained(job.policy_dir),

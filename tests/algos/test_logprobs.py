@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from dvpo_lightning.algos import entropy_from_logits, token_logprobs
+from dvpo_lightning.algos import entropy_from_logits, head_token_logprobs, token_logprobs
 
 
 def _random_case(seed=0):
@@ -85,3 +85,62 @@ def test_bad_shapes_and_chunk_size_are_errors():
         token_logprobs(logits[:, :4], labels)
     with pytest.raises(ValueError, match="chunk_size"):
         token_logprobs(logits, labels, chunk_size=0)
+
+
+@pytest.mark.parametrize("head_trains", [False, True])
+@pytest.mark.parametrize("chunk_bytes", [4 * 7, 4 * 7 * 4, None])  # 1 token, 4 tokens, all tokens per chunk
+def test_head_log_probs_match_the_whole_logits_in_value_and_gradient(head_trains, chunk_bytes):
+    """The LM head applied a chunk of real tokens at a time gives the numbers and gradients (with respect to the
+    hidden states and, when it trains, the head) of `token_logprobs` on the whole logits; padding gives 0."""
+    generator = torch.Generator().manual_seed(3)
+    hidden = torch.randn(3, 5, 4, generator=generator)
+    labels = torch.randint(0, 7, (3, 5), generator=generator)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    labels = torch.where(mask, labels, -100)  # padded labels need not be tokens
+    weights = torch.randn(3, 5, generator=generator)
+    head = torch.nn.Linear(4, 7)
+    head.requires_grad_(head_trains)
+
+    def gradients(compute):
+        head.zero_grad()
+        inputs = hidden.clone().requires_grad_(True)
+        logprobs, entropy = compute(inputs)
+        (logprobs * weights).sum().backward()
+        return logprobs.detach(), entropy, inputs.grad, head.weight.grad
+
+    def whole(inputs):
+        logits = head(inputs) / 0.7
+        return token_logprobs(logits, labels, mask=mask), entropy_from_logits(logits.detach(), mask=mask)
+
+    def chunked(inputs):
+        return head_token_logprobs(
+            inputs,
+            head,
+            labels,
+            mask,
+            0.7,
+            with_entropy=True,
+            head_trains=head_trains,
+            chunk_bytes=chunk_bytes,
+        )
+
+    expected, got = gradients(whole), gradients(chunked)
+    for name, want, have in zip(("logprobs", "entropy", "hidden grad", "head grad"), expected, got):
+        if want is None:
+            assert have is None, name
+        else:
+            torch.testing.assert_close(have, want, msg=name)
+    assert (got[0][~mask] == 0).all() and (got[1][~mask] == 0).all()
+
+
+def test_head_log_probs_without_gradient_and_label_errors():
+    head = torch.nn.Linear(4, 7)
+    hidden, labels = torch.randn(2, 3, 4), torch.tensor([[0, 1, 2], [3, 4, 5]])
+    with torch.no_grad():
+        logprobs, entropy = head_token_logprobs(hidden, head, labels, chunk_bytes=8)
+    torch.testing.assert_close(logprobs, token_logprobs(head(hidden).detach(), labels))
+    assert entropy is None and not logprobs.requires_grad
+    with pytest.raises(ValueError, match=r"label 9 at position \(1, 2\)"):
+        head_token_logprobs(hidden, head, torch.tensor([[0, 1, 2], [3, 4, 9]]))
+    with pytest.raises(ValueError, match="hidden must have shape"):
+        head_token_logprobs(hidden[0], head, labels)

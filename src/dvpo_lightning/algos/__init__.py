@@ -47,7 +47,7 @@ from dvpo_lightning.algos.kl import (
     sequence_kl,
 )
 from dvpo_lightning.algos.kto import check_kto_options, kto_loss, kto_reference_point
-from dvpo_lightning.algos.logprobs import entropy_from_logits, token_logprobs
+from dvpo_lightning.algos.logprobs import entropy_from_logits, head_token_logprobs, token_logprobs
 from dvpo_lightning.algos.losses import (
     LOSSES,
     bradley_terry_loss,
@@ -168,6 +168,7 @@ __all__ = [
     "rs_ppo_shaping",
     "sequence_kl",
     "td_lambda_returns",
+    "head_token_logprobs",
     "token_logprobs",
     "value_loss",
     "varied_groups",

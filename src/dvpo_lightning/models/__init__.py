@@ -10,10 +10,14 @@ from dvpo_lightning.models.factory import (
     value_head,
 )
 from dvpo_lightning.models.forward import (
+    PerToken,
+    output_head,
     recomputes_activations,
     response_logits,
+    response_token_outputs,
     response_values,
     shared_prompt_response_logits,
+    shared_prompt_response_token_outputs,
 )
 from dvpo_lightning.models.lora import apply_lora, is_lora
 from dvpo_lightning.models.spec import LoraSpec, ModelSpec
@@ -26,6 +30,7 @@ from dvpo_lightning.models.tokenizers import (
 __all__ = [
     "LoraSpec",
     "ModelSpec",
+    "PerToken",
     "TokenizerMismatchError",
     "apply_lora",
     "build_policy",
@@ -36,10 +41,13 @@ __all__ = [
     "freeze",
     "is_lora",
     "is_value_model_config",
+    "output_head",
     "read_export_info",
     "recomputes_activations",
     "response_logits",
+    "response_token_outputs",
     "shared_prompt_response_logits",
+    "shared_prompt_response_token_outputs",
     "response_values",
     "tokenizer_difference",
     "value_head",

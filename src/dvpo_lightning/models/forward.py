@@ -2,14 +2,29 @@
 
 These helpers only run models and slice their outputs to the response; the math on the outputs (log-probs,
 advantages, losses) lives in `dvpo_lightning.algos`.
+
+A policy's per-token outputs come in two forms: the logits of the response (`response_logits`: `[B, R, V]`), or,
+cheaper, whatever `per_token` computes from the final hidden states of the response (`response_token_outputs`),
+which projects nothing onto the vocabulary itself: `per_token` runs inside the policy's forward (so a sharded
+policy's head is gathered then) and applies the LM head (`output_head`) a chunk at a time.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from dvpo_lightning.data.collate import position_ids_from_mask
+
+#: Config fields of models whose logits are not the plain head projection of the decoder's output (Gemma 2/3's
+#: soft-capping, Cohere's and Granite's scales): their log-probs are taken from the model's own logits.
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier")
+
+#: `per_token(hidden [N, r, H], columns)`: outputs `[N, r]` (a tuple; None entries allowed) of the response tokens
+#: `columns` from the hidden states that predict them.
+PerToken = Callable[[torch.Tensor, slice], tuple]
 
 
 def response_logits(
@@ -72,6 +87,107 @@ def shared_prompt_response_logits(
         use_cache=True,
     ).logits  # [N, R - 1, V]: column t predicts response token t + 1
     return torch.cat([first, rest], dim=1)
+
+
+def output_head(policy: nn.Module) -> nn.Module | None:
+    """The LM head module when the policy's logits are exactly `head(decoder output)`, else None (see
+    `LOGIT_TRANSFORMS`). Calling the module (not its weight) keeps LoRA on it, and FSDP2's gathering, right."""
+    base = _base(policy)
+    configs = (base.config, getattr(base.config, "text_config", None))
+    if any(
+        getattr(config, name, None) not in (None, 1, 1.0) for config in configs for name in LOGIT_TRANSFORMS
+    ):
+        return None
+    return base.get_output_embeddings()
+
+
+def response_token_outputs(
+    policy: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response_length: int,
+    per_token: PerToken,
+) -> tuple:
+    """`per_token` of the hidden states `[B, R, H]` that predict each response token (column `P - 1 + t` predicts
+    response token `t`), for `input_ids` `[B, P + R]`: `response_logits` without the logits."""
+
+    def response_states(hidden: torch.Tensor) -> tuple:  # [B, P + R, H]
+        return per_token(hidden[:, -(response_length + 1) : -1], slice(None))
+
+    outputs, _ = _with_final_states(
+        policy,
+        response_states,
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+    )
+    return outputs
+
+
+def shared_prompt_response_token_outputs(
+    policy: nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    prompt_of_row: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    per_token: PerToken,
+) -> tuple:
+    """`response_token_outputs` of rows that share prompts, each distinct prompt run once, as in
+    `shared_prompt_response_logits`: `per_token` sees response token 0 in the prompt pass, the rest after."""
+    distinct, row_prompt = torch.unique(prompt_of_row, return_inverse=True)  # [U], [N]
+    prompt_ids, prompt_mask = prompt_ids[distinct], prompt_mask[distinct]  # [U, P]
+    first, prompt_output = _with_final_states(
+        policy,
+        lambda hidden: per_token(
+            hidden[row_prompt, -1:], slice(0, 1)
+        ),  # [N, 1, H]: predicts response token 0
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        position_ids=position_ids_from_mask(prompt_mask),
+        use_cache=True,
+    )
+    length = response_ids.shape[1]
+    if length == 1:
+        return first
+    cache = prompt_output.cache
+    cache.batch_select_indices(row_prompt)
+    prompt_mask = prompt_mask[row_prompt]  # [N, P]
+    positions = prompt_mask.long().sum(-1, keepdim=True) + torch.arange(length, device=response_ids.device)
+    rest, _ = _with_final_states(
+        policy,
+        lambda hidden: per_token(hidden[:, :-1], slice(1, None)),  # column t predicts response token t + 1
+        input_ids=response_ids,
+        attention_mask=torch.cat([prompt_mask, response_mask.to(prompt_mask.dtype)], dim=-1),
+        position_ids=positions,
+        cache=cache,
+        use_cache=True,
+    )
+    return tuple(None if a is None else torch.cat([a, b], dim=1) for a, b in zip(first, rest))
+
+
+def _with_final_states(policy: nn.Module, on_states: Callable[[torch.Tensor], tuple], **inputs) -> tuple:
+    """Run `policy(**inputs)` projecting no position onto the vocabulary, and `on_states` on its decoder's final
+    hidden states `[B, T, H]` inside the forward; returns what `on_states` returned and the model's output."""
+    results = []
+    handle = (
+        _base(policy)
+        .get_decoder()
+        .register_forward_hook(lambda module, args, output: results.append(on_states(output[0])))
+    )
+    try:
+        output = policy(
+            **inputs, logits_to_keep=torch.empty(0, dtype=torch.long, device=inputs["input_ids"].device)
+        )
+    finally:
+        handle.remove()
+    return results[0], output
+
+
+def _base(model: nn.Module) -> nn.Module:
+    """The HF model under a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def recomputes_activations(model: nn.Module) -> bool:

@@ -51,8 +51,10 @@ class ModelSpec:
         dtype: parameter dtype at load time: float32, bfloat16 or float16. Lightning's `--trainer.precision`
             decides the compute dtype; load in bfloat16 only with a bf16 precision.
         lora: LoRA adapter settings; None trains all parameters.
-        gradient_checkpointing: recompute activations in the backward pass to save memory.
-        attn_implementation: "sdpa", "eager", "flash_attention_2", or None for the transformers default.
+        gradient_checkpointing: recompute activations in the backward pass to save memory (a second forward of
+            every layer; pays for long rows and large batches, see docs/design.md).
+        attn_implementation: "sdpa", "eager", "flash_attention_2", or None for the transformers default (SDPA for
+            the common decoders: the cheap choice; "eager" materialises every attention matrix).
         init_seed: seed of the model's random initialisation: an `arch` model's weights, LoRA adapters, a new value
             head. None (the default) takes the run's seed (`--seed_everything`; 0 without one), so two run seeds
             start from two initialisations; set it to pin the initialisation (`dvpo_lightning.data.seeds`).

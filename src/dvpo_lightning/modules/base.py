@@ -95,6 +95,9 @@ class RLHFModule(pl.LightningModule):
             self.inputs_at_start = current_inputs(self)
             warn_if_inputs_disagree(self, self.inputs_at_start)
         self.build_models()
+        # HF's `from_pretrained` returns a model in eval mode and Lightning keeps every module's mode: a model loaded
+        # by path would train in eval mode, where HF skips gradient checkpointing (and dropout, where kept).
+        self.train()
         for name in self.frozen_models:
             model = getattr(self, name, None)
             if model is not None:

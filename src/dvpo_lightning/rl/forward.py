@@ -5,13 +5,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dvpo_lightning.algos import entropy_from_logits, last_token_values, token_logprobs
+from dvpo_lightning.algos import entropy_from_logits, head_token_logprobs, last_token_values, token_logprobs
 from dvpo_lightning.models import (
+    PerToken,
     is_lora,
+    output_head,
     recomputes_activations,
     response_logits,
+    response_token_outputs,
     response_values,
     shared_prompt_response_logits,
+    shared_prompt_response_token_outputs,
 )
 from dvpo_lightning.rl.sequences import Sequences
 
@@ -22,8 +26,27 @@ def policy_logprobs(
     """Log-probs `[B, R]` of the response tokens under `policy` (and their entropies, without gradient, when asked).
 
     Logits are divided by the sampling temperature, so the log-probs are those of the distribution the
-    responses were sampled from.
+    responses were sampled from. The LM head runs a chunk of real tokens at a time (`algos.head_token_logprobs`):
+    no `[B, R, V]` logits exist, in the forward or the backward, except for models whose logits are not a plain
+    head projection (`models.output_head`), which go through their whole logits.
     """
+    head = output_head(policy)
+    if head is not None:
+        labels, mask = sequences.response_input_ids, sequences.response_mask
+        head_trains = any(parameter.requires_grad for parameter in head.parameters())
+
+        def per_token(hidden: torch.Tensor, columns: slice) -> tuple:  # hidden [B, r, H]: response `columns`
+            return head_token_logprobs(
+                hidden,
+                head,
+                labels[:, columns],
+                mask=mask[:, columns],
+                temperature=temperature,
+                with_entropy=with_entropy,
+                head_trains=head_trains,
+            )
+
+        return sequence_token_outputs(policy, sequences, per_token)
     logits = sequence_logits(policy, sequences)  # [B, R, V]
     if temperature != 1.0:
         logits = logits / temperature
@@ -38,17 +61,33 @@ def policy_logprobs(
 def sequence_logits(policy: nn.Module, sequences: Sequences) -> torch.Tensor:
     """Logits `[B, R, V]` that predict each response token; rows that share a prompt (`prompt_of_row`) read it once,
     unless the policy recomputes activations (gradient checkpointing turns its KV cache off)."""
-    if sequences.prompt_of_row is not None and not recomputes_activations(policy):
-        return shared_prompt_response_logits(
-            policy,
-            sequences.prompt_input_ids,
-            sequences.prompt_attention_mask,
-            sequences.prompt_of_row,
-            sequences.response_input_ids,
-            sequences.response_mask,
-        )
+    if _reads_shared_prompts(policy, sequences):
+        return shared_prompt_response_logits(policy, *_shared_prompt_inputs(sequences))
     input_ids, attention_mask = sequences.model_inputs()
     return response_logits(policy, input_ids, attention_mask, sequences.response_length)
+
+
+def sequence_token_outputs(policy: nn.Module, sequences: Sequences, per_token: PerToken) -> tuple:
+    """`per_token` (see `models.PerToken`) of the hidden states that predict each response token, in the layout of
+    `sequence_logits`."""
+    if _reads_shared_prompts(policy, sequences):
+        return shared_prompt_response_token_outputs(policy, *_shared_prompt_inputs(sequences), per_token)
+    input_ids, attention_mask = sequences.model_inputs()
+    return response_token_outputs(policy, input_ids, attention_mask, sequences.response_length, per_token)
+
+
+def _reads_shared_prompts(policy: nn.Module, sequences: Sequences) -> bool:
+    return sequences.prompt_of_row is not None and not recomputes_activations(policy)
+
+
+def _shared_prompt_inputs(sequences: Sequences) -> tuple[torch.Tensor, ...]:
+    return (
+        sequences.prompt_input_ids,
+        sequences.prompt_attention_mask,
+        sequences.prompt_of_row,
+        sequences.response_input_ids,
+        sequences.response_mask,
+    )
 
 
 def state_values(value_model: nn.Module, sequences: Sequences) -> torch.Tensor:

@@ -1,0 +1,40 @@
+"""`python -m benchmarks.real --quick` on a tiny local model: every stage runs and the report marks every target.
+
+Timings are never asserted: they are benchmark numbers, not properties of the code.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from benchmarks import real
+from dvpo_lightning.data import RLHFDataModule
+from dvpo_lightning.models import ModelSpec, build_policy, export_model
+from tests.helpers.tiny import TINY_ARCH
+
+
+@pytest.mark.slow  # about 30 s on 2 busy cores: 15 configurations, TRL included
+def test_quick_real_benchmark_measures_every_stage_and_marks_every_target(tmp_path):
+    tokenizer = RLHFDataModule("builtin:topics").tokenizer
+    model = export_model(
+        build_policy(ModelSpec(arch=dict(TINY_ARCH)), tokenizer), tokenizer, str(tmp_path / "model")
+    )
+    threads = torch.get_num_threads()
+    try:
+        path = real.main(["--model", model, "--quick", "--threads", "1", "--output", str(tmp_path / "out")])
+    finally:
+        torch.set_num_threads(threads)
+    markdown = path.read_text()
+    assert "- command: `python -m benchmarks.real --model" in markdown
+    record = json.loads((tmp_path / "out" / "real.json").read_text())["results"]
+    measured = {(row["stage"], row["lora"]) for row in record["results"]}
+    assert measured == {(stage, lora) for stage in real.STAGES for lora in (True, False)} | {
+        ("dpo-long", True)
+    }
+    assert all(row["step_s"] > 0 and row["peak_gb"] > 0 for row in record["results"])
+    verdicts = [line for line in markdown.splitlines() if line.endswith(("| met |", "| missed |"))]
+    # per fine-tuning: speed and peak of DPO without and with checkpointing, RM and GVM; and the 8 x 512 peak
+    assert len(verdicts) == 2 * 6 + 1
