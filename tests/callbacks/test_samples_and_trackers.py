@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -105,9 +106,14 @@ def test_a_run_logs_to_weights_and_biases_offline(tmp_path, cache, monkeypatch):
     )
     wandb.finish()  # what the end of a `dvpo` process does
     [run] = (tmp_path / "wb" / "wandb").glob("offline-run-*/run-*.wandb")
-    # The run's records: metric names and the sample table key are stored as plain strings.
+    # The run's records: metric names and the sample table key are stored as plain strings. W&B's writer is a
+    # process of its own that may still be flushing after `finish` returns on a loaded machine: wait for it.
+    keys = (b"train/loss", b"val/loss", b"val/gold_reward", b"val_samples")
+    deadline = time.monotonic() + 60
+    while not all(key in run.read_bytes() for key in keys) and time.monotonic() < deadline:
+        time.sleep(0.5)
     records = run.read_bytes()
-    for key in (b"train/loss", b"val/loss", b"val/gold_reward", b"val_samples"):
+    for key in keys:
         assert key in records, key
 
 
