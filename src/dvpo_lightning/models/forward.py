@@ -74,17 +74,9 @@ def shared_prompt_response_logits(
     length = response_ids.shape[1]
     if length == 1:
         return first
-    cache = prompt_output.cache
-    cache.batch_select_indices(row_prompt)
-    prompt_mask = prompt_mask[row_prompt]  # [N, P]
-    positions = prompt_mask.long().sum(-1, keepdim=True) + torch.arange(length, device=response_ids.device)
     rest = policy(
-        input_ids=response_ids,
-        attention_mask=torch.cat([prompt_mask, response_mask.to(prompt_mask.dtype)], dim=-1),
-        position_ids=positions,
-        cache=cache,
+        **_response_pass(prompt_output.cache, row_prompt, prompt_mask, response_ids, response_mask),
         logits_to_keep=torch.arange(length - 1, device=response_ids.device),
-        use_cache=True,
     ).logits  # [N, R - 1, V]: column t predicts response token t + 1
     return torch.cat([first, rest], dim=1)
 
@@ -151,20 +143,34 @@ def shared_prompt_response_token_outputs(
     length = response_ids.shape[1]
     if length == 1:
         return first
-    cache = prompt_output.cache
-    cache.batch_select_indices(row_prompt)
-    prompt_mask = prompt_mask[row_prompt]  # [N, P]
-    positions = prompt_mask.long().sum(-1, keepdim=True) + torch.arange(length, device=response_ids.device)
     rest, _ = _with_final_states(
         policy,
         lambda hidden: per_token(hidden[:, :-1], slice(1, None)),  # column t predicts response token t + 1
-        input_ids=response_ids,
-        attention_mask=torch.cat([prompt_mask, response_mask.to(prompt_mask.dtype)], dim=-1),
-        position_ids=positions,
-        cache=cache,
-        use_cache=True,
+        **_response_pass(prompt_output.cache, row_prompt, prompt_mask, response_ids, response_mask),
     )
     return tuple(None if a is None else torch.cat([a, b], dim=1) for a, b in zip(first, rest))
+
+
+def _response_pass(
+    cache,
+    row_prompt: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+) -> dict:
+    """The policy's inputs for the responses of rows sharing prompts: the distinct prompts' KV cache copied to the
+    rows that answer each (`row_prompt` `[N]`), the rows' mask over prompt and response, the responses' positions."""
+    cache.batch_select_indices(row_prompt)
+    prompt_mask = prompt_mask[row_prompt]  # [N, P]
+    length = response_ids.shape[1]
+    return {
+        "input_ids": response_ids,
+        "attention_mask": torch.cat([prompt_mask, response_mask.to(prompt_mask.dtype)], dim=-1),
+        "position_ids": prompt_mask.long().sum(-1, keepdim=True)
+        + torch.arange(length, device=response_ids.device),
+        "cache": cache,
+        "use_cache": True,
+    }
 
 
 def _with_final_states(policy: nn.Module, on_states: Callable[[torch.Tensor], tuple], **inputs) -> tuple:
