@@ -10,11 +10,11 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from dvpo_lightning.algos import PreferenceLosses, PreferenceObjective, masked_sum
 from dvpo_lightning.modules.optim import OptimConfig
-from dvpo_lightning.modules.policy import PolicyModule
+from dvpo_lightning.modules.policy import OfflinePolicyModule
 from dvpo_lightning.rl import Sequences, pair_sequences, policy_logprobs
 
 
-class DPOModule(PolicyModule):
+class DPOModule(OfflinePolicyModule):
     """Offline training of the policy on preference pairs with any loss of `algos.PREFERENCE_LOSSES` (TRL's names),
     or a weighted sum of several; exports the policy (the DPO model RTO uses).
 
@@ -184,13 +184,3 @@ class DPOModule(PolicyModule):
                 f"{split}/{name}", value, batch_size=size, prog_bar=name == "loss", sync_dist=split == "val"
             )
         return loss
-
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._step(batch, "val")
-        self.evaluate_generations(batch)
-
-    def configure_optimizers(self):
-        return self.optimizer_for(self.policy, self.optim, self.trainer.estimated_stepping_batches)

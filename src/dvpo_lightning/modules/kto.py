@@ -8,11 +8,11 @@ import torch
 
 from dvpo_lightning.algos import check_kto_options, kto_loss, kto_reference_point, masked_sum
 from dvpo_lightning.modules.optim import OptimConfig
-from dvpo_lightning.modules.policy import PolicyModule
+from dvpo_lightning.modules.policy import OfflinePolicyModule
 from dvpo_lightning.rl import Sequences, pair_sequences, policy_logprobs
 
 
-class KTOModule(PolicyModule):
+class KTOModule(OfflinePolicyModule):
     """KTO (Ethayarajh et al. 2024, arXiv 2402.01306) as TRL's `KTOTrainer` computes it (`algos.kto_loss`), on
     `kto` data (prompt, completion, boolean label) or on pair data, each pair one desirable and one undesirable
     response; exports the policy.
@@ -118,13 +118,3 @@ class KTOModule(PolicyModule):
                 f"{split}/{name}", value, batch_size=rows, prog_bar=name == "loss", sync_dist=split == "val"
             )
         return loss
-
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._step(batch, "val")
-        self.evaluate_generations(batch)
-
-    def configure_optimizers(self):
-        return self.optimizer_for(self.policy, self.optim, self.trainer.estimated_stepping_batches)

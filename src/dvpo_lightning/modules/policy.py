@@ -157,3 +157,21 @@ class PolicyModule(RLHFModule):
             self.log(f"{prefix}/{name}", value, batch_size=mask.shape[0], sync_dist=True)
         if prefix == "val" and not self.validation_samples:
             self.remember_validation_samples(answer_rows(self.tokenizer, responses, per_response))
+
+
+class OfflinePolicyModule(PolicyModule):
+    """A policy trained on fixed rows, one loss per batch (DPO and its family, KTO): `_step(batch, split)` computes
+    and logs it; validation also answers the batch's prompts."""
+
+    def _step(self, batch: dict, split: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._step(batch, "val")
+        self.evaluate_generations(batch)
+
+    def configure_optimizers(self):
+        return self.optimizer_for(self.policy, self.optim, self.trainer.estimated_stepping_batches)
