@@ -9,6 +9,11 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
+# setuptools swaps in its own distutils when first imported (`_distutils_hack`). Imported for the first time late in
+# a long session (by torch.compile's C++ builder, through torch.utils.cpp_extension), the swap failed with an
+# AssertionError after other tests had run; imported here, the process is still clean.
+import setuptools  # noqa: E402, F401
+
 from tests.helpers.tiny import TINY_ARCH, make_word_tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
