@@ -26,6 +26,7 @@ from dvpo_lightning.models import ModelSpec, freeze
 from dvpo_lightning.modules.checks import check_model_sources, check_run_seeds_agree, check_sequences_fit
 from dvpo_lightning.modules.export import export_stage
 from dvpo_lightning.modules.frozen import leave_frozen_models_out_of_checkpoints
+from dvpo_lightning.modules.host_memory import fix_mmap_threshold
 from dvpo_lightning.modules.lineage import current_inputs, warn_if_inputs_disagree, warn_if_inputs_rewritten
 from dvpo_lightning.modules.optim import (
     OptimConfig,
@@ -94,6 +95,8 @@ class RLHFModule(pl.LightningModule):
         if self.inputs_at_start is None:  # else restored from the checkpoint of the run being resumed
             self.inputs_at_start = current_inputs(self)
             warn_if_inputs_disagree(self, self.inputs_at_start)
+        if self._trainer is None or self.trainer.strategy.root_device.type == "cpu":
+            fix_mmap_threshold()  # the models' activations live in this process's heap
         self.build_models()
         # HF's `from_pretrained` returns a model in eval mode and Lightning keeps every module's mode: a model loaded
         # by path would train in eval mode, where HF skips gradient checkpointing (and dropout, where kept).
