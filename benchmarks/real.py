@@ -5,10 +5,10 @@
 
 Per optimiser step: time and peak memory of our DPO, reward model (RM) and GVM steps, and of one DVPO and one PPO
 iteration, each with LoRA (r 16 on every linear layer) and in full fine-tuning; TRL's `DPOTrainer` on the same
-model, pairs, batch and LoRA (as a TRL user's process runs it, and again with glibc malloc's mmap threshold fixed as
-our stages fix it on the CPU: `dvpo_lightning.modules.host_memory`); and the floor, a plain Hugging Face forward and backward with `labels` (what
-`model(input_ids, labels=...)` costs) on the same tokens: every pair's prompt with its chosen and with its
-rejected response. And our DPO with LoRA on 8 pairs of 256 + 256 tokens with gradient checkpointing, for the
+model, pairs, batch and LoRA (as a TRL user's process runs it, and again with glibc malloc's mmap threshold fixed
+as our stages fix it on the CPU: `dvpo_lightning.modules.host_memory`); and the floor, a plain Hugging Face forward
+and backward with `labels` (what `model(input_ids, labels=...)` costs) on the same tokens: every pair's prompt with
+its chosen and with its rejected response. And our DPO with LoRA on 8 pairs of 256 + 256 tokens with gradient checkpointing, for the
 memory target.
 
 Data: the first pairs of the HH-RLHF harmless-base test file (`peer.HH_FILE`) whose prompt and responses fit the

@@ -19,7 +19,6 @@ not lower. `DVPO_MALLOC_MMAP_THRESHOLD` chooses it in bytes, or `dynamic` keeps 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import platform
 
@@ -54,8 +53,8 @@ def fix_mmap_threshold() -> int | None:
     threshold = chosen_mmap_threshold()
     if threshold is None:
         return None
-    libc = ctypes.CDLL(ctypes.util.find_library("c"))
-    if libc.mallopt(M_MMAP_THRESHOLD, threshold) != 1:
+    # The process's own symbols hold glibc's: no library search (`find_library` runs `ldconfig` at every call).
+    if ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, threshold) != 1:
         return None
     rank_zero_info(
         f"glibc malloc: mmap threshold fixed at {threshold} bytes, so freed activations return to the system "
