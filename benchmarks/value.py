@@ -6,9 +6,10 @@ is the harder built-in setting), as `table` runs them (`benchmarks/value_runs.py
 - **value models**, at the configs' equal budgets from the same SFT export: the Bradley-Terry reward model, the
   GVM as the paper trains it, and the GVM with each option beyond the paper (a ranking term on complete-response
   values; two inner epochs on fixed targets per batch; the score mode on gold-scored pairs of the SFT policy's own
-  samples, `dvpo_lightning.sampled_pairs`; TCRM's per-prefix consistency terms), the GVM continued on the SFT
-  policy's samples with its own complete-response values as Monte-Carlo targets (VC-PPO's value pretraining as
-  self-distillation); and PPO's critic after PPO (it starts from the reward model);
+  samples, `dvpo_lightning.sampled_pairs`; TCRM's per-prefix consistency terms; values as running sums of learned
+  token rewards, `value_form: earned`), the GVM continued on the SFT policy's samples with its own
+  complete-response values as Monte-Carlo targets (VC-PPO's value pretraining as self-distillation); and PPO's
+  critic after PPO (it starts from the reward model);
 - **policies**: DPO, PPO, PPO with a frozen critic, PPO with a GVM-initialised critic, DVPO on each GVM, DVPO at
   lambda = 1, DVPO with the reference code's advantages (values whitened over the batch, 0 after the last token),
   DVPO on the gold values (the oracle critic, `rl.GoldValues`), GVM-scored GRPO.
@@ -19,6 +20,8 @@ Then, on the built-in task:
   value over a response's states (the paper's measure) and by the complete response's value;
 - *gold agreement* on the SFT policy's own samples and on the final DVPO policy's (`evaluation.gold_agreement`):
   Pearson of the complete-response value with the gold reward, and of the TD errors with the gold token rewards;
+  beside them, on the SFT samples, the SFT policy's own value function by Monte Carlo (`rl.MonteCarloValues`):
+  the token credit an expected-return value model of that policy can reach;
 - *diagnostics*: every policy judged as `table` judges it (held-out gold reward, KL to SFT, win rate vs SFT).
 
 On the real HH-RLHF pairs (`../shared/data/hh-rlhf`; skipped where absent): SFT with a BPE tokenizer trained on
@@ -68,10 +71,12 @@ from dvpo_lightning.evaluation import (
     win_rate,
 )
 from dvpo_lightning.models import ModelSpec, build_policy, export_model
-from dvpo_lightning.rl import GoldValues, SamplingConfig
+from dvpo_lightning.rl import GoldValues, MonteCarloValues, SamplingConfig
 from dvpo_lightning.sampled_pairs import write_scored_pairs
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+#: sampled continuations per state of each SFT sample (quick runs: a few), for the SFT policy's own values
+MC_CONTINUATIONS = {"full": 32, "quick": 4}
 LABELS = {
     "gold": "Gold reward (the oracle: the labels' own ceiling)",
     "rm": "Reward model (Bradley-Terry)",
@@ -81,6 +86,8 @@ LABELS = {
     "gvm_sft_samples": "GVM on SFT samples (gold score)",
     "gvm_consistency": "GVM + per-prefix consistency (TCRM)",
     "gvm_self_mc": "GVM continued on SFT samples, its own values as MC targets",
+    "gvm_earned": "GVM, earned form (running sum of token rewards) + ranking term",
+    "sft_monte_carlo": "SFT policy's own values (Monte Carlo: the ceiling of an expected-return GVM)",
     "ppo_critic": "PPO's critic after PPO",
     "dpo": "DPO",
     "ppo": "PPO",
@@ -92,6 +99,7 @@ LABELS = {
     "dvpo_gvm_sft_samples": "DVPO on GVM of SFT samples",
     "dvpo_gvm_consistency": "DVPO on GVM + per-prefix consistency",
     "dvpo_gvm_self_mc": "DVPO on GVM self-distilled on SFT samples",
+    "dvpo_gvm_earned": "DVPO on GVM, earned form + ranking term",
     "dvpo_reference_advantages": "DVPO, reference advantages (whitened values, 0 after the end)",
     "dvpo_lam1": "DVPO, lambda = 1",
     "dvpo_gold_values": "DVPO on the gold values (oracle critic)",
@@ -99,6 +107,7 @@ LABELS = {
 }
 JUDGED = ("gold", *VALUE_MODELS, "ppo_critic")  # the value scorers of the built-in accuracy table
 DVPO_VARIANTS = ("dvpo", *(f"dvpo_{name}" for name in GVM_VARIANTS), "dvpo_reference_advantages")
+GVMS = ("gvm", *GVM_VARIANTS)  # the value models DVPO runs on
 
 
 def run(
@@ -187,6 +196,13 @@ def builtin_seed(seed: int, root: Path, scale: Scale, device: torch.device, conf
                 for policy_name in samples
             },
         }
+    # An expected-return value model of the SFT policy at its best: that policy's own values, sampled (on its own
+    # samples only: the pairs' and DVPO's answers are another policy's)
+    continuations = MC_CONTINUATIONS["quick" if scale.fraction is None else "full"]
+    monte_carlo = MonteCarloValues(
+        policy(root, "sft", prompts, device), prompts.task, prompts.tokenizer, sampling, continuations
+    )
+    values["sft_monte_carlo"] = {"sft_samples": vars(gold_agreement(monte_carlo, samples["sft"], prompts))}
     reports = {
         name: evaluate_policy(
             str(export_dir(root, name)), str(export_dir(root, "sft")), prompts, sampling, device=device
@@ -266,7 +282,9 @@ def make_report(builtin: dict[int, dict], hh: dict[int, dict], scale: Scale, con
         "Value accuracy: chosen valued strictly above rejected on the held-out pairs of the SFT stage's split. "
         "Gold agreement: one sampled answer per held-out prompt (the same prompts and seed as the diagnostics); "
         "token credit = Pearson, over every response token, of the value model's TD error V(s_t+1) - V(s_t) "
-        "(V_final after the last token) with the gold reward of that token.",
+        "(V_final after the last token) with the gold reward of that token. The SFT policy's own values: the mean "
+        f"gold reward of {MC_CONTINUATIONS['full']} answers sampled from each state (quick runs: "
+        f"{MC_CONTINUATIONS['quick']}), `rl.MonteCarloValues`.",
         *gap_notes(builtin),
     ]
     if not hh:
@@ -292,6 +310,9 @@ def accuracy_table(builtin: dict[int, dict]) -> Table:
         values = []
         for result in builtin.values():
             value = result["values"][name]
+            # not measured for this scorer (the SFT policy's Monte-Carlo values: on its own samples only)
+            if keys[0] not in value:
+                return "—"
             for key in keys:
                 value = value[key]
             values.append(value)
@@ -309,7 +330,7 @@ def accuracy_table(builtin: dict[int, dict]) -> Table:
             "token credit vs gold, DVPO samples",
         ],
     )
-    for name in JUDGED:
+    for name in ("gold", "sft_monte_carlo", *JUDGED[1:]):
         table.rows.append(
             [
                 LABELS[name],
@@ -386,7 +407,18 @@ def gap_notes(builtin: dict[int, dict]) -> list[str]:
     """What the diagnostics say, in numbers (means over seeds of the gold gain over SFT)."""
     gain = {name: mean_gain(builtin, name) for name in POLICIES}
     best = max(DVPO_VARIANTS, key=gain.__getitem__)
+    credit = {
+        name: statistics.fmean(
+            result["values"][name]["sft_samples"]["token_credit_pearson"] for result in builtin.values()
+        )
+        for name in ("sft_monte_carlo", "gvm", "gvm_earned")
+    }
     return [
+        f"Token credit on the SFT policy's samples: its own values (Monte Carlo, the expected-return values a GVM "
+        f"of that policy is trained towards) reach {credit['sft_monte_carlo']:.3f}, short of the oracle's 1 because "
+        "a value's step is the token's reward plus what it changes in the rest of the answer; the paper's GVM "
+        f"{credit['gvm']:.3f}; the earned form, whose steps are its learned token rewards, "
+        f"{credit['gvm_earned']:.3f}.",
         f"Where DVPO stands: DVPO {gain['dvpo']:+.3f}, PPO {gain['ppo']:+.3f}, DPO {gain['dpo']:+.3f}; the best GVM "
         f"option, {LABELS[best]}, {gain[best]:+.3f}.",
         f"A perfect frozen critic (the gold values) gains {gain['dvpo_gold_values']:+.3f}: "
@@ -418,6 +450,20 @@ def targets_table(builtin: dict[int, dict], hh: dict[int, dict], quick: bool) ->
                 judgement(met, quick),
             ]
         )
+    credit = {
+        name: statistics.fmean(
+            result["values"][name]["sft_samples"]["token_credit_pearson"] for result in builtin.values()
+        )
+        for name in GVMS
+    }
+    best_credit = max(GVMS, key=credit.__getitem__)
+    table.rows.append(
+        [
+            f"built-in: the best GVM's token credit vs gold on SFT samples >= 0.3 ({LABELS[best_credit]})",
+            f"{credit[best_credit]:.3f} (the paper's GVM {credit['gvm']:.3f})",
+            judgement(credit[best_credit] >= 0.3, quick),
+        ]
+    )
     best = max(DVPO_VARIANTS, key=lambda name: mean_gain(builtin, name))
     best_gain, ppo, dpo = (mean_gain(builtin, name) for name in (best, "ppo", "dpo"))
     table.rows.append(

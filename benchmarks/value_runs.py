@@ -57,6 +57,10 @@ GVM_OPTIONS = {  # the GVM's options beyond the paper, each a GVM run of its own
         "--model.init_args.final_consistency_weight=1.0",
         "--model.init_args.td_consistency_weight=1.0",
     ),
+    "gvm_earned": (  # values as running sums of learned token rewards, with the ranking term (configs/gvm_earned)
+        "--model.init_args.value_form=earned",
+        "--model.init_args.ranking_weight=1.0",
+    ),
 }
 SFT, POLICY = {"model": "sft"}, {"policy": "sft"}
 # VC-PPO's Monte-Carlo value pretraining as self-distillation: the GVM, continued on the SFT policy's samples with

@@ -183,7 +183,11 @@ def test_value_judges_every_value_model_and_policy_of_its_runs(quick_run):
     output, _ = quick_run
     results = json.loads((output / "value.json").read_text())["results"]
     seed_run = results["builtin"]["0"]
-    assert set(seed_run["values"]) == set(value_benchmark.JUDGED)
+    assert set(seed_run["values"]) == {*value_benchmark.JUDGED, "sft_monte_carlo"}
+    # the SFT policy's own values, on its own samples only
+    monte_carlo = seed_run["values"]["sft_monte_carlo"]
+    assert set(monte_carlo) == {"sft_samples"}
+    assert monte_carlo["sft_samples"]["final_value_pearson"] == pytest.approx(1.0)
     assert set(seed_run["policies"]) == {"sft", *value_runs.POLICIES}
     gold = seed_run["values"]["gold"]  # the oracle agrees with itself: the measures are wired right
     for samples in ("sft_samples", "dvpo_samples"):

@@ -16,6 +16,7 @@ from dvpo_lightning.models import LoraSpec, ModelSpec, build_policy, build_value
 from dvpo_lightning.modules import DVPOModule, OnPolicyModule
 from dvpo_lightning.modules import dvpo as dvpo_module
 from dvpo_lightning.rl import (
+    PPOConfig,
     final_values,
     generate_responses,
     gold_token_rewards,
@@ -202,6 +203,28 @@ def test_dvpo_refuses_a_gvm_whose_final_value_was_never_trained_when_it_reads_it
             with pytest.raises(ValueError, match="bootstrap`='final_value' .* train_final_value=false"):
                 module.check_model_sources()
         else:
+            module.check_model_sources()
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"advantage": gvm_bootstrap("zero")}, "needs `advantage.estimator`='gvm' with .*'final_value'"),
+        ({"ppo": PPOConfig(gamma=0.9)}, "`ppo.gamma` must be 1; got 0.9"),
+        ({}, None),
+    ],
+)
+def test_dvpo_refuses_to_misread_an_earned_gvm(options, message, tokenizer, exports, tmp_path):
+    gvm = build_value_model(ModelSpec(name_or_path=exports.gvm), tokenizer)
+    info = {"value_training": {"value_form": "earned", "gamma": 1.0, "train_final_value": True}}
+    path = export_model(gvm, tokenizer, str(tmp_path / "gvm"), info=info)
+    module = DVPOModule(
+        policy=tiny(), value_model=ModelSpec(name_or_path=path), tokenizer=tokenizer, **options
+    )
+    if message is None:
+        module.check_model_sources()
+    else:
+        with pytest.raises(ValueError, match=message):
             module.check_model_sources()
 
 

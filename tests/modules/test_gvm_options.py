@@ -1,5 +1,5 @@
-"""The GVM's training options beyond the paper: the ranking term, TCRM's consistency terms and inner epochs on fixed
-targets."""
+"""The GVM's training options beyond the paper: the ranking term, TCRM's consistency terms, inner epochs on fixed
+targets, and values read as the running sum of learned token rewards (value_form "earned")."""
 
 from __future__ import annotations
 
@@ -8,8 +8,16 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
+from dvpo_lightning.models import ModelSpec, build_value_model, value_form
 from dvpo_lightning.modules import GVMModule, OptimConfig
-from dvpo_lightning.rl import final_values, pair_sequences, state_mask, state_values
+from dvpo_lightning.rl import (
+    Sequences,
+    final_values,
+    pair_sequences,
+    state_mask,
+    state_values,
+    terminal_rewards,
+)
 from tests.helpers.stages import first_batch, quick_trainer, tiny, topics_data
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log")
@@ -112,5 +120,80 @@ def test_inner_epochs_stop_where_the_budget_ends(tokenizer, cache, tmp_path):
     ],
 )
 def test_bad_inner_epoch_options_are_named(tokenizer, options, message):
+    with pytest.raises(ValueError, match=message):
+        GVMModule(tiny(), tokenizer=tokenizer, **options)
+
+
+# ------------------------------------------------------------------------------------------ value_form: earned
+def test_an_earned_gvm_reads_each_state_as_the_sum_of_the_outputs_so_far_and_fits_only_the_sum(
+    tokenizer, cache
+):
+    """Its outputs, taken raw from the model, summed by hand: V(s_t) is the prompt's output plus each response
+    token's up to s_t, and the loss is the complete responses' squared error to the terminal reward (+1 / -1)."""
+    batch = first_batch(topics_data(cache, "pairs"))
+    module = gvm(tokenizer, value_form="earned")
+    sequences = pair_sequences(batch)
+    with torch.no_grad():
+        values = state_values(module.value_model, sequences)  # [2B, R + 1]
+        input_ids, attention_mask = sequences.model_inputs()
+        module.value_model.config.dvpo_value_form = "return"  # the raw outputs, for the hand-made sums
+        raw = state_values(module.value_model, sequences)
+        module.value_model.config.dvpo_value_form = "earned"
+    lengths = sequences.response_mask.sum(-1).tolist()
+    for row, length in enumerate(lengths):
+        for t in range(length + 1):  # s_0 .. s_T: the complete response is column T
+            torch.testing.assert_close(values[row, t], raw[row, : t + 1].sum())
+    final = final_values(values, sequences.response_mask)
+    rewards = terminal_rewards(batch, sequences, "preference")
+    expected = 0.5 * ((final - rewards) ** 2).mean()
+    torch.testing.assert_close(module.training_step(batch, 0), expected)
+    assert module.export_info()["value_training"]["value_form"] == "earned"
+
+
+def test_padding_changes_no_earned_value(tokenizer, cache):
+    """A row's states read the same sums alone, with no padding column, as beside longer rows (its padding columns
+    are never summed)."""
+    batch = first_batch(topics_data(cache, "pairs"))
+    module = gvm(tokenizer, value_form="earned")
+    sequences = pair_sequences(batch)
+    lengths = sequences.response_mask.sum(-1)
+    short = int(lengths.argmin())
+    assert lengths[short] < sequences.response_length  # the batch pads it
+    length = int(lengths[short])
+    row = sequences.select(slice(short, short + 1))
+    alone = Sequences(
+        row.prompt_input_ids,
+        row.prompt_attention_mask,
+        row.response_input_ids[:, :length],
+        row.response_mask[:, :length],
+    )
+    with torch.no_grad():
+        together = state_values(module.value_model, sequences)[short, : length + 1]
+        torch.testing.assert_close(together, state_values(module.value_model, alone)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_an_earned_gvm_is_saved_and_read_back_as_earned(tokenizer, cache, tmp_path):
+    trainer = quick_trainer(tmp_path, max_steps=2)
+    module = GVMModule(
+        tiny(init_seed=5), value_form="earned", tokenizer=tokenizer, export_dir=str(tmp_path / "gvm")
+    )
+    trainer.fit(module, datamodule=topics_data(cache))  # exports at the end
+    path = str(tmp_path / "gvm")
+    loaded = build_value_model(ModelSpec(name_or_path=path), tokenizer)
+    assert value_form(loaded) == "earned"
+    with pytest.raises(ValueError, match="value_form='return', but the value model .* value_form='earned'"):
+        GVMModule(ModelSpec(name_or_path=path), tokenizer=tokenizer).configure_model()
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"value_form": "sum"}, "value_form must be one of"),
+        ({"value_form": "earned", "train_final_value": False}, "needs train_final_value: true"),
+        ({"value_form": "earned", "td_consistency_weight": 1.0}, "set td_consistency_weight: 0"),
+        ({"value_form": "earned", "final_consistency_weight": 1.0}, "set final_consistency_weight: 0"),
+    ],
+)
+def test_bad_value_form_options_are_named(tokenizer, options, message):
     with pytest.raises(ValueError, match=message):
         GVMModule(tiny(), tokenizer=tokenizer, **options)

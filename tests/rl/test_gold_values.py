@@ -1,5 +1,5 @@
-"""The built-in task's gold reward token by token, the oracle critic built from it, gold-scored pairs of a
-policy's own samples, and the evaluation of value models against the gold reward."""
+"""The built-in task's gold reward token by token, the oracle critic built from it, a policy's own values by Monte
+Carlo, gold-scored pairs of a policy's own samples, and the evaluation of value models against the gold reward."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from dvpo_lightning.evaluation import (
 from dvpo_lightning.models import ModelSpec, build_policy, build_value_model, export_model
 from dvpo_lightning.rl import (
     GoldValues,
+    MonteCarloValues,
     Responses,
     SamplingConfig,
     final_values,
@@ -82,6 +83,39 @@ def test_gold_values_are_the_gold_reward_earned_before_each_token(tokenizer):
     values, final = GoldValues(get_task("topics"), tokenizer)(responses)
     assert values.tolist() == [[0.0, 1.0, 0.9375, 0.4375], [0.0, 1.0, 0.0, 0.0]]
     assert final.tolist() == [0.4375, -0.5]
+
+
+def test_greedy_monte_carlo_values_of_a_policys_own_greedy_answers_are_their_gold_rewards(tokenizer, cache):
+    """Greedy decoding continues every prefix of a greedy answer with the rest of that answer, so each state's value
+    is the answer's gold reward (rows of several lengths, finished and not: each row's budget is what it had)."""
+    data = RLHFDataModule(
+        "builtin:topics", mode="prompts", builtin_size=120, val_size=12, batch_size=12, cache_dir=str(cache)
+    )
+    data.setup("validate")
+    policy = tiny_policy(tokenizer)
+    greedy = SamplingConfig(max_new_tokens=6, do_sample=False)
+    (answers,) = held_out_responses(policy, data, greedy)
+    assert len(set(answers.lengths.tolist())) > 1 and answers.finished.any() and not answers.finished.all()
+    values, final = MonteCarloValues(policy, data.task, tokenizer, greedy, continuations=2, batch_size=5)(
+        answers
+    )
+    gold = gold_rewards(data.task, tokenizer, answers)[0]
+    torch.testing.assert_close(final, gold)
+    mask = answers.response_mask
+    torch.testing.assert_close(values[mask], gold.unsqueeze(-1).expand_as(values)[mask])
+
+
+def test_monte_carlo_values_refuse_answers_longer_than_their_budget(tokenizer):
+    answers = rollout(tokenizer, ["cat and a river"], [True])  # 5 tokens
+    scorer = MonteCarloValues(
+        tiny_policy(tokenizer), get_task("topics"), tokenizer, SamplingConfig(max_new_tokens=4)
+    )
+    with pytest.raises(ValueError, match="within sampling.max_new_tokens=4 tokens, but a response has 5"):
+        scorer(answers)
+
+
+def tiny_policy(tokenizer):
+    return build_policy(tiny(init_seed=3), tokenizer).eval()
 
 
 def test_gold_scored_pairs_of_a_policys_samples(tokenizer, cache, tmp_path):

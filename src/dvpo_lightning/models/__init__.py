@@ -10,6 +10,7 @@ from dvpo_lightning.models.factory import (
     value_head,
 )
 from dvpo_lightning.models.forward import (
+    VALUE_FORMS,
     PerToken,
     output_head,
     recomputes_activations,
@@ -18,6 +19,7 @@ from dvpo_lightning.models.forward import (
     response_values,
     shared_prompt_response_logits,
     shared_prompt_response_token_outputs,
+    value_form,
 )
 from dvpo_lightning.models.lora import apply_lora, is_lora
 from dvpo_lightning.models.spec import LoraSpec, ModelSpec
@@ -28,6 +30,7 @@ from dvpo_lightning.models.tokenizers import (
 )
 
 __all__ = [
+    "VALUE_FORMS",
     "LoraSpec",
     "ModelSpec",
     "PerToken",
@@ -50,5 +53,6 @@ __all__ = [
     "shared_prompt_response_token_outputs",
     "response_values",
     "tokenizer_difference",
+    "value_form",
     "value_head",
 ]

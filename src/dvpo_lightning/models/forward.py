@@ -201,6 +201,17 @@ def recomputes_activations(model: nn.Module) -> bool:
     return any(getattr(module, "gradient_checkpointing", False) is True for module in model.modules())
 
 
+#: how a value model's outputs are read as state values (`value_form`)
+VALUE_FORMS = ("return", "earned")
+
+
+def value_form(value_model: nn.Module) -> str:
+    """How `value_model`'s per-position outputs are read, from its config's `dvpo_value_form` (saved with it):
+    "return" (the default: each output is the value V(s_t) itself) or "earned" (each output is the reward of the
+    token just read, and V(s_t) is their running sum: the reward the prefix has earned)."""
+    return getattr(getattr(value_model, "config", None), "dvpo_value_form", "return")
+
+
 def response_values(
     value_model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_length: int
 ) -> torch.Tensor:
@@ -208,6 +219,9 @@ def response_values(
 
     Index `t < R` is V(s_t), the value of the state before response token `t` (column `P - 1 + t`); index
     `T_i` (row `i`'s response length) is the value of the complete response (the last real token's column).
+    A value model of `value_form` "earned" outputs the prompt's value at column `P - 1` and each response token's
+    reward at its own column: V(s_t) is their sum up to column `P - 1 + t`. Responses are right-padded, so no
+    real state's sum reaches a padding column.
     """
     output = value_model(
         input_ids=input_ids,
@@ -215,4 +229,7 @@ def response_values(
         position_ids=position_ids_from_mask(attention_mask),
         use_cache=False,
     )
-    return output.logits[:, -(response_length + 1) :, 0].float()
+    outputs = output.logits[:, -(response_length + 1) :, 0].float()  # [B, R + 1]
+    if value_form(value_model) == "earned":
+        return outputs.cumsum(dim=-1)
+    return outputs

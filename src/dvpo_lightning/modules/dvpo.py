@@ -66,10 +66,27 @@ class DVPOModule(OnPolicyModule):
                 f"response, but the GVM at {path!r} was trained with train_final_value=false, so that value was never "
                 "fitted: set bootstrap: zero, or retrain the GVM with train_final_value: true"
             )
-        if "gamma" in training and training["gamma"] != self.ppo.gamma:
+        if training.get("value_form") == "earned":
+            self.check_earned_values(path, reads_final_value)
+        elif "gamma" in training and training["gamma"] != self.ppo.gamma:
             rank_zero_warn(
                 f"DVPOModule option `ppo.gamma`={self.ppo.gamma} differs from the gamma={training['gamma']} the GVM "
                 f"at {path!r} was trained with: its values are returns discounted with another gamma"
+            )
+
+    def check_earned_values(self, path: str, reads_final_value: bool) -> None:
+        """A GVM of value_form "earned" holds the reward each prefix has earned, undiscounted; its TD errors are its
+        token rewards only if the complete response keeps its value after the last token and gamma is 1."""
+        if not reads_final_value:
+            raise ValueError(
+                f"the GVM at {path!r} was trained with value_form='earned' (a state's value is the reward earned so "
+                "far), so the complete response's value must follow the last token: DVPOModule needs "
+                "`advantage.estimator`='gvm' with `advantage.options.bootstrap`='final_value'"
+            )
+        if self.ppo.gamma != 1.0:
+            raise ValueError(
+                f"the GVM at {path!r} was trained with value_form='earned' (undiscounted rewards earned so far): "
+                f"DVPOModule option `ppo.gamma` must be 1; got {self.ppo.gamma}"
             )
 
     def build_models(self) -> None:

@@ -5,7 +5,8 @@ a reward model's); the values of the states s_1..s_T (before each response token
 the complete response (which DVPO's default bootstrap reads) are regressed onto TD(lambda) returns of it computed
 from the model's own detached values (`algos.td_lambda_returns`). Beyond the paper, each off by default: the loss
 terms of `LOSS_WEIGHTS` (`algos.gvm_loss`: a Bradley-Terry ranking term, TCRM's per-prefix consistency terms) and
-several optimiser steps per batch on targets fixed at its start (`inner_epochs`, the reference code's `vas_epochs`).
+several optimiser steps per batch on targets fixed at its start (`inner_epochs`, the reference code's `vas_epochs`),
+and values read as the running sum of learned token rewards (`value_form="earned"`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.regression import PearsonCorrCoef
 
 from dvpo_lightning.algos import gvm_loss, loss_normalizers, masked_mean, td_lambda_returns
-from dvpo_lightning.models import ModelSpec, build_value_model
+from dvpo_lightning.models import VALUE_FORMS, ModelSpec, build_value_model
 from dvpo_lightning.modules.base import RLHFModule
 from dvpo_lightning.modules.optim import OptimConfig, schedule_length, step_manually
 from dvpo_lightning.rl import (
@@ -31,7 +32,15 @@ from dvpo_lightning.rl import (
 #: the weights of the loss's terms beyond the paper's
 LOSS_WEIGHTS = ("ranking_weight", "final_consistency_weight", "td_consistency_weight")
 #: the export's record of how the values were trained, which DVPO reads
-VALUE_TRAINING = ("terminal_reward", "gamma", "lam", "train_final_value", *LOSS_WEIGHTS, "inner_epochs")
+VALUE_TRAINING = (
+    "value_form",
+    "terminal_reward",
+    "gamma",
+    "lam",
+    "train_final_value",
+    *LOSS_WEIGHTS,
+    "inner_epochs",
+)
 PAPER_STATS = {"values_mean", "abs_error_mean", "td_loss"}  # the stats of the paper's loss
 
 
@@ -61,6 +70,11 @@ class GVMModule(RLHFModule):
             reference code's `vas_epochs`: 2). Above 1 the module steps the optimiser itself: `trainer.max_steps`
             counts optimiser steps, and `max_grad_norm` clips (Lightning refuses `trainer.gradient_clip_val` then).
         max_grad_norm: gradient-norm clip of the steps `inner_epochs` > 1 takes; None = no clip.
+        value_form: "return" (the paper's: each state's output is its value, fitted to the TD(lambda) targets) or
+            "earned" (each response token's output is that token's reward and a state's value their sum so far, as
+            the gold values' are: only the complete response's value, the sum, is fitted to the terminal reward, so
+            the tokens share its credit by least squares; `lam` has nothing to bootstrap). Saved with the export,
+            which every reader of the GVM then reads the same way (`models.value_form`).
         optim: optimiser and schedule.
         **kwargs: `tokenizer`, `export_dir`, `fsdp` (see `RLHFModule`).
     """
@@ -83,6 +97,7 @@ class GVMModule(RLHFModule):
         td_consistency_weight: float = 0.0,
         inner_epochs: int = 1,
         max_grad_norm: float | None = None,
+        value_form: str = "return",
         optim: OptimConfig | None = None,
         **kwargs,
     ):
@@ -95,6 +110,7 @@ class GVMModule(RLHFModule):
                 "clips: set trainer.gradient_clip_val instead"
             )
         check_terminal_reward(terminal_reward, reward_model)
+        check_value_form(value_form, train_final_value, final_consistency_weight, td_consistency_weight)
         self.model_spec = model
         self.reward_model_spec = reward_model
         self.gamma, self.lam, self.terminal_reward = gamma, lam, terminal_reward
@@ -104,6 +120,7 @@ class GVMModule(RLHFModule):
         self.final_consistency_weight = final_consistency_weight
         self.td_consistency_weight = td_consistency_weight
         self.inner_epochs = inner_epochs
+        self.value_form = value_form
         self.max_grad_norm = max_grad_norm
         self.automatic_optimization = inner_epochs == 1
         self.optim = optim or OptimConfig(lr=1e-4)
@@ -123,6 +140,14 @@ class GVMModule(RLHFModule):
 
     def build_models(self) -> None:
         self.value_model = build_value_model(self.model_spec, self.tokenizer, role="value model")
+        trained_form = getattr(self.value_model.config, "dvpo_value_form", self.value_form)
+        if trained_form != self.value_form:
+            raise ValueError(
+                f"GVMModule option value_form={self.value_form!r}, but the value model at "
+                f"{self.model_spec.name_or_path!r} was trained with value_form={trained_form!r}: its outputs mean "
+                "something else; continue it with the same value_form"
+            )
+        self.value_model.config.dvpo_value_form = self.value_form  # saved with the export: how to read it
         self.reward_model = (
             build_value_model(self.reward_model_spec, self.tokenizer, role="reward model")
             if self.reward_model_spec is not None
@@ -130,8 +155,12 @@ class GVMModule(RLHFModule):
         )
 
     def trained_states(self, sequences: Sequences) -> torch.Tensor:
-        """Mask `[2B, R + 1]` of the states the loss fits: s_1..s_T, and the complete response with `train_final_value`."""
-        return state_mask(sequences.response_mask, include_final=self.train_final_value)
+        """Mask `[2B, R + 1]` of the states the loss fits: s_1..s_T, and the complete response with `train_final_value`;
+        with value_form "earned", the complete response only (its states' values are partial sums of its value)."""
+        mask = sequences.response_mask
+        if self.value_form == "earned":
+            return state_mask(mask, include_final=True) & ~state_mask(mask, include_final=False)
+        return state_mask(mask, include_final=self.train_final_value)
 
     def targets(self, batch: dict, sequences: Sequences, values: torch.Tensor) -> torch.Tensor:
         """TD(lambda) targets `[2B, R + 1]` from the values `[2B, R + 1]` (detached) and the terminal rewards."""
@@ -209,3 +238,28 @@ class GVMModule(RLHFModule):
         # Each batch takes `inner_epochs` optimiser steps.
         steps = schedule_length(self.trainer, lambda: self.inner_epochs)
         return self.optimizer_for(self.value_model, self.optim, steps)
+
+
+def check_value_form(
+    value_form: str, train_final_value: bool, final_consistency_weight: float, td_consistency_weight: float
+) -> None:
+    """Refuse an unknown `value_form`, or options that fit the states an "earned" GVM does not fit itself."""
+    if value_form not in VALUE_FORMS:
+        raise ValueError(f"GVMModule option value_form must be one of {VALUE_FORMS}; got {value_form!r}")
+    if value_form != "earned":
+        return
+    if not train_final_value:
+        raise ValueError(
+            "GVMModule option value_form='earned' fits only the complete response's value: it needs "
+            "train_final_value: true"
+        )
+    for name, weight in (
+        ("final_consistency_weight", final_consistency_weight),
+        ("td_consistency_weight", td_consistency_weight),
+    ):
+        if weight:
+            raise ValueError(
+                f"GVMModule option {name}={weight} fits each state's value to another's, but with "
+                "value_form='earned' a state's value is the reward earned so far, not a prediction of the final "
+                f"one: set {name}: 0"
+            )

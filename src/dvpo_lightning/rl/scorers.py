@@ -15,6 +15,8 @@ A new scorer is a class with that call; an algorithm chooses its scorers in its 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
@@ -27,7 +29,7 @@ from dvpo_lightning.algos import (
     rs_ppo_shaping,
 )
 from dvpo_lightning.rl.forward import final_values, policy_logprobs, state_values
-from dvpo_lightning.rl.rollout import decode_responses
+from dvpo_lightning.rl.rollout import SamplingConfig, decode_responses, generate_responses
 from dvpo_lightning.rl.sequences import Responses
 
 DPO_SHAPINGS = ("rto", "rs-ppo")
@@ -119,6 +121,72 @@ class GoldValues:
     def __call__(self, responses: Responses) -> tuple[torch.Tensor, torch.Tensor]:
         mask = responses.response_mask
         return earned_values(gold_token_rewards(self.task, self.tokenizer, responses).to(mask.device), mask)
+
+
+class MonteCarloValues:
+    """The value function of `policy` on the built-in task, by Monte Carlo: V(s_t) is the mean gold reward of
+    `continuations` responses that continue the prefix y_<t with `policy` (`sampling`, whose `max_new_tokens` is
+    the whole response's budget), and the complete response's value its gold reward.
+
+    What a value model of that policy's returns is trained to predict (expected returns, not the reward earned so
+    far as `GoldValues`): the ceiling of a value model's token credit on the policy's own samples, short of
+    sampling noise (which shrinks as `continuations` grows). Costs `continuations` sampled responses per state.
+    """
+
+    def __init__(
+        self,
+        policy: nn.Module,
+        task,
+        tokenizer: PreTrainedTokenizerBase,
+        sampling: SamplingConfig,
+        continuations: int = 32,
+        batch_size: int = 1024,
+    ):
+        if continuations < 1:
+            raise ValueError(f"continuations must be >= 1; got {continuations}")
+        self.policy, self.task, self.tokenizer, self.sampling = policy, task, tokenizer, sampling
+        self.continuations, self.batch_size = continuations, batch_size
+
+    @torch.no_grad()
+    def __call__(self, responses: Responses) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = responses.response_mask
+        longest = int(mask.sum(-1).max())
+        if longest > self.sampling.max_new_tokens:
+            raise ValueError(
+                f"MonteCarloValues continues responses within sampling.max_new_tokens="
+                f"{self.sampling.max_new_tokens} tokens, but a response has {longest}: give the budget they were "
+                "sampled with"
+            )
+        values = torch.zeros(mask.shape, device=mask.device)  # [B, R]
+        for t in range(mask.shape[1]):
+            rows = torch.nonzero(mask[:, t]).flatten()  # the responses that visit state s_t
+            for chunk in rows.split(max(1, self.batch_size // self.continuations)):
+                values[chunk, t] = self.continued_rewards(responses, chunk, t).mean(dim=-1)
+        return values, gold_rewards(self.task, self.tokenizer, responses)[0].to(mask.device)
+
+    def continued_rewards(self, responses: Responses, rows: torch.Tensor, t: int) -> torch.Tensor:
+        """Gold rewards `[len(rows), continuations]` of the responses `rows` continued from their first `t` tokens."""
+        k = self.continuations
+        prefix = responses.response_input_ids[rows, :t].repeat_interleave(k, dim=0)  # [N * k, t], all real
+        prompt_ids = responses.prompt_input_ids[rows].repeat_interleave(k, dim=0)
+        prompt_mask = responses.prompt_attention_mask[rows].repeat_interleave(k, dim=0)
+        real = torch.ones_like(prefix, dtype=torch.bool)
+        budget = replace(self.sampling, max_new_tokens=self.sampling.max_new_tokens - t)
+        rest = generate_responses(
+            self.policy,
+            torch.cat([prompt_ids, prefix], 1),
+            torch.cat([prompt_mask, real], 1),
+            budget,
+            self.tokenizer,
+        )
+        whole = Responses(
+            prompt_ids,
+            prompt_mask,
+            torch.cat([prefix, rest.response_input_ids], 1),
+            torch.cat([real, rest.response_mask], 1),
+            rest.finished,
+        )
+        return gold_rewards(self.task, self.tokenizer, whole)[0].view(len(rows), k)
 
 
 def gold_rewards(
