@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
-from dvpo_lightning.models import ModelSpec, build_value_model, value_form
+from dvpo_lightning.models import LoraSpec, ModelSpec, build_value_model, value_form
 from dvpo_lightning.modules import GVMModule, OptimConfig
 from dvpo_lightning.rl import (
     Sequences,
@@ -172,10 +172,11 @@ def test_padding_changes_no_earned_value(tokenizer, cache):
         torch.testing.assert_close(together, state_values(module.value_model, alone)[0], atol=1e-5, rtol=1e-5)
 
 
-def test_an_earned_gvm_is_saved_and_read_back_as_earned(tokenizer, cache, tmp_path):
+@pytest.mark.parametrize("lora", [None, LoraSpec(r=4)], ids=["full", "lora"])
+def test_an_earned_gvm_is_saved_and_read_back_as_earned(lora, tokenizer, cache, tmp_path):
     trainer = quick_trainer(tmp_path, max_steps=2)
     module = GVMModule(
-        tiny(init_seed=5), value_form="earned", tokenizer=tokenizer, export_dir=str(tmp_path / "gvm")
+        tiny(init_seed=5, lora=lora), value_form="earned", tokenizer=tokenizer, export_dir=str(tmp_path / "gvm")
     )
     trainer.fit(module, datamodule=topics_data(cache))  # exports at the end
     path = str(tmp_path / "gvm")
