@@ -284,7 +284,8 @@ def make_report(builtin: dict[int, dict], hh: dict[int, dict], scale: Scale, con
         "token credit = Pearson, over every response token, of the value model's TD error V(s_t+1) - V(s_t) "
         "(V_final after the last token) with the gold reward of that token. The SFT policy's own values: the mean "
         f"gold reward of {MC_CONTINUATIONS['full']} answers sampled from each state (quick runs: "
-        f"{MC_CONTINUATIONS['quick']}), `rl.MonteCarloValues`.",
+        f"{MC_CONTINUATIONS['quick']}), `rl.MonteCarloValues`. The earned form's mean value averages the reward "
+        "earned so far, not predictions of the final value: its complete-response accuracy is the comparable one.",
         *gap_notes(builtin),
     ]
     if not hh:

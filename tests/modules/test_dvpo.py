@@ -228,6 +228,19 @@ def test_dvpo_refuses_to_misread_an_earned_gvm(options, message, tokenizer, expo
             module.check_model_sources()
 
 
+def test_dvpo_refuses_to_misread_an_earned_gvm_with_no_export_record(tokenizer, exports, tmp_path):
+    """Its config says how to read it: DVPO checks that too when it loads the model."""
+    gvm = build_value_model(ModelSpec(name_or_path=exports.gvm), tokenizer)
+    gvm.config.dvpo_value_form = "earned"
+    path = export_model(gvm, tokenizer, str(tmp_path / "gvm"))
+    module = DVPOModule(
+        policy=tiny(), value_model=ModelSpec(name_or_path=path), tokenizer=tokenizer, ppo=PPOConfig(gamma=0.9)
+    )
+    module.check_model_sources()  # no record of how it was trained
+    with pytest.raises(ValueError, match="`ppo.gamma` must be 1; got 0.9"):
+        module.configure_model()
+
+
 def test_dvpo_warns_when_its_gamma_is_not_the_one_its_gvm_was_trained_with(tokenizer, exports, tmp_path):
     gvm = build_value_model(ModelSpec(name_or_path=exports.gvm), tokenizer)
     path = export_model(gvm, tokenizer, str(tmp_path / "gvm"), info={"value_training": {"gamma": 0.9}})

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
 from dvpo_lightning.models import LoraSpec, ModelSpec, build_value_model, value_form
-from dvpo_lightning.modules import GVMModule, OptimConfig
+from dvpo_lightning.modules import GVMModule, OptimConfig, export
 from dvpo_lightning.rl import (
     Sequences,
     final_values,
@@ -176,7 +176,10 @@ def test_padding_changes_no_earned_value(tokenizer, cache):
 def test_an_earned_gvm_is_saved_and_read_back_as_earned(lora, tokenizer, cache, tmp_path):
     trainer = quick_trainer(tmp_path, max_steps=2)
     module = GVMModule(
-        tiny(init_seed=5, lora=lora), value_form="earned", tokenizer=tokenizer, export_dir=str(tmp_path / "gvm")
+        tiny(init_seed=5, lora=lora),
+        value_form="earned",
+        tokenizer=tokenizer,
+        export_dir=str(tmp_path / "gvm"),
     )
     trainer.fit(module, datamodule=topics_data(cache))  # exports at the end
     path = str(tmp_path / "gvm")
@@ -184,6 +187,17 @@ def test_an_earned_gvm_is_saved_and_read_back_as_earned(lora, tokenizer, cache, 
     assert value_form(loaded) == "earned"
     with pytest.raises(ValueError, match="value_form='return', but the value model .* value_form='earned'"):
         GVMModule(ModelSpec(name_or_path=path), tokenizer=tokenizer).configure_model()
+
+
+def test_a_sharded_lora_gvm_is_exported_earned_through_its_unsharded_twin(tokenizer, monkeypatch, tmp_path):
+    """Rank zero rebuilds a sharded LoRA model from its spec to merge it: the twin takes what training set on the
+    model's config, so the export reads as earned (here the gathered state is the model's own)."""
+    module = GVMModule(tiny(init_seed=5, lora=LoraSpec(r=4)), value_form="earned", tokenizer=tokenizer)
+    module.configure_model()
+    monkeypatch.setattr(export, "is_sharded", lambda model: True)
+    monkeypatch.setattr(export, "full_state_dict", lambda model: model.state_dict())
+    export.export_stage(module, str(tmp_path / "gvm"))
+    assert value_form(build_value_model(ModelSpec(name_or_path=str(tmp_path / "gvm")), tokenizer)) == "earned"
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from lightning.pytorch.utilities import rank_zero_warn
 
-from dvpo_lightning.models import ModelSpec, build_value_model, read_export_info
+from dvpo_lightning.models import ModelSpec, build_value_model, read_export_info, value_form
 from dvpo_lightning.modules.onpolicy import OnPolicyModule
 from dvpo_lightning.rl import GoldValues, Scorers, StateValues
 
@@ -67,17 +67,17 @@ class DVPOModule(OnPolicyModule):
                 "fitted: set bootstrap: zero, or retrain the GVM with train_final_value: true"
             )
         if training.get("value_form") == "earned":
-            self.check_earned_values(path, reads_final_value)
+            self.check_earned_values(path)
         elif "gamma" in training and training["gamma"] != self.ppo.gamma:
             rank_zero_warn(
                 f"DVPOModule option `ppo.gamma`={self.ppo.gamma} differs from the gamma={training['gamma']} the GVM "
                 f"at {path!r} was trained with: its values are returns discounted with another gamma"
             )
 
-    def check_earned_values(self, path: str, reads_final_value: bool) -> None:
+    def check_earned_values(self, path: str) -> None:
         """A GVM of value_form "earned" holds the reward each prefix has earned, undiscounted; its TD errors are its
         token rewards only if the complete response keeps its value after the last token and gamma is 1."""
-        if not reads_final_value:
+        if self.advantage.estimator != "gvm" or self.advantage.option("bootstrap") != "final_value":
             raise ValueError(
                 f"the GVM at {path!r} was trained with value_form='earned' (a state's value is the reward earned so "
                 "far), so the complete response's value must follow the last token: DVPOModule needs "
@@ -95,6 +95,10 @@ class DVPOModule(OnPolicyModule):
             self.value_model = build_value_model(
                 self.value_model_spec, self.tokenizer, role="global value model"
             )
+            if (
+                value_form(self.value_model) == "earned"
+            ):  # its config says so, with or without an export record
+                self.check_earned_values(self.value_model_spec.name_or_path)
 
     def scorers(self) -> Scorers:
         if self.gold_values:

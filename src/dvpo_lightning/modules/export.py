@@ -21,9 +21,10 @@ def export_stage(module: pl.LightningModule, directory: str) -> None:
     if module._trainer is None or module.trainer.is_global_zero:
         if state is not None and is_lora(model):
             build = build_policy if module.exported_model == "policy" else build_value_model
-            model = build(module.exported_model_spec(), module.tokenizer)
-            model.load_state_dict(state)
-            state = None
+            twin = build(module.exported_model_spec(), module.tokenizer)
+            twin.load_state_dict(state)
+            twin.config.update(model.config.to_diff_dict())  # what training set on it (a GVM's value_form)
+            model, state = twin, None
         inputs = module.inputs_at_start if module.inputs_at_start is not None else current_inputs(module)
         warn_if_inputs_rewritten(module, inputs)
         info = {**export_record(module, directory, inputs), **module.export_info()}

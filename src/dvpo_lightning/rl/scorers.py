@@ -130,7 +130,8 @@ class MonteCarloValues:
 
     What a value model of that policy's returns is trained to predict (expected returns, not the reward earned so
     far as `GoldValues`): the ceiling of a value model's token credit on the policy's own samples, short of
-    sampling noise (which shrinks as `continuations` grows). Costs `continuations` sampled responses per state.
+    sampling noise (which shrinks as `continuations` grows). Costs `continuations` sampled responses per state,
+    `batch_size` responses a `generate` call; sampled from `seed` without touching the caller's random streams.
     """
 
     def __init__(
@@ -141,11 +142,12 @@ class MonteCarloValues:
         sampling: SamplingConfig,
         continuations: int = 32,
         batch_size: int = 1024,
+        seed: int = 0,
     ):
         if continuations < 1:
             raise ValueError(f"continuations must be >= 1; got {continuations}")
         self.policy, self.task, self.tokenizer, self.sampling = policy, task, tokenizer, sampling
-        self.continuations, self.batch_size = continuations, batch_size
+        self.continuations, self.batch_size, self.seed = continuations, batch_size, seed
 
     @torch.no_grad()
     def __call__(self, responses: Responses) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,10 +160,13 @@ class MonteCarloValues:
                 "sampled with"
             )
         values = torch.zeros(mask.shape, device=mask.device)  # [B, R]
-        for t in range(mask.shape[1]):
-            rows = torch.nonzero(mask[:, t]).flatten()  # the responses that visit state s_t
-            for chunk in rows.split(max(1, self.batch_size // self.continuations)):
-                values[chunk, t] = self.continued_rewards(responses, chunk, t).mean(dim=-1)
+        cuda_devices = [mask.device] if mask.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda_devices):  # the caller's random streams stay as they were
+            torch.manual_seed(self.seed)
+            for t in range(mask.shape[1]):
+                rows = torch.nonzero(mask[:, t]).flatten()  # the responses that visit state s_t
+                for chunk in rows.split(max(1, self.batch_size // self.continuations)):
+                    values[chunk, t] = self.continued_rewards(responses, chunk, t).mean(dim=-1)
         return values, gold_rewards(self.task, self.tokenizer, responses)[0].to(mask.device)
 
     def continued_rewards(self, responses: Responses, rows: torch.Tensor, t: int) -> torch.Tensor:
@@ -171,7 +176,11 @@ class MonteCarloValues:
         prompt_ids = responses.prompt_input_ids[rows].repeat_interleave(k, dim=0)
         prompt_mask = responses.prompt_attention_mask[rows].repeat_interleave(k, dim=0)
         real = torch.ones_like(prefix, dtype=torch.bool)
-        budget = replace(self.sampling, max_new_tokens=self.sampling.max_new_tokens - t)
+        budget = replace(
+            self.sampling,
+            max_new_tokens=self.sampling.max_new_tokens - t,
+            min_new_tokens=max(0, self.sampling.min_new_tokens - t),
+        )
         rest = generate_responses(
             self.policy,
             torch.cat([prompt_ids, prefix], 1),
@@ -186,7 +195,7 @@ class MonteCarloValues:
             torch.cat([real, rest.response_mask], 1),
             rest.finished,
         )
-        return gold_rewards(self.task, self.tokenizer, whole)[0].view(len(rows), k)
+        return gold_rewards(self.task, self.tokenizer, whole)[0].view(len(rows), k).to(rows.device)
 
 
 def gold_rewards(
