@@ -1,12 +1,10 @@
 """The Global Value Model (GVM) of DVPO: a token-level value model pretrained offline on preference data.
 
-Each pair gives two trajectories with a terminal reward (`terminal_reward`: +/-1 by preference, the data's scores or
-a reward model's); the values of the states s_1..s_T (before each response token) and, with `train_final_value`, of
-the complete response (which DVPO's default bootstrap reads) are regressed onto TD(lambda) returns of it computed
-from the model's own detached values (`algos.td_lambda_returns`). Beyond the paper, each off by default: the loss
-terms of `LOSS_WEIGHTS` (`algos.gvm_loss`: a Bradley-Terry ranking term, TCRM's per-prefix consistency terms) and
-several optimiser steps per batch on targets fixed at its start (`inner_epochs`, the reference code's `vas_epochs`),
-and values read as the running sum of learned token rewards (`value_form="earned"`).
+Each pair gives two trajectories with a terminal reward (`terminal_reward`); the values of the states s_1..s_T and,
+with `train_final_value`, of the complete response are regressed onto TD(lambda) returns of it computed from the
+model's own detached values (`algos.td_lambda_returns`). Beyond the paper, each off by default: the loss terms of
+`LOSS_WEIGHTS` (`algos.gvm_loss`), several optimiser steps per batch on fixed targets (`inner_epochs`, the reference
+code's `vas_epochs`), and values read as running sums of learned token rewards (`value_form="earned"`).
 """
 
 from __future__ import annotations
@@ -16,12 +14,14 @@ from torchmetrics import MeanMetric
 from torchmetrics.regression import PearsonCorrCoef
 
 from dvpo_lightning.algos import gvm_loss, loss_normalizers, masked_mean, td_lambda_returns
-from dvpo_lightning.models import VALUE_FORMS, ModelSpec, build_value_model
+from dvpo_lightning.models import ModelSpec, build_value_model
 from dvpo_lightning.modules.base import RLHFModule
-from dvpo_lightning.modules.optim import OptimConfig, schedule_length, step_manually
+from dvpo_lightning.modules.optim import OptimConfig, check_inner_epochs, schedule_length, step_manually
 from dvpo_lightning.rl import (
     Sequences,
     check_terminal_reward,
+    check_trained_value_form,
+    check_value_form,
     final_values,
     pair_sequences,
     state_mask,
@@ -31,16 +31,9 @@ from dvpo_lightning.rl import (
 
 #: the weights of the loss's terms beyond the paper's
 LOSS_WEIGHTS = ("ranking_weight", "final_consistency_weight", "td_consistency_weight")
+TARGET_OPTIONS = ("terminal_reward", "gamma", "lam", "train_final_value", "inner_epochs")
 #: the export's record of how the values were trained, which DVPO reads
-VALUE_TRAINING = (
-    "value_form",
-    "terminal_reward",
-    "gamma",
-    "lam",
-    "train_final_value",
-    *LOSS_WEIGHTS,
-    "inner_epochs",
-)
+VALUE_TRAINING = ("value_form", *TARGET_OPTIONS, *LOSS_WEIGHTS)
 PAPER_STATS = {"values_mean", "abs_error_mean", "td_loss"}  # the stats of the paper's loss
 
 
@@ -70,11 +63,9 @@ class GVMModule(RLHFModule):
             reference code's `vas_epochs`: 2). Above 1 the module steps the optimiser itself: `trainer.max_steps`
             counts optimiser steps, and `max_grad_norm` clips (Lightning refuses `trainer.gradient_clip_val` then).
         max_grad_norm: gradient-norm clip of the steps `inner_epochs` > 1 takes; None = no clip.
-        value_form: "return" (the paper's: each state's output is its value, fitted to the TD(lambda) targets) or
-            "earned" (each response token's output is that token's reward and a state's value their sum so far, as
-            the gold values' are: only the complete response's value, the sum, is fitted to the terminal reward, so
-            the tokens share its credit by least squares; `lam` has nothing to bootstrap). Saved with the export,
-            which every reader of the GVM then reads the same way (`models.value_form`).
+        value_form: "return" (the paper's: each output is a state's value) or "earned" (each response token's output
+            is its reward, a state's value their sum so far; only the complete response's value is fitted). Saved
+            with the export, which every reader then reads the same way (`models.value_form`).
         optim: optimiser and schedule.
         **kwargs: `tokenizer`, `export_dir`, `fsdp` (see `RLHFModule`).
     """
@@ -102,13 +93,7 @@ class GVMModule(RLHFModule):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if inner_epochs < 1:
-            raise ValueError(f"inner_epochs must be >= 1; got {inner_epochs}")
-        if max_grad_norm is not None and inner_epochs == 1:
-            raise ValueError(
-                f"max_grad_norm={max_grad_norm} clips the steps of inner_epochs > 1; with one step per batch Lightning "
-                "clips: set trainer.gradient_clip_val instead"
-            )
+        check_inner_epochs(inner_epochs, max_grad_norm)
         check_terminal_reward(terminal_reward, reward_model)
         check_value_form(value_form, train_final_value, final_consistency_weight, td_consistency_weight)
         self.model_spec = model
@@ -116,12 +101,9 @@ class GVMModule(RLHFModule):
         self.gamma, self.lam, self.terminal_reward = gamma, lam, terminal_reward
         self.preference_reward = preference_reward
         self.train_final_value = train_final_value
-        self.ranking_weight = ranking_weight
+        self.ranking_weight, self.td_consistency_weight = ranking_weight, td_consistency_weight
         self.final_consistency_weight = final_consistency_weight
-        self.td_consistency_weight = td_consistency_weight
-        self.inner_epochs = inner_epochs
-        self.value_form = value_form
-        self.max_grad_norm = max_grad_norm
+        self.inner_epochs, self.max_grad_norm, self.value_form = inner_epochs, max_grad_norm, value_form
         self.automatic_optimization = inner_epochs == 1
         self.optim = optim or OptimConfig(lr=1e-4)
         self.val_loss = MeanMetric()
@@ -140,13 +122,7 @@ class GVMModule(RLHFModule):
 
     def build_models(self) -> None:
         self.value_model = build_value_model(self.model_spec, self.tokenizer, role="value model")
-        trained_form = getattr(self.value_model.config, "dvpo_value_form", self.value_form)
-        if trained_form != self.value_form:
-            raise ValueError(
-                f"GVMModule option value_form={self.value_form!r}, but the value model at "
-                f"{self.model_spec.name_or_path!r} was trained with value_form={trained_form!r}: its outputs mean "
-                "something else; continue it with the same value_form"
-            )
+        check_trained_value_form(self.value_model, self.value_form, self.model_spec.name_or_path)
         self.value_model.config.dvpo_value_form = self.value_form  # saved with the export: how to read it
         self.reward_model = (
             build_value_model(self.reward_model_spec, self.tokenizer, role="reward model")
@@ -155,8 +131,7 @@ class GVMModule(RLHFModule):
         )
 
     def trained_states(self, sequences: Sequences) -> torch.Tensor:
-        """Mask `[2B, R + 1]` of the states the loss fits: s_1..s_T, and the complete response with `train_final_value`;
-        with value_form "earned", the complete response only (its states' values are partial sums of its value)."""
+        """Mask `[2B, R + 1]` of the fitted states: s_1..s_T, the final one by `train_final_value`; earned: it alone."""
         mask = sequences.response_mask
         if self.value_form == "earned":
             return state_mask(mask, include_final=True) & ~state_mask(mask, include_final=False)
@@ -238,28 +213,3 @@ class GVMModule(RLHFModule):
         # Each batch takes `inner_epochs` optimiser steps.
         steps = schedule_length(self.trainer, lambda: self.inner_epochs)
         return self.optimizer_for(self.value_model, self.optim, steps)
-
-
-def check_value_form(
-    value_form: str, train_final_value: bool, final_consistency_weight: float, td_consistency_weight: float
-) -> None:
-    """Refuse an unknown `value_form`, or options that fit the states an "earned" GVM does not fit itself."""
-    if value_form not in VALUE_FORMS:
-        raise ValueError(f"GVMModule option value_form must be one of {VALUE_FORMS}; got {value_form!r}")
-    if value_form != "earned":
-        return
-    if not train_final_value:
-        raise ValueError(
-            "GVMModule option value_form='earned' fits only the complete response's value: it needs "
-            "train_final_value: true"
-        )
-    for name, weight in (
-        ("final_consistency_weight", final_consistency_weight),
-        ("td_consistency_weight", td_consistency_weight),
-    ):
-        if weight:
-            raise ValueError(
-                f"GVMModule option {name}={weight} fits each state's value to another's, but with "
-                "value_form='earned' a state's value is the reward earned so far, not a prediction of the final "
-                f"one: set {name}: 0"
-            )

@@ -98,6 +98,17 @@ def build_scheduler(
     )
 
 
+def check_inner_epochs(inner_epochs: int, max_grad_norm: float | None) -> None:
+    """Refuse fewer than one optimiser step per batch, or a manual clip where Lightning steps (and clips) itself."""
+    if inner_epochs < 1:
+        raise ValueError(f"inner_epochs must be >= 1; got {inner_epochs}")
+    if max_grad_norm is not None and inner_epochs == 1:
+        raise ValueError(
+            f"max_grad_norm={max_grad_norm} clips the steps of inner_epochs > 1; with one step per batch Lightning "
+            "clips: set trainer.gradient_clip_val instead"
+        )
+
+
 def step_manually(
     module: pl.LightningModule, max_grad_norm: float | None, norms_of: dict[str, nn.Module] | None = None
 ) -> dict[str, float]:

@@ -42,7 +42,13 @@ from dvpo_lightning.rl.scorers import (
 )
 from dvpo_lightning.rl.sequences import Responses, Sequences, pair_sequences, sft_sequences
 from dvpo_lightning.rl.update import PPOUpdate, clip_grad_norms
-from dvpo_lightning.rl.value_targets import TERMINAL_REWARDS, check_terminal_reward, terminal_rewards
+from dvpo_lightning.rl.value_targets import (
+    TERMINAL_REWARDS,
+    check_terminal_reward,
+    check_trained_value_form,
+    check_value_form,
+    terminal_rewards,
+)
 
 __all__ = [
     "ROLLOUT_BACKENDS",
@@ -65,6 +71,8 @@ __all__ = [
     "StateValues",
     "TERMINAL_REWARDS",
     "check_terminal_reward",
+    "check_trained_value_form",
+    "check_value_form",
     "clip_grad_norms",
     "concat_experiences",
     "decode_responses",

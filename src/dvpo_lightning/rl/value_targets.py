@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dvpo_lightning.models import VALUE_FORMS
 from dvpo_lightning.rl.forward import final_values, state_values
 from dvpo_lightning.rl.sequences import Sequences
 
@@ -49,3 +50,39 @@ def terminal_rewards(
         return torch.cat([batch["chosen_score"], batch["rejected_score"]]).float()
     with torch.no_grad():
         return final_values(state_values(reward_model, sequences), sequences.response_mask)
+
+
+def check_value_form(
+    value_form: str, train_final_value: bool, final_consistency_weight: float, td_consistency_weight: float
+) -> None:
+    """Refuse an unknown `value_form` (`models.VALUE_FORMS`), or options that fit the states an "earned" GVM does not
+    fit itself."""
+    if value_form not in VALUE_FORMS:
+        raise ValueError(f"GVMModule option value_form must be one of {VALUE_FORMS}; got {value_form!r}")
+    if value_form != "earned":
+        return
+    if not train_final_value:
+        raise ValueError(
+            "GVMModule option value_form='earned' fits only the complete response's value: it needs "
+            "train_final_value: true"
+        )
+    for name, weight in (
+        ("final_consistency_weight", final_consistency_weight),
+        ("td_consistency_weight", td_consistency_weight),
+    ):
+        if weight:
+            raise ValueError(
+                f"GVMModule option {name}={weight} fits each state's value to another's, but with "
+                "value_form='earned' a state's value is the reward earned so far, not a prediction of the final "
+                f"one: set {name}: 0"
+            )
+
+
+def check_trained_value_form(value_model: nn.Module, value_form: str, path: str | None) -> None:
+    """Refuse to continue training a value model saved with another value form: its outputs mean something else."""
+    trained_form = getattr(value_model.config, "dvpo_value_form", value_form)
+    if trained_form != value_form:
+        raise ValueError(
+            f"GVMModule option value_form={value_form!r}, but the value model at {path!r} was trained with "
+            f"value_form={trained_form!r}: its outputs mean something else; continue it with the same value_form"
+        )
