@@ -404,16 +404,18 @@ def mean_gain(builtin: dict[int, dict], name: str) -> float:
     return statistics.fmean(gains(builtin, name))
 
 
+def mean_credit(builtin: dict[int, dict], name: str) -> float:
+    """Mean over seeds of a value scorer's token credit vs gold on the SFT samples."""
+    return statistics.fmean(
+        result["values"][name]["sft_samples"]["token_credit_pearson"] for result in builtin.values()
+    )
+
+
 def gap_notes(builtin: dict[int, dict]) -> list[str]:
     """What the diagnostics say, in numbers (means over seeds of the gold gain over SFT)."""
     gain = {name: mean_gain(builtin, name) for name in POLICIES}
     best = max(DVPO_VARIANTS, key=gain.__getitem__)
-    credit = {
-        name: statistics.fmean(
-            result["values"][name]["sft_samples"]["token_credit_pearson"] for result in builtin.values()
-        )
-        for name in ("sft_monte_carlo", "gvm", "gvm_earned")
-    }
+    credit = {name: mean_credit(builtin, name) for name in ("sft_monte_carlo", "gvm", "gvm_earned")}
     return [
         f"Token credit on the SFT policy's samples: its own values (Monte Carlo, the expected-return values a GVM "
         f"of that policy is trained towards) reach {credit['sft_monte_carlo']:.3f}, short of the oracle's 1 because "
@@ -451,12 +453,7 @@ def targets_table(builtin: dict[int, dict], hh: dict[int, dict], quick: bool) ->
                 judgement(met, quick),
             ]
         )
-    credit = {
-        name: statistics.fmean(
-            result["values"][name]["sft_samples"]["token_credit_pearson"] for result in builtin.values()
-        )
-        for name in GVMS
-    }
+    credit = {name: mean_credit(builtin, name) for name in GVMS}
     best_credit = max(GVMS, key=credit.__getitem__)
     table.rows.append(
         [

@@ -135,7 +135,6 @@ def test_an_earned_gvm_reads_each_state_as_the_sum_of_the_outputs_so_far_and_fit
     sequences = pair_sequences(batch)
     with torch.no_grad():
         values = state_values(module.value_model, sequences)  # [2B, R + 1]
-        input_ids, attention_mask = sequences.model_inputs()
         module.value_model.config.dvpo_value_form = "return"  # the raw outputs, for the hand-made sums
         raw = state_values(module.value_model, sequences)
         module.value_model.config.dvpo_value_form = "earned"

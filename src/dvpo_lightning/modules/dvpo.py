@@ -95,9 +95,8 @@ class DVPOModule(OnPolicyModule):
             self.value_model = build_value_model(
                 self.value_model_spec, self.tokenizer, role="global value model"
             )
-            if (
-                value_form(self.value_model) == "earned"
-            ):  # its config says so, with or without an export record
+            # Its config says how to read it, with or without an export record.
+            if value_form(self.value_model) == "earned":
                 self.check_earned_values(self.value_model_spec.name_or_path)
 
     def scorers(self) -> Scorers:

@@ -13,7 +13,7 @@ import torch
 from torchmetrics import MeanMetric
 from torchmetrics.regression import PearsonCorrCoef
 
-from dvpo_lightning.algos import gvm_loss, loss_normalizers, masked_mean, td_lambda_returns
+from dvpo_lightning.algos import gvm_loss, last_token_mask, loss_normalizers, masked_mean, td_lambda_returns
 from dvpo_lightning.models import ModelSpec, build_value_model
 from dvpo_lightning.modules.base import RLHFModule
 from dvpo_lightning.modules.optim import OptimConfig, check_inner_epochs, schedule_length, step_manually
@@ -134,7 +134,7 @@ class GVMModule(RLHFModule):
         """Mask `[2B, R + 1]` of the fitted states: s_1..s_T, the final one by `train_final_value`; earned: it alone."""
         mask = sequences.response_mask
         if self.value_form == "earned":
-            return state_mask(mask, include_final=True) & ~state_mask(mask, include_final=False)
+            return last_token_mask(state_mask(mask, include_final=True))
         return state_mask(mask, include_final=self.train_final_value)
 
     def targets(self, batch: dict, sequences: Sequences, values: torch.Tensor) -> torch.Tensor:
