@@ -7,7 +7,7 @@ is the harder built-in setting), as `table` runs them (`benchmarks/value_runs.py
   GVM as the paper trains it, and the GVM with each option beyond the paper (a ranking term on complete-response
   values; two inner epochs on fixed targets per batch; the score mode on gold-scored pairs of the SFT policy's own
   samples, `dvpo_lightning.sampled_pairs`; TCRM's per-prefix consistency terms; values as running sums of learned
-  token rewards, `value_form: earned`), the GVM continued on the SFT policy's samples with its own
+  token rewards, `value_form: earned`, also with its sum fitted over random halves of the tokens), the GVM continued on the SFT policy's samples with its own
   complete-response values as Monte-Carlo targets (VC-PPO's value pretraining as self-distillation); and PPO's
   critic after PPO (it starts from the reward model);
 - **policies**: DPO, PPO, PPO with a frozen critic, PPO with a GVM-initialised critic, DVPO on each GVM, DVPO at
@@ -87,6 +87,7 @@ LABELS = {
     "gvm_consistency": "GVM + per-prefix consistency (TCRM)",
     "gvm_self_mc": "GVM continued on SFT samples, its own values as MC targets",
     "gvm_earned": "GVM, earned form (running sum of token rewards) + ranking term",
+    "gvm_earned_subsets": "GVM, earned form + ranking term, sums over random halves of the tokens",
     "sft_monte_carlo": "SFT policy's own values (Monte Carlo: the ceiling of an expected-return GVM)",
     "ppo_critic": "PPO's critic after PPO",
     "dpo": "DPO",
@@ -100,6 +101,7 @@ LABELS = {
     "dvpo_gvm_consistency": "DVPO on GVM + per-prefix consistency",
     "dvpo_gvm_self_mc": "DVPO on GVM self-distilled on SFT samples",
     "dvpo_gvm_earned": "DVPO on GVM, earned form + ranking term",
+    "dvpo_gvm_earned_subsets": "DVPO on GVM, earned form over random halves",
     "dvpo_reference_advantages": "DVPO, reference advantages (whitened values, 0 after the end)",
     "dvpo_lam1": "DVPO, lambda = 1",
     "dvpo_gold_values": "DVPO on the gold values (oracle critic)",
@@ -415,13 +417,16 @@ def gap_notes(builtin: dict[int, dict]) -> list[str]:
     """What the diagnostics say, in numbers (means over seeds of the gold gain over SFT)."""
     gain = {name: mean_gain(builtin, name) for name in POLICIES}
     best = max(DVPO_VARIANTS, key=gain.__getitem__)
-    credit = {name: mean_credit(builtin, name) for name in ("sft_monte_carlo", "gvm", "gvm_earned")}
+    credit = {
+        name: mean_credit(builtin, name)
+        for name in ("sft_monte_carlo", "gvm", "gvm_earned", "gvm_earned_subsets")
+    }
     return [
         f"Token credit on the SFT policy's samples: its own values (Monte Carlo, the expected-return values a GVM "
         f"of that policy is trained towards) reach {credit['sft_monte_carlo']:.3f}, short of the oracle's 1 because "
         "a value's step is the token's reward plus what it changes in the rest of the answer; the paper's GVM "
         f"{credit['gvm']:.3f}; the earned form, whose steps are its learned token rewards, "
-        f"{credit['gvm_earned']:.3f}.",
+        f"{credit['gvm_earned']:.3f}, fitted over random halves of its tokens {credit['gvm_earned_subsets']:.3f}.",
         f"Where DVPO stands: DVPO {gain['dvpo']:+.3f}, PPO {gain['ppo']:+.3f}, DPO {gain['dpo']:+.3f}; the best GVM "
         f"option, {LABELS[best]}, {gain[best]:+.3f}.",
         f"A perfect frozen critic (the gold values) gains {gain['dvpo_gold_values']:+.3f}: "

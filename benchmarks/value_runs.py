@@ -61,6 +61,11 @@ GVM_OPTIONS = {  # the GVM's options beyond the paper, each a GVM run of its own
         "--model.init_args.value_form=earned",
         "--model.init_args.ranking_weight=1.0",
     ),
+    "gvm_earned_subsets": (  # the same, its sum fitted over random halves of the tokens (randomized decomposition)
+        "--model.init_args.value_form=earned",
+        "--model.init_args.ranking_weight=1.0",
+        "--model.init_args.reward_subset_probability=0.5",
+    ),
 }
 SFT, POLICY = {"model": "sft"}, {"policy": "sft"}
 # VC-PPO's Monte-Carlo value pretraining as self-distillation: the GVM, continued on the SFT policy's samples with

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -16,6 +17,7 @@ from dvpo_lightning.algos import (
     kl_loss,
     loss_normalizers,
     ppo_policy_loss,
+    subset_return_values,
     value_loss,
 )
 from tests.algos.test_layouts import layout_mask, spread
@@ -167,6 +169,42 @@ def test_gvm_loss_refuses_a_negative_weight(weight):
     values, _, returns, mask = _value_case()
     with pytest.raises(ValueError, match=f"{weight} must be >= 0"):
         gvm_loss(values, returns, mask, torch.zeros(2), **{weight: -1.0})
+
+
+def test_subset_return_values_by_hand():
+    """Earned sums: row 0's rewards u = (2, -1, 4) after a prompt value of 1 (complete response V(s_3) = 6), row 1's
+    u = (5) after -2 (V(s_1) = 3, then padding). Only each complete response's value changes."""
+    values = torch.tensor([[1.0, 3.0, 2.0, 6.0], [-2.0, 3.0, 9.0, 9.0]])  # [B, T + 1]
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    keep = torch.tensor([[1, 0, 1], [0, 1, 1]])  # row 1 draws only padding: its sum is the prompt's value
+    estimate = subset_return_values(values, mask, keep, 0.5)
+    expected = torch.tensor([[1.0, 3.0, 2.0, 1 + (2 + 4) / 0.5], [-2.0, -2.0, 9.0, 9.0]])
+    torch.testing.assert_close(estimate, expected)
+    torch.testing.assert_close(subset_return_values(values, mask, torch.ones_like(mask), 1.0), values)
+
+
+def test_subset_return_loss_is_the_sums_plus_a_penalty_on_every_token_reward_in_expectation():
+    """Over all 2^3 subsets, weighted by their chance: E[(V_subset - R)^2] = (V_final - R)^2 + (1 - p) / p * sum u^2."""
+    values = torch.tensor([[1.0, 3.0, 2.0, 6.0]])
+    mask, target, p = torch.ones(1, 3), 2.0, 0.3
+    expected_loss = 0.0
+    for drawn in itertools.product((0, 1), repeat=3):
+        chance = math.prod(p if kept else 1 - p for kept in drawn)
+        final = subset_return_values(values, mask, torch.tensor([drawn]), p)[0, -1]
+        expected_loss += chance * (final.item() - target) ** 2
+    assert expected_loss == pytest.approx((6 - target) ** 2 + (1 - p) / p * (2**2 + 1**2 + 4**2))
+
+
+@pytest.mark.parametrize(
+    "values, probability, message",
+    [
+        (torch.zeros(1, 3), 0.5, r"values must have shape \[B, T \+ 1\]"),
+        (torch.zeros(1, 4), 0.0, r"in \(0, 1\]"),
+    ],
+)
+def test_subset_return_values_refuses_bad_inputs(values, probability, message):
+    with pytest.raises(ValueError, match=message):
+        subset_return_values(values, torch.ones(1, 3), torch.ones(1, 3), probability)
 
 
 def test_dpo_sigmoid_ipo_and_label_smoothing_by_hand():

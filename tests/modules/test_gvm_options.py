@@ -1,5 +1,6 @@
 """The GVM's training options beyond the paper: the ranking term, TCRM's consistency terms, inner epochs on fixed
-targets, and values read as the running sum of learned token rewards (value_form "earned")."""
+targets, and values read as the running sum of learned token rewards (value_form "earned"), fitted over random
+subsets of the tokens (reward_subset_probability)."""
 
 from __future__ import annotations
 
@@ -199,6 +200,35 @@ def test_a_sharded_lora_gvm_is_exported_earned_through_its_unsharded_twin(tokeni
     assert value_form(build_value_model(ModelSpec(name_or_path=str(tmp_path / "gvm")), tokenizer)) == "earned"
 
 
+def test_an_earned_gvm_fits_a_random_subsets_sum_in_training_and_the_whole_sum_in_validation(
+    tokenizer, cache
+):
+    """With reward_subset_probability p, a training step's loss is the squared error of the prompt's output plus the
+    outputs of the tokens drawn (the same draw, by seed), over p; validation fits the plain sum."""
+    batch = first_batch(topics_data(cache, "pairs"))
+    module = gvm(tokenizer, value_form="earned", reward_subset_probability=0.5)
+    sequences = pair_sequences(batch)
+    with torch.no_grad():
+        module.value_model.config.dvpo_value_form = "return"  # the raw outputs: prompt value, token rewards
+        raw = state_values(module.value_model, sequences)  # [2B, R + 1]
+        module.value_model.config.dvpo_value_form = "earned"
+    torch.manual_seed(3)
+    keep = torch.rand_like(raw[:, 1:]) < 0.5  # [2B, R]: the draw the step makes after the same seed
+    drawn = keep & sequences.response_mask.bool()
+    assert 0 < drawn.sum() < sequences.response_mask.sum()
+    subset_sum = raw[:, 0] + torch.where(drawn, raw[:, 1:], 0).sum(-1) / 0.5  # [2B]
+    rewards = terminal_rewards(batch, sequences, "preference")
+    torch.manual_seed(3)
+    torch.testing.assert_close(module.training_step(batch, 0), 0.5 * ((subset_sum - rewards) ** 2).mean())
+    whole_sum = raw[:, 0] + torch.where(sequences.response_mask.bool(), raw[:, 1:], 0).sum(-1)
+    with torch.no_grad():
+        values = state_values(module.value_model, sequences)
+        targets = module.targets(batch, sequences, values)
+        loss, _ = module.loss(sequences, values, targets, training=False)
+    torch.testing.assert_close(loss, 0.5 * ((whole_sum - rewards) ** 2).mean())
+    assert module.export_info()["value_training"]["reward_subset_probability"] == 0.5
+
+
 @pytest.mark.parametrize(
     "options, message",
     [
@@ -206,6 +236,14 @@ def test_a_sharded_lora_gvm_is_exported_earned_through_its_unsharded_twin(tokeni
         ({"value_form": "earned", "train_final_value": False}, "needs train_final_value: true"),
         ({"value_form": "earned", "td_consistency_weight": 1.0}, "set td_consistency_weight: 0"),
         ({"value_form": "earned", "final_consistency_weight": 1.0}, "set final_consistency_weight: 0"),
+        (
+            {"value_form": "earned", "reward_subset_probability": 0.0},
+            r"reward_subset_probability must be in \(0, 1\]",
+        ),
+        (
+            {"reward_subset_probability": 0.5},
+            "value_form='return' has none: set reward_subset_probability: 1",
+        ),
     ],
 )
 def test_bad_value_form_options_are_named(tokenizer, options, message):

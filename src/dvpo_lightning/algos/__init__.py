@@ -55,6 +55,7 @@ from dvpo_lightning.algos.losses import (
     gvm_loss,
     kl_loss,
     register_loss,
+    subset_return_values,
     value_loss,
 )
 from dvpo_lightning.algos.masked import (
@@ -167,6 +168,7 @@ __all__ = [
     "rloo_advantages",
     "rs_ppo_shaping",
     "sequence_kl",
+    "subset_return_values",
     "td_lambda_returns",
     "head_token_logprobs",
     "token_logprobs",

@@ -26,7 +26,7 @@ from torch import Tensor
 from dvpo_lightning.algos.advantages import td_lambda_returns
 from dvpo_lightning.algos.aggregation import LossNormalizers, aggregate_loss
 from dvpo_lightning.algos.kl import check_kl_loss_estimator, kl_penalty
-from dvpo_lightning.algos.masked import checked_mask, last_token_values, masked_mean
+from dvpo_lightning.algos.masked import checked_mask, last_token_mask, last_token_values, masked_mean
 from dvpo_lightning.algos.policy_losses import ppo_policy_loss
 from dvpo_lightning.algos.registry import Registry
 
@@ -184,3 +184,30 @@ def bradley_terry_loss(
     difference = chosen_scores - rejected_scores
     losses = -F.logsigmoid(difference if margin is None else difference - margin)
     return losses, (difference.detach() > 0).float()
+
+
+def subset_return_values(values: Tensor, mask: Tensor, keep: Tensor, keep_probability: float) -> Tensor:
+    """An earned value model's values `[B, T + 1]` with each complete response's value replaced by its randomized
+    return decomposition (Ren et al., arXiv 2111.13485): the prompt's value plus the token rewards of a random
+    subset of the response, each divided by its chance `p` of being in it.
+
+    values `[B, T + 1]` (the earned form's running sums V(s_0)..V(s_T); the complete response's at state T_i),
+    mask `[B, T]` real tokens, keep `[B, T]` the tokens drawn into the subset (each with probability p):
+
+        V_subset = V(s_0) + sum_t keep_t * u_t / p,        u_t = V(s_{t+1}) - V(s_t)  (token t's reward)
+
+    Its mean over subsets is the complete response's value, and its variance `(1 - p) / p * sum_t u_t^2`, so the
+    squared error to a target R is, in expectation, the sum's own plus that multiple of every token reward squared:
+    heaping the credit on a few tokens (the whole judgement on the last one) costs more than spreading it. RRD draws
+    subsets of a fixed size; here each token is drawn on its own, which makes that expectation exact.
+    """
+    real = checked_mask(mask, keep=keep)
+    if values.shape != (real.shape[0], real.shape[1] + 1):
+        raise ValueError(f"values must have shape [B, T + 1] = {(real.shape[0], real.shape[1] + 1)}")
+    if not 0 < keep_probability <= 1:
+        raise ValueError(f"keep_probability must be in (0, 1]; got {keep_probability}")
+    token_rewards = values[:, 1:] - values[:, :-1]  # [B, T]
+    drawn = real & keep.bool()
+    estimate = values[:, 0] + torch.where(drawn, token_rewards, 0).sum(dim=-1) / keep_probability  # [B]
+    complete = last_token_mask(torch.cat([torch.ones_like(real[:, :1]), real], dim=-1))  # [B, T + 1]
+    return torch.where(complete, estimate.unsqueeze(-1), values)

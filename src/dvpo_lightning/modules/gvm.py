@@ -4,7 +4,8 @@ Each pair gives two trajectories with a terminal reward (`terminal_reward`); the
 with `train_final_value`, of the complete response are regressed onto TD(lambda) returns of it computed from the
 model's own detached values (`algos.td_lambda_returns`). Beyond the paper, each off by default: the loss terms of
 `LOSS_WEIGHTS` (`algos.gvm_loss`), several optimiser steps per batch on fixed targets (`inner_epochs`, the reference
-code's `vas_epochs`), and values read as running sums of learned token rewards (`value_form="earned"`).
+code's `vas_epochs`), values read as running sums of learned token rewards (`value_form="earned"`) and, with those,
+the sum fitted over random subsets of the tokens (`reward_subset_probability`).
 """
 
 from __future__ import annotations
@@ -13,19 +14,22 @@ import torch
 from torchmetrics import MeanMetric
 from torchmetrics.regression import PearsonCorrCoef
 
-from dvpo_lightning.algos import gvm_loss, last_token_mask, loss_normalizers, masked_mean, td_lambda_returns
+from dvpo_lightning.algos import gvm_loss, loss_normalizers, masked_mean, td_lambda_returns
 from dvpo_lightning.models import ModelSpec, build_value_model
 from dvpo_lightning.modules.base import RLHFModule
-from dvpo_lightning.modules.optim import OptimConfig, check_inner_epochs, schedule_length, step_manually
+from dvpo_lightning.modules.optim import OptimConfig, check_inner_epochs, schedule_length, steps_on_one_batch
 from dvpo_lightning.rl import (
     Sequences,
+    check_reward_subset,
     check_terminal_reward,
     check_trained_value_form,
     check_value_form,
     final_values,
+    fitted_states,
     pair_sequences,
     state_mask,
     state_values,
+    subset_fitted_values,
     terminal_rewards,
 )
 
@@ -33,7 +37,7 @@ from dvpo_lightning.rl import (
 LOSS_WEIGHTS = ("ranking_weight", "final_consistency_weight", "td_consistency_weight")
 TARGET_OPTIONS = ("terminal_reward", "gamma", "lam", "train_final_value", "inner_epochs")
 #: the export's record of how the values were trained, which DVPO reads
-VALUE_TRAINING = ("value_form", *TARGET_OPTIONS, *LOSS_WEIGHTS)
+VALUE_TRAINING = ("value_form", "reward_subset_probability", *TARGET_OPTIONS, *LOSS_WEIGHTS)
 PAPER_STATS = {"values_mean", "abs_error_mean", "td_loss"}  # the stats of the paper's loss
 
 
@@ -66,6 +70,9 @@ class GVMModule(RLHFModule):
         value_form: "return" (the paper's: each output is a state's value) or "earned" (each response token's output
             is its reward, a state's value their sum so far; only the complete response's value is fitted). Saved
             with the export, which every reader then reads the same way (`models.value_form`).
+        reward_subset_probability: earned form only: below 1, training fits the prompt's value plus a random subset's
+            token rewards (each token in it with this probability), divided by it: randomized return decomposition
+            (`algos.subset_return_values`), which spreads the credit over the tokens; 1 (default) fits their sum.
         optim: optimiser and schedule.
         **kwargs: `tokenizer`, `export_dir`, `fsdp` (see `RLHFModule`).
     """
@@ -89,6 +96,7 @@ class GVMModule(RLHFModule):
         inner_epochs: int = 1,
         max_grad_norm: float | None = None,
         value_form: str = "return",
+        reward_subset_probability: float = 1.0,
         optim: OptimConfig | None = None,
         **kwargs,
     ):
@@ -96,6 +104,7 @@ class GVMModule(RLHFModule):
         check_inner_epochs(inner_epochs, max_grad_norm)
         check_terminal_reward(terminal_reward, reward_model)
         check_value_form(value_form, train_final_value, final_consistency_weight, td_consistency_weight)
+        check_reward_subset(reward_subset_probability, value_form)
         self.model_spec = model
         self.reward_model_spec = reward_model
         self.gamma, self.lam, self.terminal_reward = gamma, lam, terminal_reward
@@ -104,6 +113,7 @@ class GVMModule(RLHFModule):
         self.ranking_weight, self.td_consistency_weight = ranking_weight, td_consistency_weight
         self.final_consistency_weight = final_consistency_weight
         self.inner_epochs, self.max_grad_norm, self.value_form = inner_epochs, max_grad_norm, value_form
+        self.reward_subset_probability = reward_subset_probability
         self.automatic_optimization = inner_epochs == 1
         self.optim = optim or OptimConfig(lr=1e-4)
         self.val_loss = MeanMetric()
@@ -130,16 +140,9 @@ class GVMModule(RLHFModule):
             else None
         )
 
-    def trained_states(self, sequences: Sequences) -> torch.Tensor:
-        """Mask `[2B, R + 1]` of the fitted states: s_1..s_T, the final one by `train_final_value`; earned: it alone."""
-        mask = sequences.response_mask
-        if self.value_form == "earned":
-            return last_token_mask(state_mask(mask, include_final=True))
-        return state_mask(mask, include_final=self.train_final_value)
-
     def targets(self, batch: dict, sequences: Sequences, values: torch.Tensor) -> torch.Tensor:
         """TD(lambda) targets `[2B, R + 1]` from the values `[2B, R + 1]` (detached) and the terminal rewards."""
-        mask = self.trained_states(sequences)
+        mask = fitted_states(sequences.response_mask, self.value_form, self.train_final_value)
         rewards = terminal_rewards(
             batch, sequences, self.terminal_reward, self.preference_reward, self.reward_model
         )
@@ -148,7 +151,9 @@ class GVMModule(RLHFModule):
     def loss(
         self, sequences: Sequences, values: torch.Tensor, targets: torch.Tensor, training: bool
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        mask = self.trained_states(sequences)
+        mask = fitted_states(sequences.response_mask, self.value_form, self.train_final_value)
+        if training:  # an earned GVM may fit its sum over a random subset of the tokens
+            values = subset_fitted_values(values, sequences.response_mask, self.reward_subset_probability)
         # In training, the mean over every rank's states, so that data-parallel gradients are the global batch's.
         normalizers = loss_normalizers(mask, distributed=True) if training else None
         final = final_values(values, sequences.response_mask)  # [2B]
@@ -170,21 +175,14 @@ class GVMModule(RLHFModule):
         return loss if self.automatic_optimization else None
 
     def inner_epoch_steps(self, batch: dict, sequences: Sequences) -> tuple[torch.Tensor, dict]:
-        """`inner_epochs` optimiser steps on the batch, towards targets fixed before the first; returns the first
-        step's loss and stats (the loss before this batch's updates, as in automatic optimisation)."""
+        """`inner_epochs` optimiser steps on the batch, towards targets fixed before the first."""
         with torch.no_grad():
             targets = self.targets(batch, sequences, state_values(self.value_model, sequences))
-        steps = []
-        for _ in range(self.inner_epochs):
-            loss, stats = self.loss(
-                sequences, state_values(self.value_model, sequences), targets, training=True
-            )
-            self.manual_backward(loss)
-            step_manually(self, self.max_grad_norm)
-            steps.append((loss.detach(), stats))
-            if 0 < self.trainer.max_steps <= self.global_step:
-                break  # the budget ends inside this batch's steps
-        return steps[0]
+
+        def step_loss():  # each step's own values, towards the fixed targets
+            return self.loss(sequences, state_values(self.value_model, sequences), targets, training=True)
+
+        return steps_on_one_batch(self, self.inner_epochs, self.max_grad_norm, step_loss)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         sequences = pair_sequences(batch)

@@ -130,6 +130,26 @@ def step_manually(
     return norms
 
 
+def steps_on_one_batch(
+    module: pl.LightningModule,
+    steps: int,
+    max_grad_norm: float | None,
+    step_loss: Callable[[], tuple[torch.Tensor, dict]],
+) -> tuple[torch.Tensor, dict]:
+    """Up to `steps` optimiser steps on one batch (`step_loss()` gives each step's loss and stats), fewer where the
+    run's `trainer.max_steps` ends inside them; returns the first step's loss (detached) and stats: the loss before
+    this batch's updates, as automatic optimisation logs it."""
+    first = None
+    for _ in range(steps):
+        loss, stats = step_loss()
+        module.manual_backward(loss)
+        step_manually(module, max_grad_norm)
+        first = first or (loss.detach(), stats)
+        if 0 < module.trainer.max_steps <= module.global_step:
+            break
+    return first
+
+
 def schedule_length(trainer: pl.Trainer, steps_per_batch: Callable[[], int]) -> int:
     """The optimiser steps a learning-rate schedule spans: `--trainer.max_steps` when set (it counts optimiser steps
     in every stage), else the fit's batches times `steps_per_batch()` (called only then)."""

@@ -44,9 +44,12 @@ from dvpo_lightning.rl.sequences import Responses, Sequences, pair_sequences, sf
 from dvpo_lightning.rl.update import PPOUpdate, clip_grad_norms
 from dvpo_lightning.rl.value_targets import (
     TERMINAL_REWARDS,
+    check_reward_subset,
     check_terminal_reward,
     check_trained_value_form,
     check_value_form,
+    fitted_states,
+    subset_fitted_values,
     terminal_rewards,
 )
 
@@ -70,6 +73,7 @@ __all__ = [
     "Sequences",
     "StateValues",
     "TERMINAL_REWARDS",
+    "check_reward_subset",
     "check_terminal_reward",
     "check_trained_value_form",
     "check_value_form",
@@ -88,6 +92,8 @@ __all__ = [
     "reference_logprobs",
     "register_rollout_backend",
     "sample_rows",
+    "fitted_states",
+    "subset_fitted_values",
     "terminal_rewards",
     "sft_sequences",
     "state_mask",

@@ -2,7 +2,7 @@
 
 "preference" gives the chosen response `+preference_reward` and the rejected one `-preference_reward`; "score"
 takes the data's `chosen_score` / `rejected_score` columns; "reward_model" a frozen reward model's score of each
-response.
+response. Also which states a GVM fits, and the checks of how its values are read (`value_form`).
 """
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dvpo_lightning.algos import last_token_mask, subset_return_values
 from dvpo_lightning.models import VALUE_FORMS
-from dvpo_lightning.rl.forward import final_values, state_values
+from dvpo_lightning.rl.forward import final_values, state_mask, state_values
 from dvpo_lightning.rl.sequences import Sequences
 
 TERMINAL_REWARDS = ("preference", "score", "reward_model")
@@ -85,4 +86,36 @@ def check_trained_value_form(value_model: nn.Module, value_form: str, path: str 
         raise ValueError(
             f"GVMModule option value_form={value_form!r}, but the value model at {path!r} was trained with "
             f"value_form={trained_form!r}: its outputs mean something else; continue it with the same value_form"
+        )
+
+
+def fitted_states(response_mask: torch.Tensor, value_form: str, train_final_value: bool) -> torch.Tensor:
+    """Mask `[B, R + 1]` of the states a GVM fits: s_1..s_T, the complete response by `train_final_value`; of an
+    "earned" GVM, the complete response alone."""
+    if value_form == "earned":
+        return last_token_mask(state_mask(response_mask, include_final=True))
+    return state_mask(response_mask, include_final=train_final_value)
+
+
+def subset_fitted_values(
+    values: torch.Tensor, response_mask: torch.Tensor, keep_probability: float
+) -> torch.Tensor:
+    """An earned GVM's values `[B, R + 1]` with the complete response's value summed over a fresh random subset of
+    its tokens (`algos.subset_return_values`); as they are where every token is kept."""
+    if keep_probability == 1:
+        return values
+    keep = torch.rand_like(values[:, 1:]) < keep_probability
+    return subset_return_values(values, response_mask, keep, keep_probability)
+
+
+def check_reward_subset(reward_subset_probability: float, value_form: str) -> None:
+    """Refuse a subset probability outside (0, 1], or below 1 where the values are not sums of token rewards."""
+    if not 0 < reward_subset_probability <= 1:
+        raise ValueError(
+            f"GVMModule option reward_subset_probability must be in (0, 1]; got {reward_subset_probability}"
+        )
+    if reward_subset_probability < 1 and value_form != "earned":
+        raise ValueError(
+            f"GVMModule option reward_subset_probability={reward_subset_probability} sums a subset of the token "
+            f"rewards of value_form='earned'; value_form={value_form!r} has none: set reward_subset_probability: 1"
         )
