@@ -363,7 +363,12 @@ def test_export_loads_by_path_with_the_same_outputs(fitted, tokenizer, batches):
     assert (directory / "README.md").read_text().startswith("---\nlibrary_name: transformers\n")
     if isinstance(module, GVMModule):  # how its values were trained, which DVPO checks
         options = ("terminal_reward", "gamma", "lam", "train_final_value", "ranking_weight", "inner_epochs")
-        options += ("final_consistency_weight", "td_consistency_weight", "value_form")
+        options += (
+            "final_consistency_weight",
+            "td_consistency_weight",
+            "value_form",
+            "reward_subset_probability",
+        )
         assert info["value_training"] == {option: getattr(module, option) for option in options}
     else:
         assert "value_training" not in info
