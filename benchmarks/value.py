@@ -7,9 +7,9 @@ is the harder built-in setting), as `table` runs them (`benchmarks/value_runs.py
   GVM as the paper trains it, and the GVM with each option beyond the paper (a ranking term on complete-response
   values; two inner epochs on fixed targets per batch; the score mode on gold-scored pairs of the SFT policy's own
   samples, `dvpo_lightning.sampled_pairs`; TCRM's per-prefix consistency terms; values as running sums of learned
-  token rewards, `value_form: earned`, also with its sum fitted over random halves of the tokens), the GVM continued on the SFT policy's samples with its own
-  complete-response values as Monte-Carlo targets (VC-PPO's value pretraining as self-distillation); and PPO's
-  critic after PPO (it starts from the reward model);
+  token rewards, `value_form: earned`, also with its sum fitted over random halves of the tokens), the GVM
+  continued on the SFT policy's samples with its own complete-response values as Monte-Carlo targets (VC-PPO's
+  value pretraining as self-distillation); and PPO's critic after PPO (it starts from the reward model);
 - **policies**: DPO, PPO, PPO with a frozen critic, PPO with a GVM-initialised critic, DVPO on each GVM, DVPO at
   lambda = 1, DVPO with the reference code's advantages (values whitened over the batch, 0 after the last token),
   DVPO on the gold values (the oracle critic, `rl.GoldValues`), GVM-scored GRPO.
