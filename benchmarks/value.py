@@ -3,13 +3,14 @@
 Per seed, every run goes through the `dvpo` CLI from a config of `--configs` (default `configs/`; `configs/hard`
 is the harder built-in setting), as `table` runs them (`benchmarks/value_runs.py` lists them):
 
-- **value models**, at the configs' equal budgets from the same SFT export: the Bradley-Terry reward model, the
-  GVM as the paper trains it, and the GVM with each option beyond the paper (a ranking term on complete-response
-  values; two inner epochs on fixed targets per batch; the score mode on gold-scored pairs of the SFT policy's own
-  samples, `dvpo_lightning.sampled_pairs`; TCRM's per-prefix consistency terms; values as running sums of learned
-  token rewards, `value_form: earned`, also with its sum fitted over random halves of the tokens), the GVM
-  continued on the SFT policy's samples with its own complete-response values as Monte-Carlo targets (VC-PPO's
-  value pretraining as self-distillation); and PPO's critic after PPO (it starts from the reward model);
+- **value models**, at the configs' equal budgets from the same SFT export: the Bradley-Terry reward model, the GVM
+  as the paper trains it, and the GVM with each option beyond the paper (a ranking term on complete-response values;
+  two inner epochs on fixed targets per batch; the score mode on gold-scored pairs of the SFT policy's own samples
+  at lambda = 1 (VC-PPO's Monte-Carlo value pretraining), `dvpo_lightning.sampled_pairs`; TCRM's per-prefix
+  consistency terms; values as running sums of learned token rewards, `value_form: earned`, also with its sum fitted
+  over random halves of the tokens, and fitted to the gold scores of the SFT policy's samples), the GVM continued on
+  the SFT policy's samples with its own complete-response values as Monte-Carlo targets (VC-PPO's value pretraining
+  as self-distillation); and PPO's critic after PPO (it starts from the reward model);
 - **policies**: DPO, PPO, PPO with a frozen critic, PPO with a GVM-initialised critic, DVPO on each GVM, DVPO at
   lambda = 1, DVPO with the reference code's advantages (values whitened over the batch, 0 after the last token),
   DVPO on the gold values (the oracle critic, `rl.GoldValues`), GVM-scored GRPO.
@@ -83,11 +84,12 @@ LABELS = {
     "gvm": "GVM (the paper's)",
     "gvm_ranking": "GVM + ranking term",
     "gvm_inner_epochs": "GVM, 2 inner epochs",
-    "gvm_sft_samples": "GVM on SFT samples (gold score)",
+    "gvm_sft_samples": "GVM on SFT samples (gold score, lambda = 1)",
     "gvm_consistency": "GVM + per-prefix consistency (TCRM)",
     "gvm_self_mc": "GVM continued on SFT samples, its own values as MC targets",
     "gvm_earned": "GVM, earned form (running sum of token rewards) + ranking term",
     "gvm_earned_subsets": "GVM, earned form + ranking term, sums over random halves of the tokens",
+    "gvm_earned_sft_samples": "GVM, earned form on SFT samples (gold score)",
     "sft_monte_carlo": "SFT policy's own values (Monte Carlo: the ceiling of an expected-return GVM)",
     "ppo_critic": "PPO's critic after PPO",
     "dpo": "DPO",
@@ -102,6 +104,7 @@ LABELS = {
     "dvpo_gvm_self_mc": "DVPO on GVM self-distilled on SFT samples",
     "dvpo_gvm_earned": "DVPO on GVM, earned form + ranking term",
     "dvpo_gvm_earned_subsets": "DVPO on GVM, earned form over random halves",
+    "dvpo_gvm_earned_sft_samples": "DVPO on GVM, earned form on SFT samples",
     "dvpo_reference_advantages": "DVPO, reference advantages (whitened values, 0 after the end)",
     "dvpo_lam1": "DVPO, lambda = 1",
     "dvpo_gold_values": "DVPO on the gold values (oracle critic)",
@@ -284,7 +287,10 @@ def make_report(builtin: dict[int, dict], hh: dict[int, dict], scale: Scale, con
         "Value accuracy: chosen valued strictly above rejected on the held-out pairs of the SFT stage's split. "
         "Gold agreement: one sampled answer per held-out prompt (the same prompts and seed as the diagnostics); "
         "token credit = Pearson, over every response token, of the value model's TD error V(s_t+1) - V(s_t) "
-        "(V_final after the last token) with the gold reward of that token. The SFT policy's own values: the mean "
+        "(V_final after the last token) with the gold reward of that token; within each token, the same after "
+        "centring both on their mean over the token's occurrences (`evaluation.within_token_pearson`): the credit "
+        "that reads the context (a topic asked for or not, named before or not), where a bag of words scores about "
+        "0. The SFT policy's own values: the mean "
         f"gold reward of {MC_CONTINUATIONS['full']} answers sampled from each state (quick runs: "
         f"{MC_CONTINUATIONS['quick']}), `rl.MonteCarloValues`. The earned form's mean value averages the reward "
         "earned so far, not predictions of the final value: its complete-response accuracy is the comparable one.",
@@ -330,6 +336,7 @@ def accuracy_table(builtin: dict[int, dict]) -> Table:
             "value vs gold, SFT samples",
             "value vs gold, DVPO samples",
             "token credit vs gold, SFT samples",
+            "token credit within each token, SFT samples",
             "token credit vs gold, DVPO samples",
         ],
     )
@@ -342,6 +349,7 @@ def accuracy_table(builtin: dict[int, dict]) -> Table:
                 cell(name, "sft_samples", "final_value_pearson"),
                 cell(name, "dvpo_samples", "final_value_pearson"),
                 cell(name, "sft_samples", "token_credit_pearson"),
+                cell(name, "sft_samples", "contextual_credit_pearson"),
                 cell(name, "dvpo_samples", "token_credit_pearson"),
             ]
         )
@@ -406,11 +414,10 @@ def mean_gain(builtin: dict[int, dict], name: str) -> float:
     return statistics.fmean(gains(builtin, name))
 
 
-def mean_credit(builtin: dict[int, dict], name: str) -> float:
-    """Mean over seeds of a value scorer's token credit vs gold on the SFT samples."""
-    return statistics.fmean(
-        result["values"][name]["sft_samples"]["token_credit_pearson"] for result in builtin.values()
-    )
+def mean_credit(builtin: dict[int, dict], name: str, measure: str = "token_credit_pearson") -> float:
+    """Mean over seeds of a value scorer's token credit vs gold on the SFT samples (`measure`: or within each
+    token, "contextual_credit_pearson")."""
+    return statistics.fmean(result["values"][name]["sft_samples"][measure] for result in builtin.values())
 
 
 def gap_notes(builtin: dict[int, dict]) -> list[str]:
@@ -421,12 +428,20 @@ def gap_notes(builtin: dict[int, dict]) -> list[str]:
         name: mean_credit(builtin, name)
         for name in ("sft_monte_carlo", "gvm", "gvm_earned", "gvm_earned_subsets")
     }
+    contextual = {
+        name: mean_credit(builtin, name, "contextual_credit_pearson") for name in (*GVMS, "sft_monte_carlo")
+    }
+    best_contextual = max(GVMS, key=contextual.__getitem__)
     return [
         f"Token credit on the SFT policy's samples: its own values (Monte Carlo, the expected-return values a GVM "
         f"of that policy is trained towards) reach {credit['sft_monte_carlo']:.3f}, short of the oracle's 1 because "
         "a value's step is the token's reward plus what it changes in the rest of the answer; the paper's GVM "
         f"{credit['gvm']:.3f}; the earned form, whose steps are its learned token rewards, "
         f"{credit['gvm_earned']:.3f}, fitted over random halves of its tokens {credit['gvm_earned_subsets']:.3f}.",
+        f"Within each token (what the context adds to a token's credit): the SFT policy's own values "
+        f"{contextual['sft_monte_carlo']:.3f}, the paper's GVM {contextual['gvm']:.3f}, the best GVM "
+        f"({LABELS[best_contextual]}) {contextual[best_contextual]:.3f}: a GVM near 0 credits a token by what it "
+        "is, not by where it stands (a topic noun the same whether the prompt asked for it or it was named before).",
         f"Where DVPO stands: DVPO {gain['dvpo']:+.3f}, PPO {gain['ppo']:+.3f}, DPO {gain['dpo']:+.3f}; the best GVM "
         f"option, {LABELS[best]}, {gain[best]:+.3f}.",
         f"A perfect frozen critic (the gold values) gains {gain['dvpo_gold_values']:+.3f}: "

@@ -29,6 +29,11 @@ FILE_LENGTHS = (  # a file, not the task: its lengths are the task's, as they we
     "--data.init_args.max_prompt_length={recommended_max_prompt_length}",
     "--data.init_args.max_response_length={recommended_max_response_length}",
 )
+GOLD_SCORED_SAMPLES = (  # trained on the gold-scored pairs of the SFT policy's samples, towards their scores
+    f"--data.init_args.dataset={{root}}/{SAMPLED_PAIRS}",
+    *FILE_LENGTHS,
+    "--model.init_args.terminal_reward=score",
+)
 
 
 @dataclass(frozen=True)
@@ -48,10 +53,9 @@ GVM_OPTIONS = {  # the GVM's options beyond the paper, each a GVM run of its own
         "--model.init_args.max_grad_norm=1.0",  # the config's clip, which the manual steps apply themselves
         "--trainer.gradient_clip_val=null",
     ),
-    "gvm_sft_samples": (
-        f"--data.init_args.dataset={{root}}/{SAMPLED_PAIRS}",
-        *FILE_LENGTHS,
-        "--model.init_args.terminal_reward=score",
+    "gvm_sft_samples": (  # VC-PPO's value pretraining: every state towards the sample's final return
+        *GOLD_SCORED_SAMPLES,
+        "--model.init_args.lam=1.0",
     ),
     "gvm_consistency": (  # TCRM's per-prefix consistency terms
         "--model.init_args.final_consistency_weight=1.0",
@@ -66,6 +70,8 @@ GVM_OPTIONS = {  # the GVM's options beyond the paper, each a GVM run of its own
         "--model.init_args.ranking_weight=1.0",
         "--model.init_args.reward_subset_probability=0.5",
     ),
+    # the earned form's sum fitted to the gold score of the SFT policy's samples: a return decomposition
+    "gvm_earned_sft_samples": (*GOLD_SCORED_SAMPLES, "--model.init_args.value_form=earned"),
 }
 SFT, POLICY = {"model": "sft"}, {"policy": "sft"}
 # VC-PPO's Monte-Carlo value pretraining as self-distillation: the GVM, continued on the SFT policy's samples with
@@ -81,8 +87,8 @@ SELF_DISTILLED = Run(
         "--model.init_args.lam=1.0",
     ),
 )
-#: the runs trained on the SFT policy's samples: their file in the seed's root, and the run whose GVM scores them
-#: (None: the gold reward)
+#: the runs that write the SFT policy's samples they train on: their file in the seed's root, and the run whose GVM
+#: scores them (None: the gold reward); gvm_earned_sft_samples trains on gvm_sft_samples's file after it
 SAMPLED_DATA = {"gvm_sft_samples": (SAMPLED_PAIRS, None), SELF_DISTILLED.name: (GVM_SCORED_PAIRS, "gvm")}
 #: trained at equal budgets from the SFT export (the self-distilled one from the GVM's); then PPO's critic
 GVM_VARIANTS = (*GVM_OPTIONS, SELF_DISTILLED.name)  # each with a DVPO run on it

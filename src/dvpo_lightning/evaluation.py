@@ -330,6 +330,9 @@ class GoldAgreement:
 
     final_value_pearson: float  # of the complete response's value with the response's gold reward
     token_credit_pearson: float  # of its TD errors V(s_t+1) - V(s_t) with the gold reward of token t
+    # the same within each token: both centred on their mean over the occurrences of the token (its id), so that
+    # what the token is, alone, explains nothing; a value model blind to the context (a bag of words) scores 0
+    contextual_credit_pearson: float
     responses: int
 
 
@@ -342,9 +345,11 @@ def gold_agreement(
 
     The token-level credit is what DVPO's advantages are built from: the TD errors of the value model with no
     reward but its value of the complete response after the last token (the `gvm` estimator at lambda 0), against
-    the gold reward each token earned (`rl.gold_token_rewards`); the oracle `rl.GoldValues` scores 1.
+    the gold reward each token earned (`rl.gold_token_rewards`); the oracle `rl.GoldValues` scores 1. The contextual
+    credit is that correlation within each token (`within_token_pearson`): whether the value model credits a token
+    by what it does where it stands (a topic named for the first time or again), not by what token it is.
     """
-    finals, golds, credits, token_golds = [], [], [], []
+    finals, golds, credits, token_golds, token_ids = [], [], [], [], []
     for responses in samples:
         mask = responses.response_mask
         values, final = scorer(responses)  # [B, R], [B]
@@ -360,11 +365,27 @@ def gold_agreement(
         golds.append(gold_rewards(datamodule.task, datamodule.tokenizer, responses)[0])
         credits.append(td_errors[mask].cpu())
         token_golds.append(gold_token_rewards(datamodule.task, datamodule.tokenizer, responses)[mask.cpu()])
+        token_ids.append(responses.response_input_ids[mask].cpu())
+    credit, token_gold, token_id = torch.cat(credits), torch.cat(token_golds), torch.cat(token_ids)
     return GoldAgreement(
         _pearson(torch.cat(finals), torch.cat(golds)),
-        _pearson(torch.cat(credits), torch.cat(token_golds)),
+        _pearson(credit, token_gold),
+        within_token_pearson(credit, token_gold, token_id),
         sum(len(final) for final in finals),
     )
+
+
+def within_token_pearson(x: torch.Tensor, y: torch.Tensor, token_ids: torch.Tensor) -> float:
+    """Pearson's correlation of `x` and `y` `[N]` after centring each on its mean over the entries of the same
+    token id `[N]`: the part of their agreement that the token's identity does not explain."""
+    groups, group_of = token_ids.unique(return_inverse=True)
+    counts = torch.zeros(len(groups)).index_add_(0, group_of, torch.ones(len(x)))
+
+    def centred(values: torch.Tensor) -> torch.Tensor:
+        sums = torch.zeros(len(groups)).index_add_(0, group_of, values.float())
+        return values.float() - (sums / counts)[group_of]
+
+    return _pearson(centred(x), centred(y))
 
 
 def _pearson(x: torch.Tensor, y: torch.Tensor) -> float:

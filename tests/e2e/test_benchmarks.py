@@ -193,6 +193,7 @@ def test_value_judges_every_value_model_and_policy_of_its_runs(quick_run):
     for samples in ("sft_samples", "dvpo_samples"):
         assert gold[samples]["final_value_pearson"] == pytest.approx(1.0)
         assert gold[samples]["token_credit_pearson"] == pytest.approx(1.0)
+        assert gold[samples]["contextual_credit_pearson"] == pytest.approx(1.0)
     root = output / "runs" / "value" / "seed0" / "builtin"
     for item in value_runs.BUILTIN_RUNS:
         assert (root / item.name / "model" / "config.json").exists(), item.name

@@ -18,6 +18,7 @@ from dvpo_lightning.evaluation import (
     judge_policy,
     pairwise_value_accuracy,
     value_scorer,
+    within_token_pearson,
 )
 from dvpo_lightning.models import ModelSpec, build_policy, build_value_model, export_model
 from dvpo_lightning.rl import (
@@ -209,10 +210,23 @@ def test_gold_agreement_of_the_oracle_is_perfect_and_of_a_random_value_model_is_
     assert sum(len(responses.finished) for responses in samples) == 24
     oracle = gold_agreement(GoldValues(data.task, tokenizer), samples, data)
     assert (oracle.final_value_pearson, oracle.token_credit_pearson) == pytest.approx((1.0, 1.0))
+    assert oracle.contextual_credit_pearson == pytest.approx(1.0)
     random_model = export_random_value_model(tmp_path / "value", tokenizer)
     random = gold_agreement(value_scorer(random_model, data), samples, data)
     assert abs(random.final_value_pearson) < 0.9 and abs(random.token_credit_pearson) < 0.9
     assert random.responses == 24
+
+
+def test_within_token_pearson_keeps_only_what_the_token_identity_does_not_explain():
+    token_ids = torch.tensor([7, 7, 9, 9, 4])
+    x = torch.tensor([1.0, 3.0, 2.0, 4.0, 5.0])
+    # centred on their token's mean: x [-1, 1, -1, 1, 0], y [-1, 1, 1, -1, 0]: no agreement within the tokens,
+    # although x and y agree across them
+    y = torch.tensor([0.0, 2.0, 3.0, 1.0, 7.0])
+    assert torch.corrcoef(torch.stack([x, y]))[0, 1] > 0.5
+    assert within_token_pearson(x, y, token_ids) == pytest.approx(0.0, abs=1e-6)
+    # a token-level offset changes nothing: y [-1, 1, -1, 1, 0] after centring, as x
+    assert within_token_pearson(x, torch.tensor([5.0, 7.0, -1.0, 1.0, 0.0]), token_ids) == pytest.approx(1.0)
 
 
 def test_a_policy_judged_by_the_gold_values_gets_the_gold_reward_of_evaluate_policy(
