@@ -217,6 +217,13 @@ def test_value_run_arguments_scale_the_budget_and_let_later_options_win(tmp_path
     assert not any(option.startswith("--model.init_args.value_model.") for option in oracle)
     samples = value_runs.arguments(runs["gvm_sft_samples"], 0, tmp_path, quarter, device, configs)
     assert f"--data.init_args.dataset={tmp_path}/{value_runs.SAMPLED_PAIRS}" in samples
+    assert "--model.init_args.lam=1.0" in samples  # VC-PPO's Monte-Carlo targets
+    # the earned form trains on the same gold-scored file, written before it by the run above
+    earned = value_runs.arguments(runs["gvm_earned_sft_samples"], 0, tmp_path, quarter, device, configs)
+    assert f"--data.init_args.dataset={tmp_path}/{value_runs.SAMPLED_PAIRS}" in earned
+    assert "--model.init_args.value_form=earned" in earned
+    names = [item.name for item in value_runs.BUILTIN_RUNS]
+    assert names.index("gvm_sft_samples") < names.index("gvm_earned_sft_samples")
     reference = value_runs.arguments(runs["dvpo_reference_advantages"], 0, tmp_path, quarter, device, configs)
     assert '--model.init_args.advantage.options={"bootstrap": "zero", "whiten_values": true}' in reference
     assert "--data.init_args.max_response_length=16" in samples  # the task's, not a file's default
