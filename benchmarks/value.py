@@ -273,9 +273,9 @@ def hh_seed(seed: int, root: Path, scale: Scale, device: torch.device, configs: 
 # ------------------------------------------------------------------------------------------------ report
 def make_report(builtin: dict[int, dict], hh: dict[int, dict], scale: Scale, configs: Path) -> Report:
     seeds = list(builtin)
-    tables = [accuracy_table(builtin), diagnostics_table(builtin)]
+    tables = [accuracy_table(builtin), credit_classes_table(builtin), diagnostics_table(builtin)]
     if hh:
-        tables.insert(1, hh_table(hh))
+        tables.insert(2, hh_table(hh))
     tables.append(targets_table(builtin, hh, quick=scale.name == "quick"))
     notes = [
         f"Scale: {scale.name}; seeds {seeds}; configs `{configs.name}/`"
@@ -408,6 +408,37 @@ def diagnostics_table(builtin: dict[int, dict]) -> Table:
             ]
         )
     return table
+
+
+#: the gold token rewards of the built-in tasks, and what earns them
+GOLD_CLASSES = {
+    "1": "+1: a topic asked for, first time",
+    "-0.5": "-0.5: a topic off the prompt or again",
+    "-0.0625": "-1/16: a filler word",
+    "0": "0: the end of a finished answer",
+}
+
+
+def credit_classes_table(builtin: dict[int, dict]) -> Table:
+    """Each value scorer's mean TD error on the SFT samples' tokens of each gold reward (mean ± std over seeds)."""
+    table = Table(
+        "Built-in task: the mean TD error (credit) a value model gives the SFT samples' tokens of each gold reward "
+        "(mean ± std over seeds)",
+        ["value model", *GOLD_CLASSES.values()],
+    )
+    for name in ("gold", "sft_monte_carlo", *JUDGED[1:]):
+        means = [
+            result["values"][name]["sft_samples"]["credit_by_gold_reward"] for result in builtin.values()
+        ]
+        table.rows.append(
+            [LABELS[name], *(class_cell([seed.get(key) for seed in means]) for key in GOLD_CLASSES)]
+        )
+    return table
+
+
+def class_cell(means: list[float | None]) -> str:
+    """Mean ± std over seeds; "—" where a seed's samples hold no token of the class (small quick runs)."""
+    return "—" if None in means else mean_std(means)
 
 
 def mean_gain(builtin: dict[int, dict], name: str) -> float:

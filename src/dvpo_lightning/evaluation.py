@@ -333,6 +333,9 @@ class GoldAgreement:
     # the same within each token: both centred on their mean over the occurrences of the token (its id), so that
     # what the token is, alone, explains nothing; a value model blind to the context (a bag of words) scores 0
     contextual_credit_pearson: float
+    # the mean TD error of the tokens of each gold token reward (keyed "1", "-0.5", ...): what a value model credits
+    # a topic asked for, one off the prompt, a filler, the end
+    credit_by_gold_reward: dict[str, float]
     responses: int
 
 
@@ -367,23 +370,32 @@ def gold_agreement(
         token_golds.append(gold_token_rewards(datamodule.task, datamodule.tokenizer, responses)[mask.cpu()])
         token_ids.append(responses.response_input_ids[mask].cpu())
     credit, token_gold, token_id = torch.cat(credits), torch.cat(token_golds), torch.cat(token_ids)
+    gold_values, credit_means, _ = group_means(credit, token_gold)
     return GoldAgreement(
         _pearson(torch.cat(finals), torch.cat(golds)),
         _pearson(credit, token_gold),
         within_token_pearson(credit, token_gold, token_id),
+        {f"{gold:g}": mean for gold, mean in zip(gold_values.tolist(), credit_means.tolist())},
         sum(len(final) for final in finals),
     )
+
+
+def group_means(values: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The distinct `keys` `[K]` (sorted), the mean of `values` `[N]` over the entries of each `[K]`, and each
+    entry's group `[N]`."""
+    groups, group_of = keys.unique(return_inverse=True)
+    counts = torch.zeros(len(groups)).index_add_(0, group_of, torch.ones(len(values)))
+    sums = torch.zeros(len(groups)).index_add_(0, group_of, values.float())
+    return groups, sums / counts, group_of
 
 
 def within_token_pearson(x: torch.Tensor, y: torch.Tensor, token_ids: torch.Tensor) -> float:
     """Pearson's correlation of `x` and `y` `[N]` after centring each on its mean over the entries of the same
     token id `[N]`: the part of their agreement that the token's identity does not explain."""
-    groups, group_of = token_ids.unique(return_inverse=True)
-    counts = torch.zeros(len(groups)).index_add_(0, group_of, torch.ones(len(x)))
 
     def centred(values: torch.Tensor) -> torch.Tensor:
-        sums = torch.zeros(len(groups)).index_add_(0, group_of, values.float())
-        return values.float() - (sums / counts)[group_of]
+        _, means, group_of = group_means(values, token_ids)
+        return values.float() - means[group_of]
 
     return _pearson(centred(x), centred(y))
 

@@ -14,6 +14,7 @@ from dvpo_lightning.data.collate import pad_sequences
 from dvpo_lightning.evaluation import (
     evaluate_policy,
     gold_agreement,
+    group_means,
     held_out_responses,
     judge_policy,
     pairwise_value_accuracy,
@@ -211,6 +212,11 @@ def test_gold_agreement_of_the_oracle_is_perfect_and_of_a_random_value_model_is_
     oracle = gold_agreement(GoldValues(data.task, tokenizer), samples, data)
     assert (oracle.final_value_pearson, oracle.token_credit_pearson) == pytest.approx((1.0, 1.0))
     assert oracle.contextual_credit_pearson == pytest.approx(1.0)
+    # the oracle credits each token its gold reward: the class means are the classes
+    assert oracle.credit_by_gold_reward == pytest.approx(
+        {key: float(key) for key in oracle.credit_by_gold_reward}
+    )
+    assert {"1", "-0.0625"} <= set(oracle.credit_by_gold_reward)
     random_model = export_random_value_model(tmp_path / "value", tokenizer)
     random = gold_agreement(value_scorer(random_model, data), samples, data)
     assert abs(random.final_value_pearson) < 0.9 and abs(random.token_credit_pearson) < 0.9
@@ -227,6 +233,13 @@ def test_within_token_pearson_keeps_only_what_the_token_identity_does_not_explai
     assert within_token_pearson(x, y, token_ids) == pytest.approx(0.0, abs=1e-6)
     # a token-level offset changes nothing: y [-1, 1, -1, 1, 0] after centring, as x
     assert within_token_pearson(x, torch.tensor([5.0, 7.0, -1.0, 1.0, 0.0]), token_ids) == pytest.approx(1.0)
+
+
+def test_group_means_average_each_key():
+    keys, means, group_of = group_means(
+        torch.tensor([1.0, 2.0, 4.0, 7.0]), torch.tensor([0.5, -1.0, 0.5, 0.5])
+    )
+    assert keys.tolist() == [-1.0, 0.5] and means.tolist() == [2.0, 4.0] and group_of.tolist() == [1, 0, 1, 1]
 
 
 def test_a_policy_judged_by_the_gold_values_gets_the_gold_reward_of_evaluate_policy(
