@@ -414,7 +414,7 @@ def diagnostics_table(builtin: dict[int, dict]) -> Table:
 GOLD_CLASSES = {
     "1": "+1: a topic asked for, first time",
     "-0.5": "-0.5: a topic off the prompt or again",
-    "-0.0625": "-1/16: a filler word",
+    "-0.0625": "-1/16: a filler word or mark",
     "0": "0: the end of a finished answer",
 }
 

@@ -331,7 +331,7 @@ class GoldAgreement:
     final_value_pearson: float  # of the complete response's value with the response's gold reward
     token_credit_pearson: float  # of its TD errors V(s_t+1) - V(s_t) with the gold reward of token t
     # the same within each token: both centred on their mean over the occurrences of the token (its id), so that
-    # what the token is, alone, explains nothing; a value model blind to the context (a bag of words) scores 0
+    # what the token is, alone, explains nothing; a value model blind to the context (a bag of words) scores ~0
     contextual_credit_pearson: float
     # the mean TD error of the tokens of each gold token reward (keyed "1", "-0.5", ...): what a value model credits
     # a topic asked for, one off the prompt, a filler, the end
